@@ -1,0 +1,99 @@
+"""Adapter save/load in HF PEFT's on-disk format: adapter_model.safetensors + adapter_config.json.
+
+Never unpickles: an adapter dir with only adapter_model.bin is refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from peftcli import fileio
+from peftcli.errors import UserError
+from peftcli.methods import BY_PEFT_TYPE, METHODS, TASK_TYPES
+from peftcli.recipe import MethodSection
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+LABELS_NAME = "labels.json"  # classification label names, in id order (ours; HF PEFT ignores it)
+
+
+def save_adapter(model: nn.Module, method: MethodSection, task: str, base_model: str, directory: str | Path,
+                 label_names: list[str] | None = None) -> None:
+    module = METHODS[method.name]
+    directory = Path(directory)
+    state = {k: v.detach().contiguous().cpu() for k, v in module.adapter_state(model).items()}
+    config = {
+        "peft_type": module.PEFT_TYPE,
+        "task_type": TASK_TYPES[task],
+        "base_model_name_or_path": base_model,
+        "revision": None,
+        "inference_mode": True,
+        **module.adapter_config(model, method, task),
+    }
+    fileio.atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    fileio.write_json(directory / CONFIG_NAME, config)
+    if label_names:
+        fileio.write_json(directory / LABELS_NAME, label_names)
+
+
+def read_adapter(directory: str | Path) -> tuple[dict, dict[str, Tensor]]:
+    """(adapter_config, state) from an adapter dir written here or by HF PEFT."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"adapter directory not found: {directory}")
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise UserError(f"{directory} holds no {CONFIG_NAME}: not an adapter directory")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{config_path}: not valid JSON ({e})") from e
+    if not isinstance(config, dict) or "peft_type" not in config:
+        raise UserError(f"{config_path}: no peft_type field: not an adapter config")
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        if (directory / "adapter_model.bin").exists():
+            raise UserError(f"{directory} holds only adapter_model.bin (a pickle, which peftcli never loads); "
+                            "re-save it with safetensors (HF PEFT: save_pretrained(safe_serialization=True))")
+        raise UserError(f"{directory} holds no {WEIGHTS_NAME}")
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise UserError(f"{weights}: cannot read the weights: {e}") from e
+    return config, state
+
+
+def method_module(config: dict, where: str = "adapter_config.json"):
+    peft_type = config.get("peft_type")
+    if peft_type not in BY_PEFT_TYPE:
+        raise UserError(f"{where}: peft_type {peft_type!r} is not supported here "
+                        f"(supported: {', '.join(BY_PEFT_TYPE)})")
+    return BY_PEFT_TYPE[peft_type]
+
+
+def task_of(config: dict) -> str:
+    task_type = config.get("task_type") or "CAUSAL_LM"
+    for task, name in TASK_TYPES.items():
+        if name == task_type:
+            return task
+    raise UserError(f"adapter_config.json: task_type {task_type!r} is not supported "
+                    f"(supported: {', '.join(TASK_TYPES.values())})")
+
+
+def read_labels(directory: str | Path) -> list[str] | None:
+    path = Path(directory) / LABELS_NAME
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def load_adapter(model: nn.Module, directory: str | Path) -> tuple[nn.Module, MethodSection]:
+    """Inject the adapter's method into `model` and load its weights; returns (model, method)."""
+    config, state = read_adapter(directory)
+    module = method_module(config, str(Path(directory) / CONFIG_NAME))
+    method = module.method_from_config(config)
+    model = module.inject(model, method, task_of(config))
+    module.load_adapter_state(model, state)
+    return model, method

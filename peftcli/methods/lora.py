@@ -1,0 +1,4 @@
+"""Placeholder: being written."""
+
+PEFT_TYPE = "LORA"
+MERGEABLE = False

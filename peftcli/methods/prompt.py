@@ -1,0 +1,4 @@
+"""Placeholder: being written."""
+
+PEFT_TYPE = "PROMPT_TUNING"
+MERGEABLE = False

