@@ -97,3 +97,47 @@ def load_adapter(model: nn.Module, directory: str | Path) -> tuple[nn.Module, Me
     model = module.inject(model, method, task_of(config))
     module.load_adapter_state(model, state)
     return model, method
+
+
+# --------------------------------------------------------------------------------------------------
+# Training state for --resume: optimizer tensors in safetensors, the rest in JSON (no pickle anywhere).
+
+OPTIMIZER_NAME = "optimizer.safetensors"
+STATE_NAME = "trainer_state.json"
+
+
+def save_training_state(directory: str | Path, optimizer, state: dict) -> None:
+    """`state` is JSON data (step, data position, ...); RNG states go in as uint8 tensors."""
+    import torch
+
+    directory = Path(directory)
+    opt = optimizer.state_dict()
+    tensors = {f"state.{idx}.{name}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+               for idx, slots in opt["state"].items() for name, v in slots.items()}
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    fileio.atomic_write(directory / OPTIMIZER_NAME, lambda tmp: save_file(tensors, tmp))
+    fileio.write_json(directory / STATE_NAME, {**state, "param_groups": opt["param_groups"]})
+
+
+def load_training_state(directory: str | Path, optimizer) -> dict:
+    import torch
+
+    directory = Path(directory)
+    try:
+        state = json.loads((directory / STATE_NAME).read_text(encoding="utf-8"))
+        tensors = load_file(str(directory / OPTIMIZER_NAME))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"checkpoint {directory} is incomplete or unreadable: {e}") from e
+    slots: dict[int, dict] = {}
+    for key, value in tensors.items():
+        kind, *rest = key.split(".")
+        if kind == "state":
+            idx, name = int(rest[0]), rest[1]
+            slots.setdefault(idx, {})[name] = value
+    optimizer.load_state_dict({"state": slots, "param_groups": state.pop("param_groups")})
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return state

@@ -1,0 +1,203 @@
+"""The `peft` command: parse, call one function, print, exit code. No logic lives here."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from peftcli.errors import UserError
+
+app = typer.Typer(
+    help="Parameter-efficient fine-tuning of transformer models from one YAML recipe.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+stdout = Console()
+stderr = Console(stderr=True)
+
+_debug = False
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")):
+    global _debug
+    _debug = debug or bool(os.environ.get("PEFTCLI_DEBUG"))
+
+
+def _handle_errors(fn: Callable) -> Callable:
+    """User errors: one line on stderr, exit code 2 (1 for failed self-checks), no traceback."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            if _debug:
+                traceback.print_exc()
+            stderr.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            stderr.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+@app.command()
+@_handle_errors
+def train(
+    recipe: Path = typer.Argument(..., help="The YAML recipe."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe key: --set train.max_steps=10 (repeatable)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output_dir."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous run in output_dir."),
+):
+    """Train a PEFT adapter as the recipe says; writes the adapter, metrics and a report."""
+    from peftcli.recipe import load_recipe
+
+    loaded = load_recipe(recipe, set_)
+    _quiet_libraries()
+    from peftcli.train import run
+
+    run(loaded, resume=resume, overwrite=overwrite, console=stdout, recipe_path=str(recipe))
+
+
+@app.command()
+@_handle_errors
+def count(
+    model_or_recipe: str = typer.Argument(..., help="A model (dir, .gguf, hub id, built-in name) or a recipe."),
+    method: list[str] = typer.Option([], "--method", "-m", help="Method to count (repeatable); default lora."),
+    rank: int | None = typer.Option(None, help="LoRA rank."),
+    alpha: float | None = typer.Option(None, help="LoRA alpha."),
+    target_modules: str | None = typer.Option(None, help="Comma-separated names, or all-linear."),
+    num_virtual_tokens: int | None = typer.Option(None, help="Prefix/prompt tuning length."),
+    bottleneck: int | None = typer.Option(None, help="Bottleneck adapter size."),
+    task: str | None = typer.Option(None, help="causal-lm | sequence-classification (default: the config's)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+):
+    """Compare trainable vs total parameters of methods, without loading weights."""
+    from peftcli.count import count_methods
+    from peftcli.recipe import METHOD_NAMES, TASKS, MethodSection, load_recipe
+
+    _quiet_libraries()
+    if model_or_recipe.endswith((".yaml", ".yml")):
+        recipe = load_recipe(model_or_recipe)
+        model_name, base_method = recipe.model.name, recipe.method
+        task = task or recipe.model.task
+        methods = method or [recipe.method.name]
+    else:
+        model_name, base_method = model_or_recipe, MethodSection()
+        methods = method or ["lora"]
+    if task is not None and task not in TASKS:
+        raise UserError(f"--task: unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    sections = []
+    for name in methods:
+        if name not in METHOD_NAMES:
+            from peftcli.errors import did_you_mean
+
+            raise UserError(f"--method: unknown method {name!r}{did_you_mean(name, METHOD_NAMES)}; "
+                            f"choose from {', '.join(METHOD_NAMES)}")
+        overrides = {"rank": rank, "alpha": alpha, "num_virtual_tokens": num_virtual_tokens,
+                     "bottleneck_size": bottleneck}
+        if target_modules:
+            parts = [t.strip() for t in target_modules.split(",") if t.strip()]
+            overrides["target_modules"] = "all-linear" if parts == ["all-linear"] else parts
+        section = MethodSection(**{**base_method.__dict__, "name": name})
+        for key, value in overrides.items():
+            if value is not None:
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+                    raise UserError(f"--{key.replace('_', '-')}: must be > 0, got {value}")
+                setattr(section, key, value)
+        sections.append(section)
+    counts = count_methods(model_name, sections, task)
+    if as_json:
+        print(json.dumps([c.to_dict() for c in counts], indent=2))
+        return
+    table = Table(title=f"Parameters: {model_name}")
+    for column in ("method", "trainable", "total", "trainable %"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for c in counts:
+        table.add_row(c.method, f"{c.trainable:,}", f"{c.total:,}", f"{c.trainable_percent:.4f}")
+    stdout.print(table)
+
+
+@app.command()
+@_handle_errors
+def merge(
+    adapter_dir: Path = typer.Argument(..., help="A LoRA/BitFit adapter directory (ours or HF PEFT's)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Where to write the merged model (must not exist)."),
+    base: str | None = typer.Option(None, help="Base model (default: the adapter's base_model_name_or_path)."),
+    dtype: str | None = typer.Option(None, help="fp32 | bf16 | fp16 (default: the base's dtype)."),
+):
+    """Fold a trained adapter into the base weights and write a standard transformers model."""
+    _quiet_libraries()
+    from peftcli.merge import merge_to_dir
+
+    merge_to_dir(adapter_dir, output, base=base, dtype=dtype, console=stdout)
+
+
+@app.command()
+@_handle_errors
+def generate(
+    run_dir: Path = typer.Argument(..., help="A training output dir or an adapter dir."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt (or text to classify)."),
+    max_new_tokens: int = typer.Option(64, min=1, help="Tokens to generate."),
+    sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
+    temperature: float = typer.Option(0.7, min=0.0, help="Sampling temperature (with --sample)."),
+    top_p: float = typer.Option(0.9, min=0.0, max=1.0, help="Nucleus sampling (with --sample)."),
+    seed: int = typer.Option(0, help="Random seed for sampling."),
+    base: str | None = typer.Option(None, help="Base model (default: the adapter's)."),
+    raw: bool = typer.Option(False, "--raw", help="Do not apply the chat template."),
+):
+    """Load base + adapter and print a completion (or the predicted label for a classifier)."""
+    _quiet_libraries()
+    from peftcli.generate import run_generate
+
+    text = run_generate(run_dir, prompt, max_new_tokens=max_new_tokens, sample=sample,
+                        temperature=temperature, top_p=top_p, seed=seed, base=base, raw=raw)
+    print(text)
+
+
+@app.command()
+@_handle_errors
+def predict(
+    run_dir: Path = typer.Argument(..., help="A classification training output dir or adapter dir."),
+    text: str = typer.Option(..., "--text", "-t", help="The text to classify."),
+    base: str | None = typer.Option(None, help="Base model (default: the adapter's)."),
+):
+    """Print the predicted label of a classification adapter, with its probability."""
+    _quiet_libraries()
+    from peftcli.generate import run_predict
+
+    print(run_predict(run_dir, text, base=base))
+
+
+def main() -> None:
+    try:
+        app()
+    except BrokenPipeError:  # `peft count ... | head`
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

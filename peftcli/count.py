@@ -1,0 +1,47 @@
+"""`peft count`: trainable vs total parameters of methods, on the meta device (no weights, no download)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+from peftcli.methods import METHODS
+from peftcli.methods.common import count_parameters
+from peftcli.models import meta_model
+from peftcli.recipe import MethodSection
+
+
+@dataclasses.dataclass
+class Count:
+    method: str
+    trainable: int
+    total: int
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "trainable": self.trainable, "total": self.total,
+                "trainable_percent": round(self.trainable_percent, 6)}
+
+
+def count_methods(model_name: str, methods: list[MethodSection], task: str | None = None,
+                  trust_remote_code: bool = False) -> list[Count]:
+    """One Count per method, each injected into its own copy of the meta model.
+
+    Follows HF PEFT's convention: total = base + adapter parameters, each shared tensor once.
+    """
+    base = meta_model(model_name, task, trust_remote_code)
+    resolved_task = task or _task_of(base)
+    counts = []
+    for method in methods:
+        model = METHODS[method.name].inject(copy.deepcopy(base), method, resolved_task)
+        trainable, total = count_parameters(model)
+        counts.append(Count(method.name, trainable, total))
+    return counts
+
+
+def _task_of(model) -> str:
+    name = type(model).__name__
+    return "sequence-classification" if "SequenceClassification" in name else "causal-lm"

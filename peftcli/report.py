@@ -1,0 +1,239 @@
+"""The end-of-run report: report.json (the summary as given), loss.png and a human report.md.
+
+The training loop gathers the numbers; this module only checks, formats and writes them, so the
+loop stays free of plotting and Markdown. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from peftcli import fileio
+
+# Key paths the training loop must fill in; a value may be None where it does not apply
+# (e.g. eval.before with no validation set), but the key itself must be there.
+REQUIRED_KEYS: tuple[str, ...] = (
+    "method",
+    "params.trainable",
+    "params.total",
+    "params.trainable_percent",
+    "steps",
+    "train_loss.first",
+    "train_loss.last",
+    "eval.before",
+    "eval.after",
+    "tokens_per_second",
+    "peak_memory_bytes",
+    "wall_seconds",
+)
+
+PLOT_NAME = "loss.png"
+
+
+def write_report(output_dir: Path, summary: dict, metrics: list[dict]) -> None:
+    """Write report.json, loss.png and report.md into `output_dir`.
+
+    `summary` holds at least REQUIRED_KEYS; `metrics` are the lines of metrics.jsonl:
+    ``{"type": "train", "step", "loss", ...}`` and ``{"type": "eval", "step", "loss", ...}``.
+    Without matplotlib the plot is left out and report.md says so.
+    """
+    missing = _missing_keys(summary)
+    if missing:
+        raise ValueError(f"report summary lacks {', '.join(missing)}")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    fileio.write_text(output_dir / "report.json", json.dumps(_jsonable(summary), indent=2) + "\n")
+    plot_note = write_loss_plot(output_dir / PLOT_NAME, metrics)
+    fileio.write_text(output_dir / "report.md", render_markdown(summary, plot_note))
+
+
+def _missing_keys(summary: dict) -> list[str]:
+    missing = []
+    for path in REQUIRED_KEYS:
+        node = summary
+        for part in path.split("."):
+            if not isinstance(node, dict) or part not in node:
+                missing.append(path)
+                break
+            node = node[part]
+    return missing
+
+
+def _jsonable(value):
+    """Strict JSON: NaN/inf become null (json.dumps would write bare NaN); paths and the like, strings."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if hasattr(value, "item"):  # a 0-d tensor or numpy scalar
+        return _jsonable(value.item())
+    return str(value)
+
+
+# --------------------------------------------------------------------------------------------------
+# The plot
+
+
+def _loss_points(metrics: list[dict], kind: str) -> tuple[list[float], list[float]]:
+    steps, losses = [], []
+    for line in metrics:
+        loss = line.get("loss")
+        if line.get("type") == kind and line.get("step") is not None and _is_number(loss):
+            steps.append(line["step"])
+            losses.append(float(loss))
+    return steps, losses
+
+
+def write_loss_plot(path: Path, metrics: list[dict]) -> str | None:
+    """Train loss per logged step and eval loss per eval, against step. Returns None when the
+    plot was written, else a one-line note saying why not (a stale plot is removed)."""
+    train_steps, train_losses = _loss_points(metrics, "train")
+    eval_steps, eval_losses = _loss_points(metrics, "eval")
+    note = None
+    if not train_losses and not eval_losses:
+        note = "No loss values were logged, so there is no loss plot."
+    else:
+        try:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
+        except ImportError:
+            note = "matplotlib is not installed, so there is no loss plot (pip install 'peftcli[plot]')."
+    if note:
+        Path(path).unlink(missing_ok=True)
+        return note
+    # A bare Figure on the Agg canvas: no pyplot global state, no GUI backend, safe in threads.
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if train_losses:
+        ax.plot(train_steps, train_losses, label="train loss", linewidth=1.2)
+    if eval_losses:
+        ax.plot(eval_steps, eval_losses, label="eval loss", marker="o", linewidth=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fileio.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# report.md
+
+
+def render_markdown(summary: dict, plot_note: str | None = None) -> str:
+    params, train_loss, evals = summary["params"], summary["train_loss"], summary["eval"] or {}
+    title = f"# peftcli report: {summary['method']}"
+    if summary.get("model"):
+        title += f" on `{summary['model']}`"
+    lines = [title, ""]
+    for key in ("model", "method", "task", "recipe", "adapter_dir"):
+        if summary.get(key) is not None:
+            value = summary[key] if key in ("method", "task") else f"`{summary[key]}`"
+            lines.append(f"- **{key.replace('_', ' ')}**: {value}")
+    lines += [
+        "",
+        "## Parameters",
+        "",
+        "| trainable | total | trainable % |",
+        "|---:|---:|---:|",
+        f"| {_int(params['trainable'])} | {_int(params['total'])} "
+        f"| {_num(params['trainable_percent'], 4)} % |",
+        "",
+        "## Training",
+        "",
+        f"- **steps**: {_int(summary['steps'])}",
+        f"- **train loss**: {_num(train_loss['first'])} → {_num(train_loss['last'])}"
+        f" ({_change(train_loss['first'], train_loss['last'])})",
+        f"- **throughput**: {_int(summary['tokens_per_second'])} tokens/s",
+        f"- **peak memory**: {format_bytes(summary['peak_memory_bytes'])}",
+        f"- **wall time**: {format_duration(summary['wall_seconds'])}",
+        "",
+        "## Evaluation",
+        "",
+    ]
+    before, after = evals.get("before") or {}, evals.get("after") or {}
+    names = [k for k in ("loss", "perplexity", "accuracy") if k in before or k in after]
+    names += [k for k in {**before, **after} if k not in names and _is_number(before.get(k, after.get(k)))]
+    if names:
+        lines += ["| metric | before | after | change |", "|---|---:|---:|---:|"]
+        for name in names:
+            old, new = before.get(name), after.get(name)
+            lines.append(f"| {name} | {_num(old)} | {_num(new)} | {_change(old, new)} |")
+    else:
+        lines.append("No evaluation was run (no validation set).")
+    lines += ["", "## Loss", ""]
+    lines.append(plot_note if plot_note else f"![loss]({PLOT_NAME})")
+    return "\n".join(lines) + "\n"
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _num(value, digits: int = 4) -> str:
+    if not _is_number(value):
+        return "n/a"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _int(value) -> str:
+    return f"{round(value):,}" if _is_number(value) and math.isfinite(value) else "n/a"
+
+
+def _change(old, new) -> str:
+    """Relative change, signed: '-12.3 %'."""
+    if not (_is_number(old) and _is_number(new)) or old == 0 or not math.isfinite(old - new):
+        return "n/a"
+    return f"{100.0 * (new - old) / abs(old):+.1f} %"
+
+
+# --------------------------------------------------------------------------------------------------
+# Units
+
+
+def format_bytes(n: int | float | None) -> str:
+    """Binary units: 1536 -> '1.5 KiB'."""
+    if not _is_number(n) or n < 0:
+        return "n/a"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_duration(seconds: float | None) -> str:
+    """'42.0 s', '3m 05s', '2h 01m 40s'."""
+    if not _is_number(seconds) or seconds < 0:
+        return "n/a"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
+
+
+def peak_memory_bytes() -> int:
+    """Peak memory of this run: CUDA's max allocated bytes when a GPU is in use, else the process's
+    peak resident set size (0 where the platform cannot say)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated())
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024

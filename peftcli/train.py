@@ -1,0 +1,481 @@
+"""`peft train`: setup() builds everything, fit() is the loop, run() ties them to the output dir.
+
+Batches are cut from a seeded permutation per epoch into *global* batches of
+batch_size x processes x gradient_accumulation examples; each process takes its slice. The loss is a
+sum over target tokens divided by the global batch's token count, so one process at batch size 8
+and two processes at batch size 4 compute the same loss and the same update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import math
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from peftcli import checkpoint, fileio, report
+from peftcli.data import check_data_source, collate, prepare_data
+from peftcli.errors import UserError
+from peftcli.loss import (
+    causal_lm_loss_sum,
+    chunked_causal_lm_loss_sum,
+    classification_loss_sum,
+    disable_chunked_loss,
+    enable_chunked_loss,
+)
+from peftcli.methods import METHODS
+from peftcli.methods.common import count_parameters
+from peftcli.models import load_model, load_tokenizer
+from peftcli.recipe import Recipe, dump_recipe
+
+RUN_MARKERS = ("recipe.yaml", "metrics.jsonl", "checkpoints", checkpoint.CONFIG_NAME, "report.json")
+
+
+class TrainingStopped(UserError):
+    """The run stopped before its end: non-finite loss (exit 1, last good adapter kept) or Ctrl-C (130)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class Setup:
+    recipe: Recipe
+    accelerator: Accelerator
+    model: torch.nn.Module
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    train_examples: list
+    eval_examples: list | None
+    label_names: list[str] | None
+    head: torch.nn.Linear | None  # the frozen output head when the chunked loss is on
+    total_steps: int
+    output_dir: Path
+    params: dict
+    start_step: int = 0
+    console: Console = field(default_factory=Console)
+
+
+# --------------------------------------------------------------------------------------------------
+# setup
+
+
+def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> Path | None:
+    """Refuse to clobber another run. Returns the newest checkpoint when resuming."""
+    existing = [m for m in RUN_MARKERS if (output_dir / m).exists()]
+    if resume:
+        latest = latest_checkpoint(output_dir)
+        if latest is None:
+            raise UserError(f"--resume: no checkpoint under {output_dir / 'checkpoints'} to resume from")
+        return latest
+    if existing and not overwrite:
+        raise UserError(f"output_dir {output_dir} already holds a run ({', '.join(existing)}); "
+                        "continue it with --resume or replace it with --overwrite")
+    return None
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    steps = sorted((int(p.name.split("-", 1)[1]), p) for p in (output_dir / "checkpoints").glob("step-*")
+                   if p.name.split("-", 1)[1].isdigit() and (p / checkpoint.STATE_NAME).is_file())
+    return steps[-1][1] if steps else None
+
+
+def _mixed_precision(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def _inject(model, recipe: Recipe, tokenizer):
+    if recipe.method.from_adapter:
+        model, method = checkpoint.load_adapter(model, recipe.method.from_adapter)
+        if method.name != recipe.method.name:
+            raise UserError(f"method.from_adapter: {recipe.method.from_adapter} is a {method.name} adapter, "
+                            f"the recipe's method is {recipe.method.name}")
+        recipe.method = method
+        return model
+    inject = METHODS[recipe.method.name].inject
+    if "tokenizer" in inspect.signature(inject).parameters:
+        return inject(model, recipe.method, recipe.model.task, tokenizer=tokenizer)
+    return inject(model, recipe.method, recipe.model.task)
+
+
+def _optimizer(model, recipe: Recipe) -> torch.optim.Optimizer:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise UserError(f"method {recipe.method.name}: nothing to train on this model")
+    # No weight decay on 1-D parameters (biases, norms, virtual-token rows stay 2-D and do decay).
+    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": recipe.train.weight_decay},
+              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.train.learning_rate,
+                             betas=tuple(recipe.train.betas))
+
+
+def setup(recipe: Recipe, resume: bool = False, overwrite: bool = False, console: Console | None = None) -> Setup:
+    console = console or Console()
+    output_dir = Path(recipe.output_dir)
+    resume_from = check_output_dir(output_dir, resume, overwrite)
+    check_data_source(recipe.data)  # bad data is refused before the model is loaded
+
+    train = recipe.train
+    accelerator = Accelerator(mixed_precision=_mixed_precision(train.mixed_precision), cpu=not torch.cuda.is_available())
+    set_seed(train.seed)
+    say = console.print if accelerator.is_main_process else (lambda *a, **k: None)
+
+    tokenizer = load_tokenizer(recipe.model.name, recipe.model.trust_remote_code, recipe.model.revision)
+    with accelerator.main_process_first():
+        data = prepare_data(recipe.data, tokenizer, recipe.model.task, train.seed)
+    say(f"data: {len(data.train)} train / {len(data.validation) if data.validation else 0} validation examples"
+        + (f", {data.num_truncated} truncated to {recipe.data.max_length} tokens" if data.num_truncated else "")
+        + (" (tokenized data from cache)" if data.cache_hit else ""))
+
+    say(f"model: loading {recipe.model.name}")
+    model = load_model(recipe.model.name, recipe.model.task, label_names=data.label_names,
+                       num_labels=recipe.model.num_labels, dtype=recipe.model.dtype,
+                       trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision)
+    if train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    set_seed(train.seed)  # the adapter's init does not depend on how much randomness loading used
+    model = _inject(model, recipe, tokenizer)
+    trainable, total = count_parameters(model)
+    params = {"trainable": trainable, "total": total, "trainable_percent": round(100 * trainable / total, 6)}
+    say(f"method: {recipe.method.name}: {trainable:,} trainable of {total:,} parameters "
+        f"({params['trainable_percent']:.4f}%)")
+    head = enable_chunked_loss(model) if train.chunked_loss and recipe.model.task == "causal-lm" else None
+    model.train()
+
+    optimizer = _optimizer(model, recipe)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    global_batch = train.batch_size * accelerator.num_processes * train.gradient_accumulation
+    steps_per_epoch = math.ceil(len(data.train) / global_batch)
+    total_steps = train.max_steps or max(1, math.ceil((train.epochs or 1.0) * steps_per_epoch))
+
+    s = Setup(recipe, accelerator, model, tokenizer, optimizer, data.train, data.validation, data.label_names,
+              head, total_steps, output_dir, params, console=console)
+    if resume_from is not None:
+        adapter_config, state = checkpoint.read_adapter(resume_from)
+        METHODS[recipe.method.name].load_adapter_state(accelerator.unwrap_model(model), state)
+        s.start_step = checkpoint.load_training_state(resume_from, optimizer)["step"]
+        say(f"resuming from {resume_from} (step {s.start_step} of {total_steps})")
+    return s
+
+
+# --------------------------------------------------------------------------------------------------
+# batches and the loss
+
+
+def global_batch_indices(n_examples: int, global_batch: int, step: int, seed: int) -> list[int]:
+    """The example indices of optimizer step `step` (0-based): a pure function, so resume is exact.
+
+    Epoch e is a permutation seeded by seed + e; the last, partial global batch of an epoch wraps
+    around to the start of the same permutation so every step sees a full global batch.
+    """
+    steps_per_epoch = math.ceil(n_examples / global_batch)
+    epoch, position = divmod(step, steps_per_epoch)
+    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    start = position * global_batch
+    return [order[(start + i) % n_examples] for i in range(global_batch)]
+
+
+def micro_batches(s: Setup, step: int) -> list[dict[str, torch.Tensor]]:
+    """This process's gradient-accumulation micro-batches for one optimizer step."""
+    t = s.recipe.train
+    world, rank = s.accelerator.num_processes, s.accelerator.process_index
+    indices = global_batch_indices(len(s.train_examples), t.batch_size * world * t.gradient_accumulation,
+                                   step, t.seed)
+    batches = []
+    for micro in range(t.gradient_accumulation):
+        start = (micro * world + rank) * t.batch_size
+        rows = [s.train_examples[i] for i in indices[start:start + t.batch_size]]
+        batches.append(collate(rows, s.tokenizer.pad_token_id))
+    return batches
+
+
+def loss_sum(s: Setup, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed loss over the batch's targets (tokens for causal LM, examples for classification)."""
+    labels = batch["labels"]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    if s.recipe.model.task == "sequence-classification":
+        return classification_loss_sum(out.logits, labels)
+    if s.head is not None:
+        return chunked_causal_lm_loss_sum(out.logits, s.head.weight, s.head.bias, labels)
+    return causal_lm_loss_sum(out.logits, labels)
+
+
+def num_targets(s: Setup, batch: dict[str, torch.Tensor]) -> int:
+    labels = batch["labels"]
+    if s.recipe.model.task == "sequence-classification":
+        return labels.shape[0]
+    return int((labels[:, 1:] != -100).sum())
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(s: Setup) -> dict[str, float] | None:
+    """Loss (and perplexity or accuracy) over this process's shard of the validation set, reduced."""
+    if not s.eval_examples:
+        return None
+    model = s.accelerator.unwrap_model(s.model)
+    was_training = model.training
+    model.eval()
+    t = s.recipe.train
+    world, rank = s.accelerator.num_processes, s.accelerator.process_index
+    shard = s.eval_examples[rank::world]
+    size = t.eval_batch_size or t.batch_size
+    if t.max_eval_batches:
+        shard = shard[: size * t.max_eval_batches]
+    totals = torch.zeros(3, dtype=torch.float64, device=s.accelerator.device)  # loss, targets, correct
+    for start in range(0, len(shard), size):
+        batch = _to(collate(shard[start:start + size], s.tokenizer.pad_token_id), s.accelerator.device)
+        with s.accelerator.autocast():
+            totals[0] += float(loss_sum(s, model, batch))
+        totals[1] += num_targets(s, batch)
+        if s.recipe.model.task == "sequence-classification":
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            totals[2] += int((logits.argmax(-1) == batch["labels"]).sum())
+    totals = s.accelerator.reduce(totals, "sum")
+    model.train(was_training)
+    loss = float(totals[0] / max(totals[1], 1))
+    if s.recipe.model.task == "sequence-classification":
+        return {"loss": loss, "accuracy": float(totals[2] / max(totals[1], 1))}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def learning_rate(s: Setup, step: int) -> float:
+    """Warmup then constant / linear / cosine decay to 0, as a pure function of the step."""
+    t = s.recipe.train
+    if step < t.warmup_steps:
+        return t.learning_rate * (step + 1) / (t.warmup_steps + 1)
+    if t.scheduler == "constant":
+        return t.learning_rate
+    progress = (step - t.warmup_steps) / max(1, s.total_steps - t.warmup_steps)
+    if t.scheduler == "linear":
+        return t.learning_rate * max(0.0, 1.0 - progress)
+    return t.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# --------------------------------------------------------------------------------------------------
+# the loop
+
+
+class _Interrupt:
+    """First Ctrl-C asks the loop to checkpoint and stop; a second one stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def fit(s: Setup, log) -> dict:
+    """Train from s.start_step to s.total_steps. `log(record)` receives every metrics line."""
+    t, acc = s.recipe.train, s.accelerator
+    summary = {"train_loss": {}, "tokens": 0, "train_seconds": 0.0, "stopped": None, "steps": s.start_step}
+    if s.start_step == 0 and s.eval_examples:
+        record = {"type": "eval", "step": 0, **evaluate(s)}
+        log(record)
+        if acc.is_main_process:
+            s.console.print(_eval_line(record))
+    progress = Progress(TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
+                        TimeRemainingColumn(), console=s.console, disable=not acc.is_main_process)
+    with _Interrupt() as interrupt, progress:
+        bar = progress.add_task("train", total=s.total_steps, completed=s.start_step, info="")
+        for step in range(s.start_step, s.total_steps):
+            started = time.perf_counter()
+            batches = [_to(b, acc.device) for b in micro_batches(s, step)]
+            counts = torch.tensor([sum(num_targets(s, b) for b in batches),
+                                   sum(int(b["attention_mask"].sum()) for b in batches)], device=acc.device)
+            global_targets, global_tokens = (int(x) for x in acc.reduce(counts, "sum"))
+            lr = learning_rate(s, step)
+            for group in s.optimizer.param_groups:
+                group["lr"] = lr
+            step_loss = torch.zeros((), device=acc.device)
+            for i, batch in enumerate(batches):
+                # Only the last micro-batch syncs gradients across processes.
+                context = acc.no_sync(s.model) if i < len(batches) - 1 else contextlib.nullcontext()
+                with context, acc.autocast():
+                    loss = loss_sum(s, s.model, batch)
+                    step_loss += loss.detach()
+                    # DDP averages gradients over processes: scale so the update is sum / global_targets.
+                    acc.backward(loss * acc.num_processes / max(global_targets, 1))
+            step_loss = float(acc.reduce(step_loss, "sum")) / max(global_targets, 1)
+            if not math.isfinite(step_loss):
+                s.optimizer.zero_grad(set_to_none=True)
+                summary["stopped"] = f"non-finite loss ({step_loss}) at step {step + 1}"
+                break
+            if t.max_grad_norm is not None:
+                acc.clip_grad_norm_([p for p in s.model.parameters() if p.requires_grad], t.max_grad_norm)
+            s.optimizer.step()
+            s.optimizer.zero_grad(set_to_none=True)
+
+            seconds = time.perf_counter() - started
+            summary["tokens"] += global_tokens
+            summary["train_seconds"] += seconds
+            summary["train_loss"].setdefault("first", step_loss)
+            summary["train_loss"]["last"] = step_loss
+            done = step + 1
+            if done % t.log_every == 0 or done == s.total_steps:
+                log({"type": "train", "step": done, "loss": step_loss, "lr": lr,
+                     "tokens_per_second": global_tokens / seconds, "step_seconds": seconds})
+            progress.update(bar, completed=done,
+                            info=f"loss {step_loss:.4f}  lr {lr:.2e}  {global_tokens / seconds:,.0f} tok/s")
+            if t.eval_every and done % t.eval_every == 0 and done != s.total_steps and s.eval_examples:
+                record = {"type": "eval", "step": done, **evaluate(s)}
+                log(record)
+                if acc.is_main_process:
+                    s.console.print(_eval_line(record))
+            summary["steps"] = done
+            # Every process must agree to stop, or the next step's collectives would hang.
+            stop = bool(acc.reduce(torch.tensor(float(interrupt.requested), device=acc.device), "sum"))
+            if stop or (t.save_every and done % t.save_every == 0 and done != s.total_steps):
+                save_checkpoint(s, done)
+            if stop:
+                summary["stopped"] = f"interrupted at step {done}"
+                summary["interrupted"] = True
+                break
+    return summary
+
+
+def _eval_line(record: dict) -> str:
+    extra = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("type", "step"))
+    return f"eval @ step {record['step']}: {extra}"
+
+
+# --------------------------------------------------------------------------------------------------
+# files
+
+
+def save_adapter_files(s: Setup, directory: Path) -> None:
+    model = s.accelerator.unwrap_model(s.model)
+    checkpoint.save_adapter(model, s.recipe.method, s.recipe.model.task, s.recipe.model.name, directory,
+                            label_names=s.label_names)
+
+
+def save_checkpoint(s: Setup, step: int) -> None:
+    """checkpoints/step-N/ with adapter + optimizer + RNG + position, written to a temp dir then renamed."""
+    if not s.accelerator.is_main_process:
+        return
+    root = s.output_dir / "checkpoints"
+    final, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_adapter_files(s, tmp)
+    checkpoint.save_training_state(tmp, s.optimizer, {"step": step, "seed": s.recipe.train.seed})
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    kept = sorted((int(p.name.split("-")[1]), p) for p in root.glob("step-*") if p.name.split("-")[1].isdigit())
+    for _, old in kept[: -s.recipe.train.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_tokenizer(tokenizer, directory: Path) -> None:
+    tmp = directory / ".tokenizer.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save_pretrained(tmp)
+    for f in tmp.iterdir():
+        f.replace(directory / f.name)
+    tmp.rmdir()
+
+
+def _clear_previous_run(output_dir: Path) -> None:
+    for marker in RUN_MARKERS + ("report.md", "loss.png", checkpoint.WEIGHTS_NAME, checkpoint.LABELS_NAME):
+        path = output_dir / marker
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, console: Console | None = None,
+        recipe_path: str | None = None) -> dict:
+    """The whole `peft train`: returns the report summary."""
+    console = console or Console()
+    started = time.perf_counter()
+    s = setup(recipe, resume=resume, overwrite=overwrite, console=console)
+    main = s.accelerator.is_main_process
+    out = s.output_dir
+    metrics_path = out / "metrics.jsonl"
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if overwrite and not resume:
+            _clear_previous_run(out)
+        fileio.write_text(out / "recipe.yaml", dump_recipe(recipe))
+        kept = [json.loads(line) for line in metrics_path.read_text().splitlines()] if resume and metrics_path.exists() else []
+        kept = [r for r in kept if r["step"] <= s.start_step]
+        fileio.write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+    records: list[dict] = []
+
+    def log(record: dict) -> None:
+        records.append(record)
+        if main:
+            with metrics_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    summary = fit(s, log)
+    final_eval = evaluate(s) if summary["stopped"] is None else None
+    if final_eval is not None:
+        log({"type": "eval", "step": s.total_steps, **final_eval})
+        if main:
+            console.print(_eval_line({"step": s.total_steps, **final_eval}))
+    s.accelerator.wait_for_everyone()
+    disable_chunked_loss(s.accelerator.unwrap_model(s.model))
+    if main and not summary.get("interrupted"):
+        save_adapter_files(s, out)
+        _save_tokenizer(s.tokenizer, out)
+        all_metrics = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+        evals = [r for r in all_metrics if r["type"] == "eval"]
+        result = {
+            "method": recipe.method.name,
+            "model": recipe.model.name,
+            "task": recipe.model.task,
+            "params": s.params,
+            "steps": summary["steps"],
+            "train_loss": summary["train_loss"],
+            "eval": {"before": _strip(evals[0]) if evals and evals[0]["step"] == 0 else None,
+                     "after": _strip(final_eval) if final_eval else None},
+            "tokens_per_second": summary["tokens"] / summary["train_seconds"] if summary["train_seconds"] else 0.0,
+            "peak_memory_bytes": report.peak_memory_bytes(),
+            "wall_seconds": time.perf_counter() - started,
+            "stopped": summary["stopped"],
+            "adapter_dir": str(out),
+        }
+        report.write_report(out, result, all_metrics)
+    if summary.get("interrupted"):
+        raise TrainingStopped(f"{summary['stopped']}; checkpoint saved. Continue with: "
+                              f"peft train {recipe_path or 'RECIPE'} --resume", exit_code=130)
+    if summary["stopped"]:
+        raise TrainingStopped(f"training stopped: {summary['stopped']}; the last good adapter is in {out}")
+    if main:
+        console.print(f"[bold green]done:[/] adapter and report in {out}")
+    return summary
+
+
+def _strip(record: dict | None) -> dict | None:
+    return {k: v for k, v in record.items() if k not in ("type", "step")} if record else None
