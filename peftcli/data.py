@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pyarrow.parquet as pq
 import torch
 from safetensors import safe_open
@@ -58,20 +59,17 @@ FORMAT_COLUMNS = {
 Spans = list[tuple[int, int]]  # [start, end) character ranges of target text
 
 
+@dataclass(eq=False)
 class TokenizedDataset(torch.utils.data.Dataset):
-    """Rows of token ids stored back to back; `dataset[i]` is a dict of lists ready for `collate`.
+    """Rows of token ids stored back to back; `dataset[i]` is a dict of lists ready for `collate`."""
 
-    input_ids: (total_tokens,) int32; loss_mask: (total_tokens,) bool, True on target tokens;
-    offsets: (rows + 1,) int64, row i is [offsets[i], offsets[i + 1]); class_labels: (rows,) int64
-    class ids for classification, else None.
-    """
-
-    def __init__(self, input_ids: Tensor, loss_mask: Tensor, offsets: Tensor, class_labels: Tensor | None,
-                 num_examples: int, num_truncated: int, num_dropped: int):
-        self.input_ids, self.loss_mask, self.offsets, self.class_labels = input_ids, loss_mask, offsets, class_labels
-        self.num_examples = num_examples  # examples kept (before packing)
-        self.num_truncated = num_truncated  # examples cut to max_length
-        self.num_dropped = num_dropped  # rows with nothing to learn: empty, or every target cut off
+    input_ids: Tensor  # (total_tokens,) int32
+    loss_mask: Tensor  # (total_tokens,) bool: True on target tokens
+    offsets: Tensor  # (rows + 1,) int64: row i is input_ids[offsets[i] : offsets[i + 1]]
+    class_labels: Tensor | None  # (rows,) int64 class ids for classification, else None
+    num_examples: int  # examples kept (before packing)
+    num_truncated: int  # examples cut to max_length
+    num_dropped: int  # rows with nothing to learn: empty, or every target cut off
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -88,10 +86,6 @@ class TokenizedDataset(torch.utils.data.Dataset):
     @property
     def lengths(self) -> list[int]:
         return (self.offsets[1:] - self.offsets[:-1]).tolist()
-
-    @property
-    def num_target_tokens(self) -> int:
-        return int(self.loss_mask.sum())
 
 
 @dataclass
@@ -125,7 +119,9 @@ class PreparedData:
             if split.num_dropped:
                 text += f", {split.num_dropped:,} skipped with nothing to learn"
             parts.append(text)
-        parts.append("tokenized data from cache" if self.cache_hit else f"tokenized, cached in {self.cache_path}")
+        parts.append(
+            "tokenized data from cache" if self.cache_hit else f"tokenized, cached in {self.cache_path}"
+        )
         return "; ".join(parts)
 
 
@@ -172,8 +168,10 @@ class _Source:
         self._dataset: datasets.Dataset | None = None
         if self.path.is_file():
             if self.suffix not in FILE_LOADERS:
-                raise UserError(f"{self.where}: unsupported file type `{self.path.suffix}`; use .json, .jsonl, "
-                                ".csv, .parquet or a directory written by Dataset.save_to_disk")
+                raise UserError(
+                    f"{self.where}: unsupported file type `{self.path.suffix}`; use .json, .jsonl, "
+                    ".csv, .parquet or a directory written by Dataset.save_to_disk"
+                )
             self.kind = "file"
         elif self.path.is_dir():
             if not any((self.path / marker).is_file() for marker in ("state.json", "dataset_dict.json")):
@@ -203,25 +201,30 @@ class _Source:
         return self._dataset
 
     def _load(self) -> datasets.Dataset:
-        with _quiet_datasets():
-            if self.kind == "file":
-                try:
-                    return datasets.load_dataset(FILE_LOADERS[self.suffix], data_files=str(self.path), split="train")
-                except Exception as e:  # the loaders raise many types for a malformed file
-                    raise UserError(f"{self.where}: could not read it as {self.suffix[1:]}: {e}") from e
-            if self.kind == "disk":
-                loaded = datasets.load_from_disk(str(self.path))
-                if isinstance(loaded, datasets.DatasetDict):
-                    split = next((s for s in self.splits if s in loaded), None)
-                    if split is None:
-                        raise UserError(f"{self.where}: no split `{self.splits[0]}` (data.split); splits: "
-                                        + ", ".join(loaded) + did_you_mean(self.splits[0], loaded))
-                    return loaded[split]
+        if self.kind == "file":
+            try:
+                with _quiet_datasets():
+                    return datasets.load_dataset(
+                        FILE_LOADERS[self.suffix], data_files=str(self.path), split="train"
+                    )
+            except Exception as e:  # the loaders raise many types for a malformed file
+                raise UserError(f"{self.where}: could not read it as {self.suffix[1:]}: {e}") from e
+        if self.kind == "disk":
+            loaded = datasets.load_from_disk(str(self.path))
+            if not isinstance(loaded, datasets.DatasetDict):
                 return loaded
-            try:  # a hub dataset: standard datasets loading, cached by datasets itself
-                return datasets.load_dataset(self.name, split=self.splits[0])
-            except Exception as e:  # offline, missing, gated, unknown split...
-                raise UserError(f"{self.where}: could not load split `{self.splits[0]}` from the hub: {e}") from e
+            split = next((s for s in self.splits if s in loaded), None)
+            if split is None:
+                raise UserError(
+                    f"{self.where}: no split `{self.splits[0]}` (data.split); splits: "
+                    + ", ".join(loaded)
+                    + did_you_mean(self.splits[0], loaded)
+                )
+            return loaded[split]
+        try:  # a hub dataset: standard datasets loading (and its download progress), cached by datasets
+            return datasets.load_dataset(self.name, split=self.splits[0])
+        except Exception as e:  # offline, missing, gated, unknown split...
+            raise UserError(f"{self.where}: could not load split `{self.splits[0]}` from the hub: {e}") from e
 
     def peek(self, rows: int = 20) -> tuple[list[str], list[dict]]:
         """The column names and the first rows, read cheaply: a file is not loaded whole."""
@@ -240,33 +243,26 @@ class _Source:
         return list(dict.fromkeys(key for row in found for key in row)), found
 
     def _peek_json(self, rows: int) -> list[dict]:
-        """First rows of JSON Lines or of one JSON array of objects (the two layouts datasets reads)."""
+        """First rows of JSON Lines, or of one JSON array of objects: the two layouts datasets reads."""
         with open(self.path, encoding="utf-8") as f:
-            text = f.read(1 << 20)
-        decoder, found = json.JSONDecoder(), []
-        position = len(text) - len(text.lstrip())
-        if text.startswith("[", position):
-            position += 1
-        while len(found) < rows:
-            while position < len(text) and text[position] in " \t\r\n,":
-                position += 1
-            if position >= len(text) or text[position] == "]":
-                break
             try:
-                row, position = decoder.raw_decode(text, position)
+                if f.read(4096).lstrip().startswith("["):
+                    f.seek(0)
+                    found = json.load(f)[:rows]
+                else:
+                    f.seek(0)
+                    found = [json.loads(line) for line in itertools.islice(filter(str.strip, f), rows)]
             except json.JSONDecodeError as e:
-                if found or len(text) == 1 << 20:
-                    break  # a row cut by the 1 MiB read: the full load will judge it
-                raise UserError(f"{self.where}: not JSON or JSON Lines (line {e.lineno}: {e.msg})") from e
+                raise UserError(f"{self.where}: not JSON or JSON Lines ({e})") from e
+        for row in found:
             if not isinstance(row, dict):
                 raise UserError(f"{self.where}: each row must be a JSON object, got {_short(row)}")
-            found.append(row)
         return found
 
 
 @contextlib.contextmanager
 def _quiet_datasets() -> Iterator[None]:
-    """No progress bars while a local file is read: it takes a moment and the CLI logs its own lines."""
+    """No progress bars while a local file is converted: it takes a moment and the CLI logs its own lines."""
     was_enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:
@@ -280,8 +276,11 @@ def _check_columns(source: _Source, columns: list[str], data: DataSection) -> No
     for field in FORMAT_COLUMNS[data.format]:
         column = getattr(data, field)
         if column not in columns:
-            raise UserError(f"{source.where}: no column `{column}` (data.{field}); its columns: "
-                            + ", ".join(columns) + did_you_mean(column, columns))
+            raise UserError(
+                f"{source.where}: no column `{column}` (data.{field}); its columns: "
+                + ", ".join(columns)
+                + did_you_mean(column, columns)
+            )
 
 
 def check_data_source(data: DataSection) -> None:
@@ -302,7 +301,10 @@ def check_data_source(data: DataSection) -> None:
         _check_columns(source, columns, data)
         if data.format == "chat":
             for number, row in enumerate(rows, 1):
-                _messages(row[data.messages_column], f"{source.where}: row {number}: column `{data.messages_column}`")
+                _messages(
+                    row[data.messages_column],
+                    f"{source.where}: row {number}: column `{data.messages_column}`",
+                )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -319,9 +321,14 @@ def _short(value, limit: int = 60) -> str:
 
 
 def _messages(value, where: str) -> list[dict]:
-    if not (isinstance(value, list) and value and all(
+    if not (
+        isinstance(value, list)
+        and value
+        and all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in value)):
+            for m in value
+        )
+    ):
         raise UserError(f"{where}: expected a list of {{role, content}} messages, got {_short(value)}")
     # Rows read from JSON get every key any row has, as None where absent: drop those.
     return [{key: v for key, v in message.items() if v is not None} for message in value]
@@ -389,8 +396,13 @@ def _render_chat(messages: list[dict], tokenizer, train_on_inputs: bool, where: 
         answer = message["content"].strip()
         before = render(messages[:i], True) if i else None
         after = render(messages[: i + 1], False)
-        if before is not None and after is not None and full.startswith(after) and after.startswith(before) \
-                and len(before) >= cursor:
+        if (
+            before is not None
+            and after is not None
+            and full.startswith(after)
+            and after.startswith(before)
+            and len(before) >= cursor
+        ):
             start, stop, limit = len(before), len(after), len(after)
         else:
             kept = _kept_suffix(full, answer, cursor)
@@ -420,35 +432,51 @@ def _render(row: dict, data: DataSection, tokenizer, where: str) -> tuple[str, S
         user = f"{instruction}\n\n{extra}" if extra else instruction
         chat = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
         return _render_chat(chat, tokenizer, data.train_on_inputs, where)
-    prompt = PLAIN_PROMPT.format(instruction=instruction, input=PLAIN_INPUT.format(input=extra) if extra else "")
+    prompt = PLAIN_PROMPT.format(
+        instruction=instruction, input=PLAIN_INPUT.format(input=extra) if extra else ""
+    )
     return prompt + output, [(0 if data.train_on_inputs else len(prompt), len(prompt) + len(output))]
 
 
 # --------------------------------------------------------------------------------------------------
-# Tokenizing
+# Tokenizing and building a split
+
+Example = tuple[Tensor, Tensor]  # (length,) int32 token ids, (length,) bool target mask
 
 
-def _tokenize(texts: list[str], targets: list[Spans], tokenizer, special: bool) -> list[tuple[list[int], list[bool]]]:
+def _tokenize(
+    texts: list[str], targets: list[Spans], tokenizer, special: bool
+) -> Iterator[tuple[list, list]]:
     """Token ids and a target mask per text; `special`: let the tokenizer add its BOS/CLS tokens."""
-    encoded = []
     for start in range(0, len(texts), 1000):
         batch, spans = texts[start : start + 1000], targets[start : start + 1000]
         try:
             out = tokenizer(batch, add_special_tokens=special, return_offsets_mapping=True)
         except NotImplementedError:  # a Python tokenizer has no offsets
-            encoded += [_tokenize_pieces(text, s, tokenizer, special) for text, s in zip(batch, spans)]
+            yield from (
+                _tokenize_pieces(text, s, tokenizer, special) for text, s in zip(batch, spans, strict=True)
+            )
             continue
-        for ids, offsets, s in zip(out["input_ids"], out["offset_mapping"], spans):
-            mask = [end > begin and any(begin < b and end > a for a, b in s) for begin, end in offsets]
-            encoded.append((list(ids), mask))
-    return encoded
+        for ids, offsets, s in zip(out["input_ids"], out["offset_mapping"], spans, strict=True):
+            yield list(ids), _overlaps(offsets, s)
+
+
+def _overlaps(offsets: list[tuple[int, int]], spans: Spans) -> list[bool]:
+    """Per token: do its characters overlap a target span? Added tokens (BOS...) have no characters."""
+    if not spans or not offsets:
+        return [False] * len(offsets)
+    token = np.asarray(offsets).reshape(-1, 2)  # (tokens, 2)
+    target = np.asarray(spans).reshape(-1, 2)  # (spans, 2)
+    # (tokens, 1) vs (spans,) -> (tokens, spans): token begin < span end and token end > span start
+    hit = (token[:, :1] < target[:, 1]) & (token[:, 1:] > target[:, 0])
+    return (hit.any(axis=1) & (token[:, 1] > token[:, 0])).tolist()
 
 
 def _tokenize_pieces(text: str, spans: Spans, tokenizer, special: bool) -> tuple[list[int], list[bool]]:
     """Without offsets: tokenize the target and non-target pieces apart and concatenate them."""
     cuts = sorted({0, len(text), *(p for span in spans for p in span)})
     ids, mask = [], []
-    for a, b in zip(cuts, cuts[1:]):
+    for a, b in zip(cuts, cuts[1:], strict=False):
         piece = tokenizer.encode(text[a:b], add_special_tokens=False)
         ids += piece
         mask += [any(x <= a and b <= y for x, y in spans)] * len(piece)
@@ -460,12 +488,51 @@ def _tokenize_pieces(text: str, spans: Spans, tokenizer, special: bool) -> tuple
     return ids, mask
 
 
+def _example(ids: list[int], mask: list[bool]) -> Example:
+    return torch.tensor(ids, dtype=torch.int32), torch.tensor(mask, dtype=torch.bool)
+
+
+def _causal_examples(
+    texts: list[str], spans: list[Spans], data: DataSection, tokenizer
+) -> tuple[list[Example], int]:
+    """End with EOS, truncate, keep what has a target to learn -> (examples, number truncated)."""
+    # A chat template writes its own BOS and end-of-turn tokens; other text gets the tokenizer's, then EOS.
+    templated = data.format == "chat" or (data.format == "instruction" and bool(tokenizer.chat_template))
+    eos = tokenizer.eos_token_id
+    examples, num_truncated = [], 0
+    for ids, mask in _tokenize(texts, spans, tokenizer, special=not templated):
+        if not templated and eos is not None:
+            if ids and ids[-1] == eos:  # the tokenizer added it: still a target
+                mask[-1] = True
+            else:
+                ids, mask = ids + [eos], mask + [True]
+        if len(ids) > data.max_length:
+            num_truncated += 1
+            ids, mask = ids[: data.max_length], mask[: data.max_length]
+        if not any(mask[1:]):  # the first token is never predicted
+            continue
+        if data.packing and eos is not None and ids[-1] != eos:  # a separator, not a target
+            ids, mask = ids + [eos], mask + [False]
+        examples.append(_example(ids, mask))
+    return examples, num_truncated
+
+
+def _classification_examples(texts: list[str], data: DataSection, tokenizer) -> tuple[list[Example], int]:
+    encoded = tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
+    long = [i for i, ids in enumerate(encoded) if len(ids) > data.max_length]
+    if long:  # re-tokenized with truncation, so the [SEP] / EOS the tokenizer adds stays at the end
+        cut = tokenizer([texts[i] for i in long], truncation=True, max_length=data.max_length)["input_ids"]
+        for i, ids in zip(long, cut, strict=True):
+            encoded[i] = ids
+    return [_example(ids, [False] * len(ids)) for ids in encoded], len(long)
+
+
 def _rows(dataset: datasets.Dataset, columns: list[str], numbers: list[int]) -> Iterator[tuple[int, dict]]:
     """(1-based row number in the source, {column: value}) for the selected columns."""
     numbers_iter = iter(numbers)
     for batch in dataset.select_columns(columns).iter(batch_size=1000):
-        for values in zip(*(batch[c] for c in columns)):
-            yield next(numbers_iter), dict(zip(columns, values))
+        for values in zip(*(batch[c] for c in columns), strict=True):
+            yield next(numbers_iter), dict(zip(columns, values, strict=True))
 
 
 def _label_key(value, feature, where: str) -> str | int:
@@ -483,91 +550,77 @@ def _label_names(dataset: datasets.Dataset, data: DataSection, source: _Source) 
     feature = dataset.features[data.label_column]
     if isinstance(feature, datasets.ClassLabel):
         return list(feature.names)
-    keys = {_label_key(v, feature, f"{source.where}: row {n}: column `{data.label_column}`")
-            for n, v in enumerate(dataset[data.label_column], 1)}
+    where = f"{source.where}: column `{data.label_column}`"
+    keys = {_label_key(v, feature, f"{where}, row {n}") for n, v in enumerate(dataset[data.label_column], 1)}
     if len({type(k) for k in keys}) > 1:
-        raise UserError(f"{source.where}: column `{data.label_column}` mixes string and integer labels")
+        raise UserError(f"{where} mixes string and integer labels")
     return [str(k) for k in sorted(keys)]
 
 
-def _build(dataset: datasets.Dataset, numbers: list[int], source: _Source, data: DataSection, tokenizer,
-           label_names: list[str] | None) -> TokenizedDataset:
-    """Tokenize, truncate, drop and pack one split."""
+def _build(
+    dataset: datasets.Dataset,
+    numbers: list[int],
+    source: _Source,
+    data: DataSection,
+    tokenizer,
+    label_names: list[str] | None,
+) -> TokenizedDataset:
+    """Render, tokenize, truncate, drop and pack one split; `numbers` are its rows' numbers in the source."""
     columns = [getattr(data, f) for f in FORMAT_COLUMNS[data.format]]
     if data.format == "instruction" and data.input_column in dataset.column_names:
         columns.append(data.input_column)
-    texts, spans, class_ids = [], [], []
     label_ids = {name: i for i, name in enumerate(label_names or [])}
+    texts, spans, class_ids = [], [], []
     for number, row in _rows(dataset, columns, numbers):
         where = f"{source.where}: row {number}"
-        if label_names is not None:
-            key = _label_key(row[data.label_column], dataset.features[data.label_column],
-                             f"{where}: column `{data.label_column}`")
-            if str(key) not in label_ids:
-                raise UserError(f"{source.where}: label `{key}` (row {number}) never appears in the training "
-                                f"data; training labels: {', '.join(label_names)}")
-            if _text(row[data.text_column]).strip():
-                texts.append(_text(row[data.text_column]))
-                class_ids.append(label_ids[str(key)])
+        if label_names is None:
+            rendered = _render(row, data, tokenizer, where)
+            if rendered is not None:
+                texts.append(rendered[0])
+                spans.append(rendered[1])
             continue
-        rendered = _render(row, data, tokenizer, where)
-        if rendered is not None:
-            texts.append(rendered[0])
-            spans.append(rendered[1])
-    if label_names is not None:
-        encoded = tokenizer(texts, add_special_tokens=True)["input_ids"]
-        long = [i for i, ids in enumerate(encoded) if len(ids) > data.max_length]
-        if long:  # let the tokenizer cut them, so a [SEP] / EOS it adds stays at the end
-            cut = tokenizer([texts[i] for i in long], truncation=True, max_length=data.max_length)["input_ids"]
-            for i, ids in zip(long, cut):
-                encoded[i] = ids
-        examples = [(ids, [False] * len(ids)) for ids in encoded]
-        num_truncated = len(long)
+        feature = dataset.features[data.label_column]
+        key = str(_label_key(row[data.label_column], feature, f"{where}: column `{data.label_column}`"))
+        if key not in label_ids:
+            raise UserError(
+                f"{source.where}: label `{key}` (row {number}) never appears in the training data; "
+                f"training labels: {', '.join(label_names)}"
+            )
+        if _text(row[data.text_column]).strip():
+            texts.append(_text(row[data.text_column]))
+            class_ids.append(label_ids[key])
+    if label_names is None:
+        examples, num_truncated = _causal_examples(texts, spans, data, tokenizer)
     else:
-        # A chat template writes its own BOS and end tokens; plain text gets the tokenizer's, plus EOS.
-        templated = data.format == "chat" or (data.format == "instruction" and bool(tokenizer.chat_template))
-        examples, num_truncated = [], 0
-        for ids, mask in _tokenize(texts, spans, tokenizer, special=not templated):
-            if not templated and tokenizer.eos_token_id is not None:
-                if ids and ids[-1] == tokenizer.eos_token_id:  # the tokenizer added it: a target still
-                    mask[-1] = True
-                else:
-                    ids, mask = ids + [tokenizer.eos_token_id], mask + [True]
-            if len(ids) > data.max_length:
-                num_truncated += 1
-                ids, mask = ids[: data.max_length], mask[: data.max_length]
-            if any(mask[1:]):  # the first token is never predicted
-                examples.append((ids, mask))
-    num_dropped = len(numbers) - len(examples)
+        examples, num_truncated = _classification_examples(texts, data, tokenizer)
     if not examples:
         hint = f"; {num_truncated} were cut at max_length={data.max_length}" if num_truncated else ""
-        raise UserError(f"{source.where}: all {len(numbers)} rows are empty after tokenization: none has "
-                        f"anything to learn{hint}")
-    num_examples = len(examples)
+        raise UserError(
+            f"{source.where}: all {len(numbers)} rows are empty after tokenization: none has "
+            f"anything to learn{hint}"
+        )
+    input_ids, loss_mask = torch.cat([ids for ids, _ in examples]), torch.cat([mask for _, mask in examples])
+    lengths = [len(ids) for ids, _ in examples]
     if data.packing:
-        examples = _pack(examples, data.max_length, tokenizer.eos_token_id)
-    lengths = torch.tensor([0] + [len(ids) for ids, _ in examples])
+        input_ids, loss_mask, lengths = _pack(input_ids, loss_mask, data.max_length)
     return TokenizedDataset(
-        input_ids=torch.tensor([t for ids, _ in examples for t in ids], dtype=torch.int32),
-        loss_mask=torch.tensor([m for _, mask in examples for m in mask], dtype=torch.bool),
-        offsets=torch.cumsum(lengths, 0),
+        input_ids,
+        loss_mask,
+        offsets=torch.tensor([0, *lengths]).cumsum(0),
         class_labels=torch.tensor(class_ids, dtype=torch.long) if label_names is not None else None,
-        num_examples=num_examples, num_truncated=num_truncated, num_dropped=num_dropped,
+        num_examples=len(examples),
+        num_truncated=num_truncated,
+        num_dropped=len(numbers) - len(examples),
     )
 
 
-def _pack(examples: list[tuple[list[int], list[bool]]], max_length: int, eos_id: int | None):
-    """Concatenate examples, each ending in EOS, and cut the stream into max_length rows (the last may
-    be shorter). An EOS added only as a separator is not a target."""
-    ids, mask = [], []
-    for example_ids, example_mask in examples:
-        ids += example_ids
-        mask += example_mask
-        if eos_id is not None and example_ids[-1] != eos_id:
-            ids.append(eos_id)
-            mask.append(False)
-    rows = [(ids[i : i + max_length], mask[i : i + max_length]) for i in range(0, len(ids), max_length)]
-    return [row for row in rows if any(row[1][1:])]
+def _pack(input_ids: Tensor, loss_mask: Tensor, max_length: int) -> tuple[Tensor, Tensor, list[int]]:
+    """Cut the stream of examples into max_length rows (the last may be shorter); a row with no target
+    (possible where a long prompt fills it) is dropped. -> (ids, mask, row lengths)"""
+    rows = [(s, min(s + max_length, len(input_ids))) for s in range(0, len(input_ids), max_length)]
+    rows = [(s, e) for s, e in rows if loss_mask[s + 1 : e].any()] or rows
+    ids = torch.cat([input_ids[s:e] for s, e in rows])
+    return ids, torch.cat([loss_mask[s:e] for s, e in rows]), [e - s for s, e in rows]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -577,8 +630,12 @@ def _pack(examples: list[tuple[list[int], list[bool]]], max_length: int, eos_id:
 def _tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    parts = [type(tokenizer).__name__, vocab, str(tokenizer.chat_template), json.dumps(tokenizer.special_tokens_map,
-             sort_keys=True, default=str)]
+    parts = [
+        type(tokenizer).__name__,
+        vocab,
+        str(tokenizer.chat_template),
+        json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str),
+    ]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
@@ -588,7 +645,9 @@ def _save(path: Path, splits: dict[str, TokenizedDataset], label_names: list[str
         for field in ("input_ids", "loss_mask", "offsets", "class_labels"):
             if getattr(split, field) is not None:
                 tensors[f"{name}.{field}"] = getattr(split, field).contiguous()
-        meta["splits"][name] = {k: getattr(split, k) for k in ("num_examples", "num_truncated", "num_dropped")}
+        meta["splits"][name] = {
+            k: getattr(split, k) for k in ("num_examples", "num_truncated", "num_dropped")
+        }
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"peftcli": json.dumps(meta)}))
 
 
@@ -599,15 +658,24 @@ def _load(path: Path) -> tuple[dict[str, TokenizedDataset], list[str] | None] | 
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads(f.metadata()["peftcli"])
             tensors = {key: f.get_tensor(key) for key in f.keys()}
-        splits = {name: TokenizedDataset(tensors[f"{name}.input_ids"], tensors[f"{name}.loss_mask"],
-                                         tensors[f"{name}.offsets"], tensors.get(f"{name}.class_labels"), **stats)
-                  for name, stats in meta["splits"].items()}
+        splits = {
+            name: TokenizedDataset(
+                tensors[f"{name}.input_ids"],
+                tensors[f"{name}.loss_mask"],
+                tensors[f"{name}.offsets"],
+                tensors.get(f"{name}.class_labels"),
+                **stats,
+            )
+            for name, stats in meta["splits"].items()
+        }
     except Exception:  # unreadable or from another layout: make it again
         return None
     return (splits, meta["label_names"]) if meta.get("version") == CACHE_VERSION else None
 
 
-def prepare_data(data: DataSection, tokenizer, task: str, seed: int, cache_dir: str | Path | None = None) -> PreparedData:
+def prepare_data(
+    data: DataSection, tokenizer, task: str, seed: int, cache_dir: str | Path | None = None
+) -> PreparedData:
     """Load, split, render, tokenize, mask and maybe pack the recipe's data, or read it from the cache.
 
     task: "causal-lm" or "sequence-classification" (classification data). seed: train.seed, which
@@ -623,13 +691,20 @@ def prepare_data(data: DataSection, tokenizer, task: str, seed: int, cache_dir: 
         raise UserError("data.format: chat needs a tokenizer with a chat template; this one has none")
     train_source = _Source(data.train, "data.train", (data.split,))
     held_out = isinstance(data.validation, float)
-    val_source = _Source(data.validation, "data.validation", VALIDATION_SPLITS) if isinstance(
-        data.validation, str) else None
+    val_source = (
+        _Source(data.validation, "data.validation", VALIDATION_SPLITS)
+        if isinstance(data.validation, str)
+        else None
+    )
     settings = {k: v for k, v in asdict(data).items() if k not in ("train", "validation")}
     key_parts = {
-        "version": CACHE_VERSION, "task": task, "settings": settings, "train": train_source.fingerprint(),
+        "version": CACHE_VERSION,
+        "task": task,
+        "settings": settings,
+        "train": train_source.fingerprint(),
         "validation": val_source.fingerprint() if val_source else data.validation,
-        "seed": seed if held_out else None, "tokenizer": _tokenizer_fingerprint(tokenizer),
+        "seed": seed if held_out else None,
+        "tokenizer": _tokenizer_fingerprint(tokenizer),
     }
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:32]
     path = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -649,17 +724,21 @@ def prepare_data(data: DataSection, tokenizer, task: str, seed: int, cache_dir: 
     if held_out:
         held = max(1, round(len(dataset) * data.validation))
         if held >= len(dataset):
-            raise UserError(f"{train_source.where}: {len(dataset)} rows are too few to hold out "
-                            f"data.validation={data.validation}; add rows or set data.validation: null")
+            raise UserError(
+                f"{train_source.where}: {len(dataset)} rows are too few to hold out "
+                f"data.validation={data.validation}; add rows or set data.validation: null"
+            )
         picked = set(random.Random(seed).sample(range(len(dataset)), held))
         train_rows = [i for i in range(len(dataset)) if i not in picked]
-        parts = [(dataset.select(rows, keep_in_memory=True), [i + 1 for i in rows], train_source)
-                 for rows in (train_rows, sorted(picked))]
+        parts = [
+            (dataset.select(rows, keep_in_memory=True), [i + 1 for i in rows], train_source)
+            for rows in (train_rows, sorted(picked))
+        ]
     elif val_source is not None:
         validation = val_source.load()
         _check_columns(val_source, validation.column_names, data)
         parts.append((validation, list(range(1, len(validation) + 1)), val_source))
     built = [_build(ds, numbers, source, data, tokenizer, label_names) for ds, numbers, source in parts]
-    splits = dict(zip(("train", "validation"), built))
+    splits = dict(zip(("train", "validation"), built, strict=False))
     _save(path, splits, label_names)
     return PreparedData(splits["train"], splits.get("validation"), label_names, pad_id, False, path)

@@ -17,7 +17,7 @@ from peftcli import checkpoint, models
 from peftcli.errors import UserError
 
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
-CHAT_FORMATS = ("chat", "instruction")  # recipe data formats whose prompts were rendered with the template
+CHAT_FORMATS = ("chat", "instruction")  # data formats rendered with the chat template (when there is one)
 
 
 @dataclass(frozen=True)
@@ -170,14 +170,15 @@ def run_generate(
 ) -> str:
     """The completion of `prompt` (new text only), or the predicted label for a classifier.
 
-    Greedy unless `sample` (with temperature 0, sampling is greedy too). The prompt goes through the
-    chat template when the tokenizer has one, `raw` is off and the run trained on chat or instruction
-    data (for a bare adapter dir: whenever the tokenizer has a template).
+    Greedy unless `sample` (with temperature 0, sampling is greedy too). Unless `raw`, the prompt is
+    rendered as the run's training data was: through the chat template when the tokenizer has one and
+    the run trained on chat or instruction data (a bare adapter dir: whenever there is a template), in
+    data.py's plain instruction prompt for instruction data without a template.
     """
     model, tokenizer, info = load_for_inference(run_dir, base)
     if info.task == "sequence-classification":
         return _format_prediction(*classify(model, tokenizer, info, prompt))
-    input_ids, attention_mask = encode_prompt(tokenizer, prompt, use_chat_template(tokenizer, info, raw))
+    input_ids, attention_mask = encode_prompt(tokenizer, prompt, prompt_style(tokenizer, info, raw))
     input_ids, attention_mask = input_ids.to(info.device), attention_mask.to(info.device)
     kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
     if sample and temperature > 0:
@@ -202,22 +203,32 @@ def run_predict(run_dir: str | Path, text: str, base: str | None = None) -> str:
     return _format_prediction(*classify(model, tokenizer, info, text))
 
 
-def use_chat_template(tokenizer, info: InferenceInfo, raw: bool) -> bool:
-    if raw or not getattr(tokenizer, "chat_template", None):
-        return False
-    return info.data_format is None or info.data_format in CHAT_FORMATS
+def prompt_style(tokenizer, info: InferenceInfo, raw: bool) -> str:
+    """How the prompt is put to the model, the way the run's training data was rendered:
+    "chat" (the chat template), "instruction" (data.py's plain prompt, for instruction data and a
+    tokenizer without a template) or "raw"."""
+    if raw:
+        return "raw"
+    if getattr(tokenizer, "chat_template", None):
+        return "chat" if info.data_format is None or info.data_format in CHAT_FORMATS else "raw"
+    return "instruction" if info.data_format == "instruction" else "raw"
 
 
-def encode_prompt(tokenizer, prompt: str, chat: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), each (1, seq)."""
-    if chat:
+def encode_prompt(tokenizer, prompt: str, style: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), each (1, seq), for a prompt_style."""
+    if style == "chat":
         # Render to text, then tokenize: apply_chat_template's tokenized return type differs between
-        # transformers versions (a tensor in 4.x, a BatchEncoding in 5.x).
+        # transformers versions (a tensor in 4.x, a BatchEncoding in 5.x). The template writes its own
+        # BOS, so the tokenizer adds none, as in training.
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
         )
         encoded = tokenizer(text, add_special_tokens=False, return_tensors="pt")
     else:
+        if style == "instruction":
+            from peftcli.data import PLAIN_PROMPT
+
+            prompt = PLAIN_PROMPT.format(instruction=prompt, input="")
         encoded = tokenizer(prompt, return_tensors="pt")
     input_ids = encoded["input_ids"]
     if input_ids.shape[1] == 0:

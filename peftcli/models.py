@@ -30,6 +30,14 @@ TASK_AUTO_CLASSES = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def portable_name(name: str) -> str:
+    """What to record as base_model_name_or_path: built-in names and hub ids as written, local
+    paths made absolute so the adapter finds its base from any working directory."""
+    if name in BUILTIN_MODELS or not (name.endswith(".gguf") or Path(name).expanduser().exists()):
+        return name
+    return str(Path(name).expanduser().resolve())
+
+
 @dataclass(frozen=True)
 class ModelSource:
     name: str  # as the user wrote it; saved as base_model_name_or_path
@@ -108,6 +116,9 @@ def load_model(name: str, task: str = "causal-lm", *, num_labels: int | None = N
     if task == "sequence-classification":
         config = _classification_config(config, num_labels, label_names)
     kwargs = {"config": config, "trust_remote_code": trust_remote_code, "revision": revision}
+    if task == "sequence-classification":
+        # A base with a head of another size (or none) gets a fresh head of the recipe's size.
+        kwargs["ignore_mismatched_sizes"] = True
     kwargs["dtype"] = DTYPES[dtype] if dtype != "auto" else "auto"
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from peftcli import checkpoint, fileio, report
-from peftcli.data import check_data_source, collate, prepare_data
+from peftcli.data import TokenizedDataset, check_data_source, collate, prepare_data
 from peftcli.errors import UserError
 from peftcli.loss import (
     causal_lm_loss_sum,
@@ -36,7 +36,7 @@ from peftcli.loss import (
 )
 from peftcli.methods import METHODS
 from peftcli.methods.common import count_parameters
-from peftcli.models import load_model, load_tokenizer
+from peftcli.models import load_model, load_tokenizer, portable_name
 from peftcli.recipe import Recipe, dump_recipe
 
 RUN_MARKERS = ("recipe.yaml", "metrics.jsonl", "checkpoints", checkpoint.CONFIG_NAME, "report.json")
@@ -57,8 +57,9 @@ class Setup:
     model: torch.nn.Module
     tokenizer: object
     optimizer: torch.optim.Optimizer
-    train_examples: list
-    eval_examples: list | None
+    train_examples: TokenizedDataset
+    eval_examples: TokenizedDataset | None
+    pad_id: int
     label_names: list[str] | None
     head: torch.nn.Linear | None  # the frozen output head when the chunked loss is on
     total_steps: int
@@ -130,16 +131,14 @@ def setup(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
     check_data_source(recipe.data)  # bad data is refused before the model is loaded
 
     train = recipe.train
-    accelerator = Accelerator(mixed_precision=_mixed_precision(train.mixed_precision), cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=_mixed_precision(train.mixed_precision))
     set_seed(train.seed)
     say = console.print if accelerator.is_main_process else (lambda *a, **k: None)
 
     tokenizer = load_tokenizer(recipe.model.name, recipe.model.trust_remote_code, recipe.model.revision)
     with accelerator.main_process_first():
         data = prepare_data(recipe.data, tokenizer, recipe.model.task, train.seed)
-    say(f"data: {len(data.train)} train / {len(data.validation) if data.validation else 0} validation examples"
-        + (f", {data.num_truncated} truncated to {recipe.data.max_length} tokens" if data.num_truncated else "")
-        + (" (tokenized data from cache)" if data.cache_hit else ""))
+    say(f"data: {data.describe()}")
 
     say(f"model: loading {recipe.model.name}")
     model = load_model(recipe.model.name, recipe.model.task, label_names=data.label_names,
@@ -164,7 +163,8 @@ def setup(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
     steps_per_epoch = math.ceil(len(data.train) / global_batch)
     total_steps = train.max_steps or max(1, math.ceil((train.epochs or 1.0) * steps_per_epoch))
 
-    s = Setup(recipe, accelerator, model, tokenizer, optimizer, data.train, data.validation, data.label_names,
+    s = Setup(recipe, accelerator, model, tokenizer, optimizer, data.train, data.validation, data.pad_id,
+              data.label_names,
               head, total_steps, output_dir, params, console=console)
     if resume_from is not None:
         adapter_config, state = checkpoint.read_adapter(resume_from)
@@ -201,7 +201,7 @@ def micro_batches(s: Setup, step: int) -> list[dict[str, torch.Tensor]]:
     for micro in range(t.gradient_accumulation):
         start = (micro * world + rank) * t.batch_size
         rows = [s.train_examples[i] for i in indices[start:start + t.batch_size]]
-        batches.append(collate(rows, s.tokenizer.pad_token_id))
+        batches.append(collate(rows, s.pad_id))
     return batches
 
 
@@ -237,13 +237,14 @@ def evaluate(s: Setup) -> dict[str, float] | None:
     model.eval()
     t = s.recipe.train
     world, rank = s.accelerator.num_processes, s.accelerator.process_index
-    shard = s.eval_examples[rank::world]
+    shard = list(range(rank, len(s.eval_examples), world))
     size = t.eval_batch_size or t.batch_size
     if t.max_eval_batches:
         shard = shard[: size * t.max_eval_batches]
     totals = torch.zeros(3, dtype=torch.float64, device=s.accelerator.device)  # loss, targets, correct
     for start in range(0, len(shard), size):
-        batch = _to(collate(shard[start:start + size], s.tokenizer.pad_token_id), s.accelerator.device)
+        rows = [s.eval_examples[i] for i in shard[start:start + size]]
+        batch = _to(collate(rows, s.pad_id), s.accelerator.device)
         with s.accelerator.autocast():
             totals[0] += float(loss_sum(s, model, batch))
         totals[1] += num_targets(s, batch)
@@ -375,7 +376,7 @@ def _eval_line(record: dict) -> str:
 
 def save_adapter_files(s: Setup, directory: Path) -> None:
     model = s.accelerator.unwrap_model(s.model)
-    checkpoint.save_adapter(model, s.recipe.method, s.recipe.model.task, s.recipe.model.name, directory,
+    checkpoint.save_adapter(model, s.recipe.method, s.recipe.model.task, portable_name(s.recipe.model.name), directory,
                             label_names=s.label_names)
 
 

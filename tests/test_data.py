@@ -91,8 +91,12 @@ def test_text_format_from_every_local_source(tmp_path, tok, name):
 
 def test_dataset_dict_dir_uses_data_split(tmp_path, tok):
     path = tmp_path / "dict"
-    DatasetDict({"train": Dataset.from_list([{"text": "from train"}]),
-                 "extra": Dataset.from_list([{"text": "from extra"}])}).save_to_disk(str(path))
+    DatasetDict(
+        {
+            "train": Dataset.from_list([{"text": "from train"}]),
+            "extra": Dataset.from_list([{"text": "from extra"}]),
+        }
+    ).save_to_disk(str(path))
     assert text_of(tok, prep(tmp_path, tok, train=str(path)).train[0]) == "from train" + EOS
     assert text_of(tok, prep(tmp_path, tok, train=str(path), split="extra").train[0]) == "from extra" + EOS
     with pytest.raises(UserError, match=r"no split `trian`.*splits: train, extra.*did you mean `train`"):
@@ -102,7 +106,8 @@ def test_dataset_dict_dir_uses_data_split(tmp_path, tok):
 def test_text_keeps_the_tokenizers_bos_untrained(tmp_path):
     tokenizer = tiny_tokenizer()
     tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", tokenizer.bos_token_id)])
+        single="<s> $A", special_tokens=[("<s>", tokenizer.bos_token_id)]
+    )
     prepared = prep(tmp_path, tokenizer, train=write(tmp_path / "d.jsonl", [{"text": "abc"}]))
     example = prepared.train[0]
     assert example["input_ids"][0] == tokenizer.bos_token_id
@@ -111,8 +116,10 @@ def test_text_keeps_the_tokenizers_bos_untrained(tmp_path):
 
 
 def test_instruction_with_chat_template_trains_on_the_answer_only(tmp_path, tok):
-    rows = [{"instruction": "Name a color", "input": "", "output": "Blue"},
-            {"instruction": "Add", "input": "2 and 3", "output": "5"}]
+    rows = [
+        {"instruction": "Name a color", "input": "", "output": "Blue"},
+        {"instruction": "Add", "input": "2 and 3", "output": "5"},
+    ]
     prepared = prep(tmp_path, tok, train=write(tmp_path / "d.jsonl", rows), format="instruction")
     first, second = prepared.train[0], prepared.train[1]
     assert text_of(tok, first) == f"<|im_start|>user\nName a color{END}\n<|im_start|>assistant\nBlue{END}\n"
@@ -121,20 +128,26 @@ def test_instruction_with_chat_template_trains_on_the_answer_only(tmp_path, tok)
     assert targets(tok, second) == "5" + END
     # the targets are one contiguous run ending at the end token, not the newline after it
     labelled = [i for i, t in enumerate(second["labels"]) if t != IGNORE_INDEX]
-    assert labelled == list(range(labelled[0], labelled[-1] + 1)) and labelled[-1] == len(second["labels"]) - 2
+    assert (
+        labelled == list(range(labelled[0], labelled[-1] + 1)) and labelled[-1] == len(second["labels"]) - 2
+    )
 
 
 @pytest.mark.parametrize("with_input_column", [True, False])
 def test_instruction_without_chat_template_uses_the_plain_layout(tmp_path, plain_tok, with_input_column):
-    rows = [{"instruction": "Add", "input": "2 and 3", "output": "5"},
-            {"instruction": "Name a color", "input": None, "output": "Blue"}]
+    rows = [
+        {"instruction": "Add", "input": "2 and 3", "output": "5"},
+        {"instruction": "Name a color", "input": None, "output": "Blue"},
+    ]
     if not with_input_column:
         rows = [{k: v for k, v in row.items() if k != "input"} for row in rows]
     prepared = prep(tmp_path, plain_tok, train=write(tmp_path / "d.jsonl", rows), format="instruction")
     if with_input_column:
         expected = "### Instruction:\nAdd\n\n### Input:\n2 and 3\n\n### Response:\n5" + EOS
         assert text_of(plain_tok, prepared.train[0]) == expected
-    assert text_of(plain_tok, prepared.train[1]) == "### Instruction:\nName a color\n\n### Response:\nBlue" + EOS
+    assert (
+        text_of(plain_tok, prepared.train[1]) == "### Instruction:\nName a color\n\n### Response:\nBlue" + EOS
+    )
     assert targets(plain_tok, prepared.train[0]) == "5" + EOS
     assert targets(plain_tok, prepared.train[1]) == "Blue" + EOS
 
@@ -156,27 +169,36 @@ def test_chat_trains_on_every_assistant_turn_only(tmp_path, tok):
 
 def test_chat_template_with_a_default_system_prompt_keeps_it_untrained(tmp_path):
     tokenizer = tiny_tokenizer()
-    tokenizer.chat_template = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nDefault prompt<|im_end|>\n"
-                               "{% endif %}" + tokenizer.chat_template)
+    tokenizer.chat_template = (
+        "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nDefault prompt<|im_end|>\n"
+        "{% endif %}" + tokenizer.chat_template
+    )
     messages = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
-    example = prep(tmp_path, tokenizer, train=write(tmp_path / "d.jsonl", [{"messages": messages}]),
-                   format="chat").train[0]
+    example = prep(
+        tmp_path, tokenizer, train=write(tmp_path / "d.jsonl", [{"messages": messages}]), format="chat"
+    ).train[0]
     assert text_of(tokenizer, example).startswith("<|im_start|>system\nDefault prompt")
     assert targets(tokenizer, example) == "4" + END
 
 
 def test_chat_template_that_rewrites_earlier_turns_falls_back_to_finding_the_answers(tmp_path):
-    """Like templates that drop earlier answers' reasoning: rendering a prefix is not a prefix of the whole."""
+    """Like templates that drop earlier answers' reasoning: a rendered prefix is not a prefix of the whole."""
     tokenizer = tiny_tokenizer()
     tokenizer.chat_template = (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
         "{% if m['role'] == 'assistant' and not loop.last %}{{ m['content'].split('</think>')[-1] }}"
         "{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    messages = [{"role": "user", "content": "a?"}, {"role": "assistant", "content": "<think>x</think>A."},
-                {"role": "user", "content": "b?"}, {"role": "assistant", "content": "B."}]
-    example = prep(tmp_path, tokenizer, train=write(tmp_path / "d.jsonl", [{"messages": messages}]),
-                   format="chat").train[0]
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    messages = [
+        {"role": "user", "content": "a?"},
+        {"role": "assistant", "content": "<think>x</think>A."},
+        {"role": "user", "content": "b?"},
+        {"role": "assistant", "content": "B."},
+    ]
+    example = prep(
+        tmp_path, tokenizer, train=write(tmp_path / "d.jsonl", [{"messages": messages}]), format="chat"
+    ).train[0]
     assert "<think>" not in text_of(tokenizer, example)
     assert targets(tokenizer, example) == f"A.{END}B.{END}"
 
@@ -184,18 +206,32 @@ def test_chat_template_that_rewrites_earlier_turns_falls_back_to_finding_the_ans
 def test_train_on_inputs_trains_on_everything(tmp_path, tok):
     rows = [{"instruction": "Add", "input": "2 and 3", "output": "5"}]
     for fmt, written in (("instruction", rows), ("chat", [{"messages": CHAT}])):
-        prepared = prep(tmp_path, tok, train=write(tmp_path / f"{fmt}.jsonl", written), format=fmt,
-                        train_on_inputs=True)
+        prepared = prep(
+            tmp_path, tok, train=write(tmp_path / f"{fmt}.jsonl", written), format=fmt, train_on_inputs=True
+        )
         example = prepared.train[0]
         assert example["labels"] == example["input_ids"]
 
 
 def test_classification_maps_string_labels_in_sorted_order(tmp_path, tok):
-    rows = [{"text": "good", "label": "pos"}, {"text": "bad", "label": "neg"}, {"text": "meh", "label": "mid"}]
-    prepared = prep(tmp_path, tok, "sequence-classification", train=write(tmp_path / "d.csv", rows),
-                    format="classification")
+    rows = [
+        {"text": "good", "label": "pos"},
+        {"text": "bad", "label": "neg"},
+        {"text": "meh", "label": "mid"},
+    ]
+    prepared = prep(
+        tmp_path,
+        tok,
+        "sequence-classification",
+        train=write(tmp_path / "d.csv", rows),
+        format="classification",
+    )
     assert prepared.label_names == ["mid", "neg", "pos"]
-    assert [(text_of(tok, ex), ex["labels"]) for ex in prepared.train] == [("good", 2), ("bad", 1), ("meh", 0)]
+    assert [(text_of(tok, ex), ex["labels"]) for ex in prepared.train] == [
+        ("good", 2),
+        ("bad", 1),
+        ("meh", 0),
+    ]
     batch = collate([prepared.train[0], prepared.train[1]], prepared.pad_id)
     assert batch["labels"].dtype == torch.long and batch["labels"].tolist() == [2, 1]
     assert batch["input_ids"].shape == (2, 4)
@@ -203,8 +239,13 @@ def test_classification_maps_string_labels_in_sorted_order(tmp_path, tok):
 
 def test_classification_int_labels_and_class_label_feature(tmp_path, tok):
     rows = [{"text": "one", "label": 3}, {"text": "two", "label": 1}]
-    prepared = prep(tmp_path, tok, "sequence-classification", train=write(tmp_path / "d.jsonl", rows),
-                    format="classification")
+    prepared = prep(
+        tmp_path,
+        tok,
+        "sequence-classification",
+        train=write(tmp_path / "d.jsonl", rows),
+        format="classification",
+    )
     assert prepared.label_names == ["1", "3"] and [ex["labels"] for ex in prepared.train] == [1, 0]
     features = Features({"text": Value("string"), "label": ClassLabel(names=["zebra", "apple"])})
     saved = tmp_path / "saved"
@@ -217,11 +258,22 @@ def test_classification_int_labels_and_class_label_feature(tmp_path, tok):
 def test_classification_truncation_and_unseen_validation_label(tmp_path, tok):
     rows = [{"text": "x" * 20, "label": "a"}, {"text": "short", "label": "b"}]
     train = write(tmp_path / "d.jsonl", rows)
-    prepared = prep(tmp_path, tok, "sequence-classification", train=train, format="classification", max_length=8)
+    prepared = prep(
+        tmp_path, tok, "sequence-classification", train=train, format="classification", max_length=8
+    )
     assert prepared.num_truncated == 1 and prepared.train.lengths == [8, 5]
     validation = write(tmp_path / "v.jsonl", [{"text": "t", "label": "a"}, {"text": "u", "label": "zzz"}])
-    with pytest.raises(UserError, match=r"v\.jsonl: label `zzz` \(row 2\) never appears in the training data"):
-        prep(tmp_path, tok, "sequence-classification", train=train, format="classification", validation=validation)
+    with pytest.raises(
+        UserError, match=r"v\.jsonl: label `zzz` \(row 2\) never appears in the training data"
+    ):
+        prep(
+            tmp_path,
+            tok,
+            "sequence-classification",
+            train=train,
+            format="classification",
+            validation=validation,
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -235,8 +287,9 @@ def test_truncation_is_counted_and_rows_without_targets_are_dropped(tmp_path, to
     assert prepared.train.lengths == [10, 6, 10]
     # an instruction whose prompt fills max_length has no answer left to learn
     rows = [{"instruction": "i" * 60, "output": "long prompt"}, {"instruction": "q", "output": "ok"}]
-    prepared = prep(tmp_path, plain_tok, train=write(tmp_path / "i.jsonl", rows), format="instruction",
-                    max_length=48)
+    prepared = prep(
+        tmp_path, plain_tok, train=write(tmp_path / "i.jsonl", rows), format="instruction", max_length=48
+    )
     assert (prepared.num_truncated, prepared.train.num_dropped, len(prepared.train)) == (1, 1, 1)
     assert "2 examples" not in prepared.describe() and "1 cut to max_length" in prepared.describe()
 
@@ -246,13 +299,16 @@ def test_packing_fills_rows_and_keeps_label_masks(tmp_path, tok, fmt):
     if fmt == "text":
         rows = [{"text": "w" * n} for n in (3, 9, 4, 15, 2, 7)]
     else:
-        rows = [{"messages": [{"role": "user", "content": "q" * n}, {"role": "assistant", "content": "a" * n}]}
-                for n in (1, 5, 3)]
-    train = write(tmp_path / "d.jsonl", rows)
-    plain = prep(tmp_path, tok, train=train, format=fmt, max_length=64)
-    packed = prep(tmp_path, tok, train=train, format=fmt, max_length=16, packing=True)
-    assert packed.num_examples == len(rows)
-    assert all(n == 16 for n in packed.train.lengths[:-1]) and 0 < packed.train.lengths[-1] <= 16
+        rows = [
+            {"messages": [{"role": "user", "content": "q" * n}, {"role": "assistant", "content": "a" * n}]}
+            for n in (1, 5, 3, 2)
+        ]
+    train, length = write(tmp_path / "d.jsonl", rows), 16 if fmt == "text" else 48
+    plain = prep(tmp_path, tok, train=train, format=fmt, max_length=length)
+    packed = prep(tmp_path, tok, train=train, format=fmt, max_length=length, packing=True)
+    assert plain.num_truncated == 0 and packed.num_examples == len(rows)
+    assert len(packed.train) < len(rows)
+    assert all(n == length for n in packed.train.lengths[:-1]) and 0 < packed.train.lengths[-1] <= length
     stream_ids = [t for ex in packed.train for t in ex["input_ids"]]
     stream_labels = [t for ex in packed.train for t in ex["labels"]]
     expected_ids, expected_labels = [], []
@@ -277,10 +333,12 @@ def test_validation_fraction_is_deterministic_and_disjoint(tmp_path, tok):
     assert train_texts | set(val_texts) == {f"row {i:02d}{EOS}" for i in range(20)}
     assert split(0) == (train_texts, val_texts)  # from the cache: must match the fresh split
     fresh_cache = tmp_path / "cache2"
-    again = prepare_data(DataSection(train=train, validation=0.25), tok, "causal-lm", 0, cache_dir=fresh_cache)
+    again = prepare_data(
+        DataSection(train=train, validation=0.25), tok, "causal-lm", 0, cache_dir=fresh_cache
+    )
     assert [text_of(tok, ex) for ex in again.validation] == val_texts and not again.cache_hit
     assert split(1)[1] != val_texts
-    with pytest.raises(UserError, match=r"d\.jsonl: 1 rows are too few to hold out"):
+    with pytest.raises(UserError, match=r"one\.jsonl: 1 rows are too few to hold out"):
         prep(tmp_path, tok, train=write(tmp_path / "one.jsonl", [{"text": "x"}]), validation=0.5)
 
 
@@ -337,7 +395,10 @@ def test_default_cache_dir_follows_peftcli_cache(monkeypatch, tmp_path):
 
 def test_missing_file(tmp_path, tok):
     missing = str(tmp_path / "nope.jsonl")
-    for call in (lambda: check_data_source(DataSection(train=missing)), lambda: prep(tmp_path, tok, train=missing)):
+    for call in (
+        lambda: check_data_source(DataSection(train=missing)),
+        lambda: prep(tmp_path, tok, train=missing),
+    ):
         with pytest.raises(UserError, match=r"data\.train: .*nope\.jsonl: file not found"):
             call()
     good = write(tmp_path / "d.jsonl", [{"text": "x"}])
@@ -360,15 +421,21 @@ def test_missing_column_names_the_columns_that_exist(tmp_path, tok, name):
     with pytest.raises(UserError, match=pattern):
         prep(tmp_path, tok, train=train)
     with pytest.raises(UserError, match=r"no column `output` \(data\.output_column\)"):
-        check_data_source(DataSection(train=write(tmp_path / "i.jsonl", [{"instruction": "a", "out": "b"}]),
-                                      format="instruction"))
+        check_data_source(
+            DataSection(
+                train=write(tmp_path / "i.jsonl", [{"instruction": "a", "out": "b"}]), format="instruction"
+            )
+        )
 
 
 @pytest.mark.parametrize("content", ["", "\n", "[]", "text,label\n"])
 def test_empty_dataset(tmp_path, tok, content):
     path = tmp_path / ("d.csv" if "," in content else "d.jsonl" if content != "[]" else "d.json")
     path.write_text(content)
-    for call in (lambda: check_data_source(DataSection(train=str(path))), lambda: prep(tmp_path, tok, train=str(path))):
+    for call in (
+        lambda: check_data_source(DataSection(train=str(path))),
+        lambda: prep(tmp_path, tok, train=str(path)),
+    ):
         with pytest.raises(UserError, match=rf"{path.name}: the dataset is empty"):
             call()
 
@@ -376,9 +443,20 @@ def test_empty_dataset(tmp_path, tok, content):
 def test_all_examples_empty_after_tokenization(tmp_path, tok, plain_tok):
     with pytest.raises(UserError, match=r"d\.jsonl: all 2 rows are empty after tokenization"):
         prep(tmp_path, tok, train=write(tmp_path / "d.jsonl", [{"text": ""}, {"text": None}]))
+    rows = [{"text": " ", "label": "a"}]
+    with pytest.raises(UserError, match=r"c\.jsonl: all 1 rows are empty after tokenization"):
+        prep(
+            tmp_path,
+            tok,
+            "sequence-classification",
+            train=write(tmp_path / "c.jsonl", rows),
+            format="classification",
+        )
     rows = [{"instruction": "i" * 40, "output": "o"}]
     with pytest.raises(UserError, match=r"all 1 rows are empty.*1 were cut at max_length=16"):
-        prep(tmp_path, plain_tok, train=write(tmp_path / "i.jsonl", rows), format="instruction", max_length=16)
+        prep(
+            tmp_path, plain_tok, train=write(tmp_path / "i.jsonl", rows), format="instruction", max_length=16
+        )
 
 
 @pytest.mark.parametrize("bad", ["just text", [{"role": "user"}], [{"from": "human", "value": "hi"}], []])
@@ -389,9 +467,8 @@ def test_malformed_chat_rows(tmp_path, tok, bad):
     pattern = r"d\.jsonl: row 2: column `messages`: expected a list of \{role, content\} messages"
     with pytest.raises(UserError, match=pattern):
         check_data_source(DataSection(train=str(train), format="chat"))
-    if isinstance(bad, list) and bad:  # a column datasets can load; "just text" and [] mix types
-        with pytest.raises(UserError, match=pattern):
-            prep(tmp_path, tok, train=str(train), format="chat")
+    with pytest.raises(UserError, match=pattern):
+        prep(tmp_path, tok, train=str(train), format="chat")
 
 
 def test_format_and_tokenizer_mismatches(tmp_path, tok, plain_tok):
@@ -405,8 +482,13 @@ def test_format_and_tokenizer_mismatches(tmp_path, tok, plain_tok):
 
 
 def test_check_data_source_accepts_good_sources(tmp_path):
-    check_data_source(DataSection(train=write(tmp_path / "d.json", [{"messages": CHAT}]), format="chat",
-                                  validation=write(tmp_path / "v.parquet", [{"messages": CHAT}])))
+    check_data_source(
+        DataSection(
+            train=write(tmp_path / "d.json", [{"messages": CHAT}]),
+            format="chat",
+            validation=write(tmp_path / "v.parquet", [{"messages": CHAT}]),
+        )
+    )
     check_data_source(DataSection(train="some-org/some-dataset"))  # a hub name: not downloaded here
 
 
@@ -415,8 +497,10 @@ def test_check_data_source_accepts_good_sources(tmp_path):
 
 
 def test_collate_right_pads(tok):
-    batch = [{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7]},
-             {"input_ids": [8], "attention_mask": [1], "labels": [8]}]
+    batch = [
+        {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7]},
+        {"input_ids": [8], "attention_mask": [1], "labels": [8]},
+    ]
     out = collate(batch, pad_id=0)
     assert out["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
@@ -427,6 +511,16 @@ def test_collate_right_pads(tok):
 def test_piecewise_tokenizing_matches_offsets(plain_tok):
     """The path for tokenizers without offsets gives the same ids and masks here (byte-level)."""
     text, spans = "### Response:\nParis", [(14, 19)]
-    ids, mask = data_module._tokenize([text], [spans], plain_tok, special=True)[0]
-    assert data_module._tokenize_pieces(text, spans, plain_tok, special=True) == (ids, mask)
-    assert plain_tok.decode([t for t, m in zip(ids, mask) if m]) == "Paris"
+    ids, mask = next(data_module._tokenize([text], [spans], plain_tok, special=False))
+    assert data_module._tokenize_pieces(text, spans, plain_tok, special=False) == (ids, mask)
+    assert plain_tok.decode([t for t, m in zip(ids, mask, strict=True) if m]) == "Paris"
+
+    class PythonTokenizer:  # a Python tokenizer's two methods the fallback uses: [CLS] ids [SEP]
+        def encode(self, text, add_special_tokens):
+            return plain_tok.encode(text, add_special_tokens=add_special_tokens)
+
+        def build_inputs_with_special_tokens(self, ids):
+            return [101] + ids + [102]
+
+    wrapped = data_module._tokenize_pieces(text, spans, PythonTokenizer(), special=True)
+    assert wrapped == ([101, *ids, 102], [False, *mask, False])

@@ -121,6 +121,16 @@ def test_text_runs_and_raw_skip_the_chat_template(tmp_path, llama_base, chat_run
     assert greedy(chat_model, raw_ids, 10) != greedy(chat_model, chatml_ids(PROMPT), 10)
 
 
+def test_instruction_run_without_a_template_uses_the_plain_prompt(tmp_path, llama_base):
+    run = make_run(tmp_path / "instr", llama_base, "causal-lm", "instruction", with_tokenizer=False)
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(run)
+    ids = tokenizer(f"### Instruction:\n{PROMPT}\n\n### Response:\n")["input_ids"]
+    model = reference(llama_base, run, "causal-lm")
+    assert run_generate(run, PROMPT, max_new_tokens=8) == greedy(model, ids, 8)
+
+
 def test_sampling_is_seeded(chat_run):
     first = run_generate(chat_run, PROMPT, max_new_tokens=16, sample=True, temperature=1.0, seed=1)
     again = run_generate(chat_run, PROMPT, max_new_tokens=16, sample=True, temperature=1.0, seed=1)

@@ -77,21 +77,31 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., in) -> (..., out)."""
-        out = self.base(x)
+        shape = (*x.shape[:-1], self.out_features)
+        x = x.reshape(-1, self.in_features)  # (tokens, in): 2-D products, and an output that is no view
+        out = self._base_forward(x)  # (tokens, out)
         lora_a, lora_b = self.lora_A.weight, self.lora_B.weight
         h = x if self.dropout is None else self.dropout(x)
         # A frozen half-precision base with fp32 factors; autocast does this cast itself when on.
         if h.dtype != lora_a.dtype and not torch.is_autocast_enabled(h.device.type):
             h = h.to(lora_a.dtype)
-        down = F.linear(h, lora_a)  # (..., in) @ (in, r) -> (..., r): the only product with x
+        down = F.linear(h, lora_a)  # (tokens, in) @ (in, r) -> (tokens, r): the only product with x
         # The in-place add needs one dtype: the base output's (bf16 under autocast, fp32 factors or not).
         down, lora_b = down.to(out.dtype), lora_b.to(out.dtype)  # no-ops when they already agree
-        if not out.is_contiguous():
-            return out + self.scale * F.linear(down, lora_b)
-        # out += scale * down @ B^T in one fused kernel: no full-size temporary. Autograd allows the
-        # in-place update because neither Linear nor Conv1D saves its output for backward.
-        out.view(-1, self.out_features).addmm_(down.reshape(-1, self.rank), lora_b.t(), alpha=self.scale)
-        return out
+        if out._base is not None or not out.is_contiguous():
+            out = out + self.scale * F.linear(down, lora_b)
+        else:
+            # out += scale * down @ B^T in one fused kernel: no full-size temporary, and its backward
+            # passes the gradient through uncopied. Autograd allows it because neither Linear nor
+            # Conv1D saves its output for backward; on a view it would copy the gradient instead.
+            out.addmm_(down, lora_b.t(), alpha=self.scale)
+        return out.view(shape)
+
+    def _base_forward(self, x: Tensor) -> Tensor:
+        """The frozen layer on (tokens, in)."""
+        if self.fan_in_fan_out:  # Conv1D's own forward returns a view; its math, y = b + x @ W, directly
+            return torch.addmm(self.base.bias, x, self.base.weight)
+        return self.base(x)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, scale={self.scale:g}"
@@ -307,13 +317,15 @@ def method_from_config(config: dict) -> MethodSection:
 def merge(model: nn.Module) -> nn.Module:
     """Fold W += scale * B @ A into every base layer and unwrap; returns the plain transformers model."""
     tied = _tied_parameters(model)
-    for name, layer in lora_layers(model):
-        weight = layer.base.weight
-        if id(weight) in tied:
+    layers = lora_layers(model)
+    for name, layer in layers:  # all checks before the first change: never leave a half-merged model
+        if id(layer.base.weight) in tied:
             raise UserError(
                 f"cannot merge LoRA into `{name}`: its weight is shared with another layer "
                 "(tied embeddings), which the merge would change too"
             )
+    for name, layer in layers:
+        weight = layer.base.weight
         delta = delta_weight(layer.lora_A.weight, layer.lora_B.weight, layer.scale, layer.fan_in_fan_out)
         with torch.no_grad():
             weight.copy_((weight.to(delta.dtype) + delta).to(weight.dtype))

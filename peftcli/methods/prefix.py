@@ -1,17 +1,17 @@
-"""Prefix tuning (Li & Liang 2021, arXiv:2101.00190): trainable keys and values every attention layer sees first.
+"""Prefix tuning (Li & Liang 2021, arXiv:2101.00190): trainable keys/values each attention layer sees first.
 
 Each layer l attends over its prefix and then the real tokens:
 
-    attention_l(x) = softmax(q [P_k^l; K]^T / sqrt(d)) [P_v^l; V],   P_k^l, P_v^l: (num_virtual_tokens, kv width)
+    attention_l(x) = softmax(q [P_k^l; K]^T / sqrt(d)) [P_v^l; V],   P_k^l, P_v^l: (virtual tokens, kv_width)
 
 The base model stays frozen and unchanged. The prefixes reach it as an already-filled key/value cache
 (transformers' ``DynamicCache``), so the real tokens sit at positions ``num_virtual_tokens ...`` as if the
 prefix had been read before them, and the attention mask grows by ``num_virtual_tokens`` ones at the front.
 
-Saved as HF PEFT does: one tensor ``prompt_embeddings`` of shape (num_virtual_tokens, num_layers * 2 * token_dim),
+Saved as HF PEFT does: one tensor ``prompt_embeddings``, (num_virtual_tokens, num_layers * 2 * token_dim),
 token_dim being the key/value width (head_dim x num_key_value_heads under grouped-query attention). With
 ``prefix_projection`` the file holds the MLP's *output*, not its weights: a loaded adapter keeps that table as
-its parameter (HF PEFT does the same when it loads for inference); the MLP only exists while training from scratch.
+its parameter (HF PEFT does the same when it loads for inference); the MLP exists only while training afresh.
 """
 
 from __future__ import annotations
@@ -60,8 +60,15 @@ class PrefixEncoder(nn.Module):
         table = W2 tanh(W1 E + b1) + b2,   E: (num_virtual_tokens, token_dim),  W1: token_dim -> hidden_size
     """
 
-    def __init__(self, num_virtual_tokens: int, token_dim: int, width: int, hidden_size: int | None,
-                 device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        num_virtual_tokens: int,
+        token_dim: int,
+        width: int,
+        hidden_size: int | None,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
         super().__init__()
         # nn.Embedding's N(0, 1) init and Linear's default init: HF PEFT's choices.
         if hidden_size is None:
@@ -83,8 +90,16 @@ class PrefixEncoder(nn.Module):
 class PrefixTuningModel(VirtualTokenModel):
     """The frozen base model with a trainable key/value prefix in every attention layer."""
 
-    def __init__(self, base_model: nn.Module, prefix_encoder: PrefixEncoder, num_virtual_tokens: int, task: str,
-                 num_layers: int, num_kv_heads: int, head_dim: int):
+    def __init__(
+        self,
+        base_model: nn.Module,
+        prefix_encoder: PrefixEncoder,
+        num_virtual_tokens: int,
+        task: str,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+    ):
         super().__init__(base_model, num_virtual_tokens, task)
         self.prefix_encoder = prefix_encoder
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
@@ -94,32 +109,44 @@ class PrefixTuningModel(VirtualTokenModel):
         return self.num_kv_heads * self.head_dim
 
     def prefix_cache(self, batch_size: int) -> DynamicCache:
-        """A cache already holding every layer's prefix: per layer keys and values (batch, kv_heads, P, head_dim)."""
+        """A cache already holding every layer's prefix: per layer K, V: (batch, kv_heads, P, head_dim)."""
         table = self.prefix_encoder().to(self.dtype)  # (P, num_layers * 2 * token_dim)
-        # (P, layers*2, heads, head_dim) -> (layers*2, heads, P, head_dim): rows 2l and 2l+1 are layer l's K and V.
+        # (P, layers*2, heads, head_dim) -> (layers*2, heads, P, head_dim): rows 2l, 2l+1 are layer l's K, V.
         blocks = table.view(self.num_virtual_tokens, self.num_layers * 2, self.num_kv_heads, self.head_dim)
         blocks = blocks.permute(1, 2, 0, 3)
         # Every row of the batch shares the prefix: expand is a view, the cache's first concat copies it.
-        layers = [(blocks[2 * i].expand(batch_size, -1, -1, -1), blocks[2 * i + 1].expand(batch_size, -1, -1, -1))
-                  for i in range(self.num_layers)]
+        layers = [
+            (blocks[2 * i].expand(batch_size, -1, -1, -1), blocks[2 * i + 1].expand(batch_size, -1, -1, -1))
+            for i in range(self.num_layers)
+        ]
         return DynamicCache(layers, config=self.base_model.config)
 
-    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                labels: Tensor | None = None, **kwargs):
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        **kwargs,
+    ):
         reject_cache(kwargs, METHOD)
         batch_size = batch_size_of(input_ids, kwargs.get("inputs_embeds"))
         if kwargs.get("position_ids") is not None:
             # The prefix occupies positions 0 .. P-1, as HF PEFT shifts them too.
             kwargs["position_ids"] = kwargs["position_ids"] + self.num_virtual_tokens
-        return self.base_model(input_ids=input_ids, attention_mask=self.extend_attention_mask(attention_mask),
-                               labels=labels, cache=self.prefix_cache(batch_size), **kwargs)
+        return self.base_model(
+            input_ids=input_ids,
+            attention_mask=self.extend_attention_mask(attention_mask),
+            labels=labels,
+            cache=self.prefix_cache(batch_size),
+            **kwargs,
+        )
 
     def generate(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, **kwargs):
         """The base model's ``generate``, started from a cache that already holds the prefix.
 
         transformers reads a cache it is given as tokens that came before ``input_ids`` when the attention
-        mask is longer than ``input_ids``: exactly the prefix's place. Positions follow the mask, so the first
-        real token is at position P (minus its row's left padding), as in the forward pass.
+        mask is longer than ``input_ids``: exactly the prefix's place. Positions follow the mask, so every
+        row's first real token is at position P, left padding or not.
         """
         reject_cache(kwargs, METHOD)
         inputs_embeds = kwargs.pop("inputs_embeds", None)
@@ -129,7 +156,9 @@ class PrefixTuningModel(VirtualTokenModel):
             rows, mask = input_ids.shape[0], self.generation_mask(input_ids, attention_mask, kwargs)
         else:
             rows, length = inputs_embeds.shape[:2]
-            mask = attention_mask if attention_mask is not None else inputs_embeds.new_ones(rows, length).long()
+            mask = (
+                attention_mask if attention_mask is not None else inputs_embeds.new_ones(rows, length).long()
+            )
         if inputs_embeds is not None:
             # generate reads inputs_embeds as the whole sequence, cached part included, and drops what the
             # cache holds: zeros stand in for the prefix positions and are never computed.
@@ -137,17 +166,25 @@ class PrefixTuningModel(VirtualTokenModel):
             kwargs["inputs_embeds"] = torch.cat([pad, inputs_embeds], dim=1)
         with torch.no_grad():
             cache = self.prefix_cache(self.generation_batch_size(rows, kwargs))
-        return self.base_model.generate(input_ids=input_ids, attention_mask=self.extend_attention_mask(mask),
-                                        cache=cache, **kwargs)
+        # Without caching, every step re-reads the whole sequence into the same cache and appends it again
+        # after the prefix; the cache is what carries the prefix, so it stays on.
+        kwargs["use_cache"] = True
+        return self.base_model.generate(
+            input_ids=input_ids, attention_mask=self.extend_attention_mask(mask), cache=cache, **kwargs
+        )
 
     def gradient_checkpointing_enable(self, *args, **kwargs):
         raise UserError(_NO_CHECKPOINTING)
 
+    activation_checkpointing_enable = gradient_checkpointing_enable  # the name transformers 5 prefers
+
 
 # Checkpointed layers run without their cache (transformers drops it so the backward replay does not append
 # twice), which would silently drop the prefix.
-_NO_CHECKPOINTING = ("prefix tuning cannot train with gradient checkpointing: checkpointed layers drop the "
-                     "key/value cache that carries the prefix; set train.gradient_checkpointing: false")
+_NO_CHECKPOINTING = (
+    "prefix tuning cannot train with gradient checkpointing: checkpointed layers drop the "
+    "key/value cache that carries the prefix; set train.gradient_checkpointing: false"
+)
 
 
 def kv_shape(model: nn.Module) -> tuple[int, int, int]:
@@ -163,11 +200,18 @@ def kv_shape(model: nn.Module) -> tuple[int, int, int]:
     head_dim = getattr(config, "head_dim", None) or hidden // num_heads
     per_layer = getattr(config, "per_layer_config", None)
     if per_layer is not None:
-        shapes = {(getattr(layer, "num_key_value_heads", None) or num_kv_heads,
-                   getattr(layer, "head_dim", None) or head_dim) for layer in per_layer}
+        shapes = {
+            (
+                getattr(layer, "num_key_value_heads", None) or num_kv_heads,
+                getattr(layer, "head_dim", None) or head_dim,
+            )
+            for layer in per_layer
+        }
         if len(shapes) > 1:
-            raise UserError(f"{METHOD}: {config.model_type} has attention layers of different key/value shapes "
-                            f"({sorted(shapes)}); one prefix shape cannot fit them all")
+            raise UserError(
+                f"{METHOD}: {config.model_type} has attention layers of different key/value shapes "
+                f"({sorted(shapes)}); one prefix shape cannot fit them all"
+            )
     return num_layers, num_kv_heads, head_dim
 
 
@@ -184,10 +228,18 @@ def inject(model: nn.Module, method: MethodSection, task: str) -> PrefixTuningMo
     token_dim = num_kv_heads * head_dim
     weight = model.get_input_embeddings().weight
     hidden_size = (method.encoder_hidden_size or token_dim) if method.prefix_projection else None
-    encoder = PrefixEncoder(method.num_virtual_tokens, token_dim, num_layers * 2 * token_dim, hidden_size,
-                            weight.device, weight.dtype)
+    encoder = PrefixEncoder(
+        method.num_virtual_tokens,
+        token_dim,
+        num_layers * 2 * token_dim,
+        hidden_size,
+        weight.device,
+        weight.dtype,
+    )
     wrap_heads(model, method, task)
-    return PrefixTuningModel(model, encoder, method.num_virtual_tokens, task, num_layers, num_kv_heads, head_dim)
+    return PrefixTuningModel(
+        model, encoder, method.num_virtual_tokens, task, num_layers, num_kv_heads, head_dim
+    )
 
 
 def adapter_state(model: nn.Module) -> dict[str, Tensor]:
@@ -203,8 +255,14 @@ def load_adapter_state(model: nn.Module, state: dict[str, Tensor]) -> None:
     old = wrapper.prefix_encoder
     weight = old.embedding.weight
     # A saved prefix is the table itself: a projecting encoder is replaced by a plain one holding it.
-    table = PrefixEncoder(wrapper.num_virtual_tokens, wrapper.token_dim, wrapper.num_layers * 2 * wrapper.token_dim,
-                          None, weight.device, weight.dtype)
+    table = PrefixEncoder(
+        wrapper.num_virtual_tokens,
+        wrapper.token_dim,
+        wrapper.num_layers * 2 * wrapper.token_dim,
+        None,
+        weight.device,
+        weight.dtype,
+    )
     table.embedding.weight.requires_grad_(weight.requires_grad)
     copy_checked(table.embedding.weight, state["prompt_embeddings"], "prompt_embeddings")
     load_heads_state(wrapper.base_model, state)

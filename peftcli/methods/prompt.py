@@ -4,10 +4,10 @@
 
 Only the prompt (and a classification head) trains. The model then reads num_virtual_tokens more positions:
 the attention mask grows by that many ones in front, causal-LM labels by that many -100 (no loss on the
-prompt), and the outputs (logits, hidden states) have num_virtual_tokens extra leading positions, as in HF PEFT.
+prompt), and the outputs (logits, hidden states) have num_virtual_tokens extra leading positions (as HF's).
 
-Initialisation (`method.prompt_init`): ``random`` is nn.Embedding's N(0, 1); ``vocab`` copies the embeddings of
-num_virtual_tokens random vocabulary ids; ``text`` copies the embeddings of `prompt_init_text`'s tokens,
+Initialisation (`method.prompt_init`): ``random`` is nn.Embedding's N(0, 1); ``vocab`` copies the embeddings
+of num_virtual_tokens random vocabulary ids; ``text`` copies the embeddings of `prompt_init_text`'s tokens,
 repeated or cut to num_virtual_tokens (Lester et al. found initialising from real words trains better).
 Saved as HF PEFT does: ``prompt_embeddings`` of shape (num_virtual_tokens, token_dim).
 """
@@ -51,10 +51,16 @@ INIT_NAMES = {"random": "RANDOM", "text": "TEXT", "vocab": "SAMPLE_VOCAB"}  # ou
 class PromptTuningModel(VirtualTokenModel):
     """The frozen base model reading a trainable prompt before every input."""
 
-    def __init__(self, base_model: nn.Module, prompt: nn.Embedding, task: str,
-                 tokenizer_name_or_path: str | None = None):
+    def __init__(
+        self,
+        base_model: nn.Module,
+        prompt: nn.Embedding,
+        task: str,
+        tokenizer_name_or_path: str | None = None,
+    ):
         super().__init__(base_model, prompt.num_embeddings, task)
         self.prompt = prompt  # weight: (num_virtual_tokens, token_dim)
+        self.output_offset = prompt.num_embeddings  # outputs start with the prompt's positions
         self.tokenizer_name_or_path = tokenizer_name_or_path
         # Set when text init had no tokenizer: fine for loading saved weights, an error before anything else.
         self.missing_init: str | None = None
@@ -69,8 +75,13 @@ class PromptTuningModel(VirtualTokenModel):
         prompt = prompt.unsqueeze(0).expand(inputs_embeds.shape[0], -1, -1)
         return torch.cat([prompt, inputs_embeds], dim=1)
 
-    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                labels: Tensor | None = None, **kwargs):
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        **kwargs,
+    ):
         self.check_initialised()
         reject_cache(kwargs, METHOD)
         inputs_embeds = kwargs.pop("inputs_embeds", None)
@@ -89,12 +100,18 @@ class PromptTuningModel(VirtualTokenModel):
             position_ids = kwargs["position_ids"]
             prompt_positions = torch.arange(self.num_virtual_tokens, device=position_ids.device)
             prompt_positions = prompt_positions.to(position_ids.dtype).expand(position_ids.shape[0], -1)
-            kwargs["position_ids"] = torch.cat([prompt_positions, position_ids + self.num_virtual_tokens], dim=1)
-        return self.base_model(inputs_embeds=self.with_prompt(inputs_embeds),
-                               attention_mask=self.extend_attention_mask(attention_mask), labels=labels, **kwargs)
+            kwargs["position_ids"] = torch.cat(
+                [prompt_positions, position_ids + self.num_virtual_tokens], dim=1
+            )
+        return self.base_model(
+            inputs_embeds=self.with_prompt(inputs_embeds),
+            attention_mask=self.extend_attention_mask(attention_mask),
+            labels=labels,
+            **kwargs,
+        )
 
     def generate(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, **kwargs):
-        """The base model's ``generate`` on [prompt; embed(input_ids)]; returns input_ids + new tokens as usual."""
+        """The base model's ``generate`` on [prompt; embed(input_ids)]; returns input_ids + new tokens."""
         self.check_initialised()
         reject_cache(kwargs, METHOD)
         inputs_embeds = kwargs.pop("inputs_embeds", None)
@@ -106,20 +123,33 @@ class PromptTuningModel(VirtualTokenModel):
             mask = self.generation_mask(input_ids, attention_mask, kwargs)
         else:
             rows, length = inputs_embeds.shape[:2]
-            mask = attention_mask if attention_mask is not None else inputs_embeds.new_ones(rows, length).long()
+            mask = (
+                attention_mask if attention_mask is not None else inputs_embeds.new_ones(rows, length).long()
+            )
         with torch.no_grad():
             inputs_embeds = self.with_prompt(inputs_embeds)
         # Both input_ids and inputs_embeds: the model reads the embeddings, the output starts with input_ids.
-        return self.base_model.generate(input_ids=input_ids, inputs_embeds=inputs_embeds,
-                                        attention_mask=self.extend_attention_mask(mask), **kwargs)
+        return self.base_model.generate(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=self.extend_attention_mask(mask),
+            **kwargs,
+        )
 
 
 # --------------------------------------------------------------------------------------------------
 # Initialisation
 
 
+def init_token_ids(method: MethodSection, vocab_size: int, tokenizer) -> Tensor:
+    """(num_virtual_tokens,) ids whose embeddings start the prompt: random ones, or the text's."""
+    if method.prompt_init == "vocab":
+        return torch.randint(0, vocab_size, (method.num_virtual_tokens,))
+    return torch.tensor(text_init_ids(tokenizer, method.prompt_init_text, method.num_virtual_tokens))
+
+
 def text_init_ids(tokenizer, text: str, num_virtual_tokens: int) -> list[int]:
-    """The text's token ids (special tokens included, as HF PEFT does), repeated or cut to num_virtual_tokens."""
+    """The text's token ids (special tokens too, as in HF PEFT), repeated or cut to num_virtual_tokens."""
     ids = list(tokenizer(text)["input_ids"])
     if not ids:
         raise UserError(f"method.prompt_init_text: {text!r} gives no tokens")
@@ -135,7 +165,7 @@ def find_tokenizer(model: nn.Module):
 
     try:
         return AutoTokenizer.from_pretrained(name, local_files_only=True)
-    except (OSError, ValueError, KeyError):
+    except Exception:  # whatever the reason (no files, an unknown tokenizer class ...), there is none to use
         return None
 
 
@@ -152,28 +182,27 @@ def inject(model: nn.Module, method: MethodSection, task: str, tokenizer=None) -
     """
     check_not_seq2seq(model, METHOD)
     freeze(model)
-    word_embeddings = model.get_input_embeddings()
-    weight = word_embeddings.weight  # (vocab, token_dim)
-    prompt = nn.Embedding(method.num_virtual_tokens, weight.shape[1], device=weight.device, dtype=weight.dtype)
-    missing_init, tokenizer_name = None, None
-    if method.prompt_init == "text":
-        tokenizer = tokenizer or find_tokenizer(model)
-        tokenizer_name = getattr(tokenizer, "name_or_path", None) or getattr(model, "name_or_path", None) or None
-    if weight.device.type != "meta":  # a meta model (`peft count`) has no values to copy
-        init_ids = None
-        if method.prompt_init == "vocab":
-            init_ids = torch.randint(0, weight.shape[0], (method.num_virtual_tokens,))
-        elif method.prompt_init == "text" and tokenizer is not None:
-            init_ids = torch.tensor(text_init_ids(tokenizer, method.prompt_init_text, method.num_virtual_tokens))
-        elif method.prompt_init == "text":
-            missing_init = ("method.prompt_init: text needs the model's tokenizer to initialise the prompt "
-                            "(none was passed and none is saved next to the model)")
-        if init_ids is not None:
-            with torch.no_grad():
-                prompt.weight.copy_(weight[init_ids.to(weight.device)])
+    weight = model.get_input_embeddings().weight  # (vocab, token_dim)
+    # nn.Embedding's own N(0, 1) init is HF PEFT's RANDOM.
+    prompt = nn.Embedding(
+        method.num_virtual_tokens, weight.shape[1], device=weight.device, dtype=weight.dtype
+    )
+    on_meta = weight.device.type == "meta"  # a meta model (`peft count`) has no values to copy
+    text_init = method.prompt_init == "text"
+    if text_init and tokenizer is None and not on_meta:
+        tokenizer = find_tokenizer(model)
+    tokenizer_name = getattr(tokenizer, "name_or_path", None) or getattr(model, "name_or_path", None) or None
+    wrapper = PromptTuningModel(model, prompt, task, tokenizer_name if text_init else None)
+    if text_init and tokenizer is None and not on_meta:
+        wrapper.missing_init = (
+            "method.prompt_init: text needs the model's tokenizer to initialise the prompt "
+            "(none was passed and none is saved next to the model)"
+        )
+    elif method.prompt_init != "random" and not on_meta:
+        ids = init_token_ids(method, weight.shape[0], tokenizer)
+        with torch.no_grad():
+            prompt.weight.copy_(weight[ids.to(weight.device)])
     wrap_heads(model, method, task)
-    wrapper = PromptTuningModel(model, prompt, task, tokenizer_name)
-    wrapper.missing_init = missing_init
     return wrapper
 
 
@@ -195,7 +224,9 @@ def adapter_config(model: nn.Module, method: MethodSection, task: str) -> dict:
     wrapper = unwrap(model, PromptTuningModel, METHOD)
     text = method.prompt_init == "text"
     return {
-        **prompt_learning_config(wrapper, wrapper.prompt.embedding_dim, num_heads_of(wrapper.base_model), method),
+        **prompt_learning_config(
+            wrapper, wrapper.prompt.embedding_dim, num_heads_of(wrapper.base_model), method
+        ),
         "prompt_tuning_init": INIT_NAMES[method.prompt_init],
         "prompt_tuning_init_text": method.prompt_init_text if text else None,
         "tokenizer_name_or_path": wrapper.tokenizer_name_or_path if text else None,
@@ -208,12 +239,16 @@ def method_from_config(config: dict) -> MethodSection:
     hf_init = config.get("prompt_tuning_init") or "RANDOM"
     by_hf_name = {hf: ours for ours, hf in INIT_NAMES.items()}
     if hf_init not in by_hf_name:
-        raise UserError(f"adapter_config.json: prompt_tuning_init {hf_init!r} is not supported "
-                        f"(supported: {', '.join(by_hf_name)})")
+        raise UserError(
+            f"adapter_config.json: prompt_tuning_init {hf_init!r} is not supported "
+            f"(supported: {', '.join(by_hf_name)})"
+        )
     init = by_hf_name[hf_init]
     text = config.get("prompt_tuning_init_text")
     if init == "text" and not text:
-        raise UserError("adapter_config.json: prompt_tuning_init is TEXT but prompt_tuning_init_text is empty")
+        raise UserError(
+            "adapter_config.json: prompt_tuning_init is TEXT but prompt_tuning_init_text is empty"
+        )
     return MethodSection(
         name=METHOD,
         num_virtual_tokens=config["num_virtual_tokens"],

@@ -1,7 +1,7 @@
-"""What prefix tuning and prompt tuning share: a wrapper around the frozen base model that adds virtual tokens.
+"""What prefix tuning and prompt tuning share: a wrapper around the frozen base model adding virtual tokens.
 
-Neither method changes a layer, so neither can be swapped in place. `VirtualTokenModel` keeps the base model as
-``.base_model``, answers what a training loop or ``generate`` asks of a model (``config``, ``device``,
+Neither method changes a layer, so neither can be swapped in place. `VirtualTokenModel` keeps the base model
+as ``.base_model``, answers what a training loop or ``generate`` asks of a model (``config``, ``device``,
 ``generation_config``, ``get_input_embeddings`` ...) by asking the base model, and holds the helpers both
 methods need: the attention mask grown by the virtual tokens, the batch size a ``generate`` call will reach,
 and the classification head's state under HF PEFT's prompt-learning keys.
@@ -40,6 +40,9 @@ class VirtualTokenModel(nn.Module):
         self.base_model = base_model
         self.num_virtual_tokens = num_virtual_tokens
         self.task = task
+        # Leading positions of the outputs (logits, hidden states) that belong to virtual tokens: a loop that
+        # computes its own loss from them drops these first.
+        self.output_offset = 0
 
     def __getattr__(self, name: str):
         try:
@@ -68,7 +71,7 @@ class VirtualTokenModel(nn.Module):
         return torch.cat([ones, attention_mask], dim=1)
 
     def generation_mask(self, input_ids: Tensor, attention_mask: Tensor | None, kwargs: dict) -> Tensor:
-        """The real tokens' mask for ``generate``, inferred from padding as transformers does when not given."""
+        """The real tokens' mask for ``generate``; if not given, inferred from padding like transformers."""
         if attention_mask is not None:
             return attention_mask
         config = kwargs.get("generation_config") or self.base_model.generation_config
@@ -95,7 +98,7 @@ def batch_size_of(input_ids: Tensor | None, inputs_embeds: Tensor | None) -> int
 
 
 def reject_cache(kwargs: dict, method: str) -> None:
-    """The virtual tokens live at the start of the sequence; a cache passed in would come before or after them."""
+    """The virtual tokens start the sequence: a cache passed in would have to come before or after them."""
     for key in ("cache", "past_key_values"):
         if kwargs.get(key) is not None:
             raise UserError(f"{method}: `{key}` cannot be passed in: the wrapper builds the cache itself")
@@ -107,7 +110,7 @@ def text_config(model: nn.Module):
 
 
 def config_value(config, names: tuple[str, ...], what: str) -> int:
-    """The first of `names` the config has: architectures name the same size differently (n_embd, d_model ...)."""
+    """The first of `names` the config has: architectures name a size differently (n_embd, d_model ...)."""
     for name in names:
         value = getattr(config, name, None)
         if value is not None:
@@ -116,7 +119,9 @@ def config_value(config, names: tuple[str, ...], what: str) -> int:
 
 
 def num_layers_of(model: nn.Module) -> int:
-    return config_value(text_config(model), ("num_hidden_layers", "num_layers", "n_layer"), "number of layers")
+    return config_value(
+        text_config(model), ("num_hidden_layers", "num_layers", "n_layer"), "number of layers"
+    )
 
 
 def num_heads_of(model: nn.Module) -> int:
@@ -126,8 +131,10 @@ def num_heads_of(model: nn.Module) -> int:
 
 def check_not_seq2seq(model: nn.Module, method: str) -> None:
     if getattr(model.config, "is_encoder_decoder", False):
-        raise UserError(f"{method} supports decoder-only and encoder-only models; "
-                        f"{model.config.model_type} is an encoder-decoder model")
+        raise UserError(
+            f"{method} supports decoder-only and encoder-only models; "
+            f"{model.config.model_type} is an encoder-decoder model"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -141,15 +148,20 @@ def wrap_heads(base_model: nn.Module, method: MethodSection, task: str) -> list[
 
 
 def heads_state(base_model: nn.Module) -> dict[str, Tensor]:
-    """``base_model.<path>.<param>`` for every modules_to_save copy, as HF PEFT writes them for prompt learning."""
-    return {HEAD_KEY_PREFIX + key.removeprefix(KEY_PREFIX): value
-            for key, value in modules_to_save_state(base_model).items()}
+    """``base_model.<path>.<param>`` per modules_to_save copy, as HF PEFT writes them for prompt learning."""
+    return {
+        HEAD_KEY_PREFIX + key.removeprefix(KEY_PREFIX): value
+        for key, value in modules_to_save_state(base_model).items()
+    }
 
 
 def load_heads_state(base_model: nn.Module, state: dict[str, Tensor]) -> set[str]:
     """Copy saved head weights in; returns the keys it used (in the file's naming)."""
-    renamed = {KEY_PREFIX + key.removeprefix(HEAD_KEY_PREFIX): key
-               for key in state if key.startswith(HEAD_KEY_PREFIX) and not key.startswith(KEY_PREFIX)}
+    renamed = {
+        KEY_PREFIX + key.removeprefix(HEAD_KEY_PREFIX): key
+        for key in state
+        if key.startswith(HEAD_KEY_PREFIX) and not key.startswith(KEY_PREFIX)
+    }
     used = load_modules_to_save_state(base_model, {new: state[old] for new, old in renamed.items()})
     return {renamed[key] for key in used}
 
@@ -177,13 +189,15 @@ def modules_to_save_from_config(config: dict, task_type: str | None) -> list[str
 
 def unwrap(model: nn.Module, cls: type, method: str) -> VirtualTokenModel:
     if not isinstance(model, cls):
-        raise AdapterError(f"this model carries no {method} adapter (got {type(model).__name__}); "
-                           f"inject {method} first")
+        raise AdapterError(
+            f"this model carries no {method} adapter (got {type(model).__name__}); inject {method} first"
+        )
     return model
 
 
-def prompt_learning_config(model: VirtualTokenModel, token_dim: int, num_attention_heads: int,
-                           method: MethodSection) -> dict:
+def prompt_learning_config(
+    model: VirtualTokenModel, token_dim: int, num_attention_heads: int, method: MethodSection
+) -> dict:
     """The fields every HF PEFT prompt-learning config carries."""
     return {
         "num_virtual_tokens": model.num_virtual_tokens,
@@ -199,9 +213,12 @@ def check_prompt_learning_config(config: dict, method: str) -> None:
     """Refuse what would change the math here: two virtual-token sets (encoder-decoder models)."""
     submodules = config.get("num_transformer_submodules") or 1
     if submodules != 1:
-        raise UserError(f"adapter_config.json: num_transformer_submodules={submodules} (an encoder-decoder "
-                        f"{method} adapter) is not supported; only 1")
+        raise UserError(
+            f"adapter_config.json: num_transformer_submodules={submodules} (an encoder-decoder "
+            f"{method} adapter) is not supported; only 1"
+        )
     num_virtual_tokens = config.get("num_virtual_tokens")
     if not isinstance(num_virtual_tokens, int) or num_virtual_tokens <= 0:
-        raise UserError(f"adapter_config.json: num_virtual_tokens must be a positive integer, "
-                        f"got {num_virtual_tokens!r}")
+        raise UserError(
+            f"adapter_config.json: num_virtual_tokens must be a positive integer, got {num_virtual_tokens!r}"
+        )

@@ -145,6 +145,22 @@ def test_inplace_forward_has_the_plain_formula_loss_and_gradients(kind):
     assert layer.scale == 2.0
 
 
+def test_autocast_and_fp32_factors_on_a_half_base():
+    torch.manual_seed(0)
+    layer = lora.LoRALinear(nn.Linear(16, 8), rank=4, alpha=8.0)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(2, 3, 16)
+    reference = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05)
+    half = lora.LoRALinear(nn.Linear(16, 8).bfloat16(), rank=4, alpha=8.0)
+    half.lora_A.float(), half.lora_B.float()  # a trainer may keep the factors in fp32
+    half(x.bfloat16()).float().sum().backward()
+    assert half.lora_B.weight.grad.dtype == torch.float32
+
+
 def test_dropout_is_skipped_at_zero_and_applied_otherwise():
     assert lora.LoRALinear(nn.Linear(8, 8), 2, 4.0, dropout=0.0).dropout is None
     layer = lora.LoRALinear(nn.Linear(8, 8), 2, 4.0, dropout=0.5)
@@ -253,8 +269,10 @@ def test_delta_weight_is_the_low_rank_product():
 
 def test_merge_refuses_a_tied_weight():
     model = lora.inject(tiny_model("gpt2"), method(target_modules=["c_attn", "lm_head"]), "causal-lm")
+    before = {n: p.clone() for n, p in model.named_parameters()}
     with pytest.raises(UserError, match="lm_head.*shared"):
         lora.merge(model)
+    assert lora.lora_layers(model) and all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 # --------------------------------------------------------------------------------------------------

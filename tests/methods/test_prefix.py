@@ -2,8 +2,9 @@
 
 Two places where HF PEFT 0.21.2 cannot be run as is with transformers 5.24 (it still passes the cache as
 ``past_key_values``, renamed ``cache``):
-- sequence classification: its forward refuses every model ("does not support past key values"); the reference
-  there is HF PEFT's own prefix cache (``get_prompt``) fed to the base model, i.e. its forward under the new name;
+- sequence classification: its forward refuses every model ("does not support past key values"); the
+  reference there is HF PEFT's own prefix cache (``get_prompt``) fed to the base model, i.e. its forward
+  under the new name;
 - ``generate``: the base model's own ``cache`` wins over the prefix, so HF's tokens ignore the adapter; the
   reference is greedy decoding step by step through HF PEFT's forward (which does apply the prefix).
 """
@@ -22,12 +23,17 @@ from transformers import AutoModelForCausalLM
 from peftcli import checkpoint
 from peftcli.errors import UserError
 from peftcli.methods import BY_PEFT_TYPE, prefix
-from peftcli.methods.common import AdapterError, count_parameters
+from peftcli.methods.common import AdapterError, ModulesToSave, count_parameters
 from peftcli.recipe import MethodSection
 
 P = 4  # virtual tokens
-CASES = [("llama", "causal-lm"), ("gpt2", "causal-lm"), ("opt", "causal-lm"),
-         ("bert", "sequence-classification"), ("roberta", "sequence-classification")]
+CASES = [
+    ("llama", "causal-lm"),
+    ("gpt2", "causal-lm"),
+    ("opt", "causal-lm"),
+    ("bert", "sequence-classification"),
+    ("roberta", "sequence-classification"),
+]
 HF_TASK = {"causal-lm": "CAUSAL_LM", "sequence-classification": "SEQ_CLS"}
 LABELS = torch.tensor([0, 2])
 
@@ -54,6 +60,16 @@ def randomise(model: nn.Module, seed: int = 3) -> None:
                 p.add_(torch.randn(p.shape, generator=g) * 0.5)
 
 
+def copy_into_hf(ours: prefix.PrefixTuningModel, hf: peft.PeftModel) -> None:
+    """Give HF PEFT's model our prefix encoder's and heads' weights."""
+    hf.prompt_encoder["default"].load_state_dict(ours.prefix_encoder.state_dict())
+    for name, module in ours.base_model.named_modules():
+        if isinstance(module, ModulesToSave):
+            hf.base_model.get_submodule(name).modules_to_save["default"].load_state_dict(
+                module.trained.state_dict()
+            )
+
+
 def extended_mask(mask: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.ones(mask.shape[0], P, dtype=mask.dtype), mask], dim=1)
 
@@ -77,7 +93,9 @@ def greedy_reference(model, inputs: dict, steps: int) -> torch.Tensor:
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     for _ in range(steps):
         position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        next_token = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, -1].argmax(-1)
+        next_token = (
+            model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, -1].argmax(-1)
+        )
         ids = torch.cat([ids, next_token[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     return ids
@@ -146,7 +164,7 @@ def test_logits_equal_hf_with_the_same_weights(arch, task, projection):
     ours = injected(arch, task, prefix_projection=projection)
     randomise(ours)
     hf = hf_model(arch, task, prefix_projection=projection)
-    hf.prompt_encoder["default"].load_state_dict(ours.prefix_encoder.state_dict())
+    copy_into_hf(ours, hf)
     with torch.no_grad():
         got = ours(**batch()).logits
         base = ours.base_model(**batch()).logits
@@ -158,7 +176,7 @@ def test_logits_equal_hf_with_the_same_weights(arch, task, projection):
 def test_position_ids_shift_like_hf(arch):
     ours = injected(arch, "causal-lm")
     hf = hf_model(arch, "causal-lm")
-    hf.prompt_encoder["default"].load_state_dict(ours.prefix_encoder.state_dict())
+    copy_into_hf(ours, hf)
     inputs = batch()
     inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
@@ -168,7 +186,7 @@ def test_position_ids_shift_like_hf(arch):
 def test_loss_equals_hf_and_masked_rows_do_not_leak():
     ours = injected("llama", "causal-lm")
     hf = hf_model("llama", "causal-lm")
-    hf.prompt_encoder["default"].load_state_dict(ours.prefix_encoder.state_dict())
+    copy_into_hf(ours, hf)
     inputs = batch()
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
     with torch.no_grad():
@@ -229,8 +247,17 @@ def test_config_fields_are_hf_s(tmp_path):
     hf.save_pretrained(tmp_path / "hf")
     ours_config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     hf_config = json.loads((tmp_path / "hf" / "adapter_config.json").read_text())
-    fields = ["num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
-              "num_layers", "encoder_hidden_size", "prefix_projection", "peft_type", "task_type"]
+    fields = [
+        "num_virtual_tokens",
+        "token_dim",
+        "num_transformer_submodules",
+        "num_attention_heads",
+        "num_layers",
+        "encoder_hidden_size",
+        "prefix_projection",
+        "peft_type",
+        "task_type",
+    ]
     assert {k: ours_config[k] for k in fields} == {k: hf_config[k] for k in fields}
     assert ours_config["token_dim"] == 32 and ours_config["num_attention_heads"] == 2  # GQA: kv heads
 
@@ -260,7 +287,7 @@ def test_greedy_generate_equals_greedy_through_hf_forward(arch):
     ours = injected(arch, "causal-lm")
     randomise(ours)
     hf = hf_model(arch, "causal-lm")
-    hf.prompt_encoder["default"].load_state_dict(ours.prefix_encoder.state_dict())
+    copy_into_hf(ours, hf)
     hf.eval()
     got = ours.generate(**batch(), max_new_tokens=5, do_sample=False)
     assert torch.equal(got, greedy_reference(hf, batch(), 5))
@@ -268,13 +295,17 @@ def test_greedy_generate_equals_greedy_through_hf_forward(arch):
 
 def test_generate_from_inputs_embeds_and_with_beams():
     ours = injected("llama", "causal-lm")
-    randomise(ours)
+    with torch.no_grad():
+        ours.prefix_encoder.embedding.weight.mul_(3)  # a prefix strong enough that losing it shows
     inputs = batch()
     by_ids = ours.generate(**inputs, max_new_tokens=4, do_sample=False)
     embeds = ours.get_input_embeddings()(inputs["input_ids"])
-    by_embeds = ours.generate(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], max_new_tokens=4,
-                              do_sample=False)
+    by_embeds = ours.generate(
+        inputs_embeds=embeds, attention_mask=inputs["attention_mask"], max_new_tokens=4, do_sample=False
+    )
     assert torch.equal(by_embeds, by_ids[:, -4:])
+    # The cache carries the prefix: use_cache=False must not drop or repeat it.
+    assert torch.equal(ours.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False), by_ids)
     beams = ours.generate(**inputs, max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
     assert beams.shape == (4, inputs["input_ids"].shape[1] + 3)
 
@@ -300,7 +331,9 @@ def test_meta_device_and_dtype():
         meta = AutoModelForCausalLM.from_config(tiny_config("llama"))
     wrapped = prefix.inject(meta, method(prefix_projection=True), "causal-lm")
     assert wrapped.prefix_encoder.embedding.weight.is_meta
-    assert count_parameters(wrapped) == count_parameters(injected("llama", "causal-lm", prefix_projection=True))
+    assert count_parameters(wrapped) == count_parameters(
+        injected("llama", "causal-lm", prefix_projection=True)
+    )
     bf16 = prefix.inject(tiny_model("opt").to(torch.bfloat16), method(), "causal-lm")
     assert bf16.prefix_encoder.embedding.weight.dtype == torch.bfloat16
     assert bf16(**batch()).logits.dtype == torch.bfloat16
