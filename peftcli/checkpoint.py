@@ -34,6 +34,8 @@ def save_adapter(model: nn.Module, method: MethodSection, task: str, base_model:
         "inference_mode": True,
         **module.adapter_config(model, method, task),
     }
+    if config.get("prompt_tuning_init") == "TEXT" and not config.get("tokenizer_name_or_path"):
+        config["tokenizer_name_or_path"] = base_model  # HF PEFT refuses a text init without one
     fileio.atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     fileio.write_json(directory / CONFIG_NAME, config)
     if label_names:
@@ -106,14 +108,18 @@ OPTIMIZER_NAME = "optimizer.safetensors"
 STATE_NAME = "trainer_state.json"
 
 
-def save_training_state(directory: str | Path, optimizer, state: dict) -> None:
-    """`state` is JSON data (step, data position, ...); RNG states go in as uint8 tensors."""
+def save_training_state(directory: str | Path, model: nn.Module, optimizer, state: dict) -> None:
+    """Everything --resume needs beyond the adapter files: every trainable parameter as it is (some
+    methods save a derived form in the adapter, e.g. prefix tuning's projected prefixes), the
+    optimizer's tensors, the RNG states; `state` is JSON data (step, seed, ...)."""
     import torch
 
     directory = Path(directory)
     opt = optimizer.state_dict()
     tensors = {f"state.{idx}.{name}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
                for idx, slots in opt["state"].items() for name, v in slots.items()}
+    tensors.update({f"param.{name}": p.detach().cpu().contiguous()
+                    for name, p in model.named_parameters() if p.requires_grad})
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -121,7 +127,7 @@ def save_training_state(directory: str | Path, optimizer, state: dict) -> None:
     fileio.write_json(directory / STATE_NAME, {**state, "param_groups": opt["param_groups"]})
 
 
-def load_training_state(directory: str | Path, optimizer) -> dict:
+def load_training_state(directory: str | Path, model: nn.Module, optimizer) -> dict:
     import torch
 
     directory = Path(directory)
@@ -131,11 +137,17 @@ def load_training_state(directory: str | Path, optimizer) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"checkpoint {directory} is incomplete or unreadable: {e}") from e
     slots: dict[int, dict] = {}
+    params = dict(model.named_parameters())
     for key, value in tensors.items():
-        kind, *rest = key.split(".")
+        kind, _, rest = key.partition(".")
         if kind == "state":
-            idx, name = int(rest[0]), rest[1]
-            slots.setdefault(idx, {})[name] = value
+            idx, name = rest.split(".", 1)
+            slots.setdefault(int(idx), {})[name] = value
+        elif kind == "param":
+            if rest not in params:
+                raise UserError(f"checkpoint {directory} does not fit this model: no parameter {rest}")
+            with torch.no_grad():
+                params[rest].copy_(value)
     optimizer.load_state_dict({"state": slots, "param_groups": state.pop("param_groups")})
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():

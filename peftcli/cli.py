@@ -12,6 +12,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from peftcli.errors import UserError
@@ -44,7 +45,7 @@ def _handle_errors(fn: Callable) -> Callable:
         except UserError as e:
             if _debug:
                 traceback.print_exc()
-            stderr.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+            stderr.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             stderr.print("interrupted")

@@ -1,8 +1,10 @@
 """The YAML recipe: typed sections, the single home of every default, and validation.
 
-A recipe is parsed with `yaml.SafeLoader` (tags that would build Python objects are refused),
-checked key by key against the dataclasses below, and every error names the key path and,
-where it can, the file and line: ``recipe.yaml:7: method.rank: must be > 0, got 0``.
+A recipe is parsed with a `yaml.SafeLoader` that also reads `2e-4` as a number. Before anything is
+constructed, tags that would build Python objects and duplicate keys are refused. Then it is checked key
+by key against the dataclasses below, `--set key.path=value` overrides exactly like the file, and every
+error names the key path and, where it can, the file and line and a near miss:
+``recipe.yaml:7: method.rank: must be > 0, got 0``. Relative paths mean relative to the working directory.
 """
 
 from __future__ import annotations

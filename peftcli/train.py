@@ -167,9 +167,8 @@ def setup(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
               data.label_names,
               head, total_steps, output_dir, params, console=console)
     if resume_from is not None:
-        adapter_config, state = checkpoint.read_adapter(resume_from)
-        METHODS[recipe.method.name].load_adapter_state(accelerator.unwrap_model(model), state)
-        s.start_step = checkpoint.load_training_state(resume_from, optimizer)["step"]
+        state = checkpoint.load_training_state(resume_from, accelerator.unwrap_model(model), optimizer)
+        s.start_step = state["step"]
         say(f"resuming from {resume_from} (step {s.start_step} of {total_steps})")
     return s
 
@@ -388,7 +387,8 @@ def save_checkpoint(s: Setup, step: int) -> None:
     final, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_adapter_files(s, tmp)
-    checkpoint.save_training_state(tmp, s.optimizer, {"step": step, "seed": s.recipe.train.seed})
+    checkpoint.save_training_state(tmp, s.accelerator.unwrap_model(s.model), s.optimizer,
+                                   {"step": step, "seed": s.recipe.train.seed})
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     kept = sorted((int(p.name.split("-")[1]), p) for p in root.glob("step-*") if p.name.split("-")[1].isdigit())

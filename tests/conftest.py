@@ -2,8 +2,14 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 # tests/tiny.py is imported as `tiny` by every test module.
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Tiny models gain nothing from intra-op threads, and on a shared 2-core machine threads fighting
+# over cores made single forward passes ~50x slower.
+torch.set_num_threads(1)

@@ -730,9 +730,6 @@ def test_cli_debug_shows_the_traceback(workdir, monkeypatch):
     assert "recipe.yaml:6: method.rank: must be > 0, got 0" in result.stderr
 
 
-@pytest.mark.xfail(
-    strict=True, reason="cli.py prints messages as rich markup, so `[q_proj, v_proj]` vanishes"
-)
 def test_cli_prints_square_brackets_in_messages(workdir):
     from peftcli.cli import app
 

@@ -250,23 +250,26 @@ def adapter_state(model: nn.Module) -> dict[str, Tensor]:
 
 
 def load_adapter_state(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Load a saved prefix table (and heads).
+
+    A plain encoder's table is copied in place, so an optimizer built on it keeps working (resume). A
+    projecting encoder cannot take it (the MLP that made the table is not saved, as in HF PEFT): it is
+    replaced by a plain encoder holding the table, which trains on from there. Its parameters are new
+    objects, so an optimizer must be built after this call.
+    """
     wrapper = unwrap(model, PrefixTuningModel, METHOD)
     check_keys({"prompt_embeddings", *heads_state(wrapper.base_model)}, set(state))
-    old = wrapper.prefix_encoder
-    weight = old.embedding.weight
-    # A saved prefix is the table itself: a projecting encoder is replaced by a plain one holding it.
-    table = PrefixEncoder(
-        wrapper.num_virtual_tokens,
-        wrapper.token_dim,
-        wrapper.num_layers * 2 * wrapper.token_dim,
-        None,
-        weight.device,
-        weight.dtype,
-    )
-    table.embedding.weight.requires_grad_(weight.requires_grad)
-    copy_checked(table.embedding.weight, state["prompt_embeddings"], "prompt_embeddings")
+    encoder = wrapper.prefix_encoder
+    if encoder.transform is not None:
+        weight = encoder.embedding.weight
+        width = wrapper.num_layers * 2 * wrapper.token_dim
+        encoder = PrefixEncoder(
+            wrapper.num_virtual_tokens, wrapper.token_dim, width, None, weight.device, weight.dtype
+        )
+        encoder.embedding.weight.requires_grad_(weight.requires_grad)
+    copy_checked(encoder.embedding.weight, state["prompt_embeddings"], "prompt_embeddings")
     load_heads_state(wrapper.base_model, state)
-    wrapper.prefix_encoder = table
+    wrapper.prefix_encoder = encoder
 
 
 def adapter_config(model: nn.Module, method: MethodSection, task: str) -> dict:

@@ -75,7 +75,8 @@ class VirtualTokenModel(nn.Module):
         if attention_mask is not None:
             return attention_mask
         config = kwargs.get("generation_config") or self.base_model.generation_config
-        pad, eos = config.pad_token_id, config.eos_token_id
+        pad = kwargs.get("pad_token_id", config.pad_token_id)
+        eos = kwargs.get("eos_token_id", config.eos_token_id)
         eos = eos if isinstance(eos, list) else [eos]
         if pad is not None and pad not in eos and bool((input_ids == pad).any()):
             return (input_ids != pad).long()

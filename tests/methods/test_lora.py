@@ -145,6 +145,26 @@ def test_inplace_forward_has_the_plain_formula_loss_and_gradients(kind):
     assert layer.scale == 2.0
 
 
+def graph_ops(tensor: torch.Tensor) -> set[str]:
+    ops, stack = set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and type(node).__name__ not in ops:
+            ops.add(type(node).__name__)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return ops
+
+
+@pytest.mark.parametrize("base", [nn.Linear(12, 10), Conv1D(10, 12)], ids=["linear", "conv1d"])
+def test_forward_adds_in_place_without_a_gradient_copy(base):
+    # The low-rank term goes into the base output with one addmm_; an in-place add on a view would
+    # record CopySlices (a full-size gradient copy), and the plain formula a full-size Mul.
+    layer = lora.LoRALinear(base.requires_grad_(False), rank=4, alpha=8.0)
+    ops = graph_ops(layer(torch.randn(3, 5, 12, requires_grad=True)))
+    assert "AddmmBackward0" in ops
+    assert not ops & {"CopySlices", "MulBackward0", "AddBackward0"}
+
+
 def test_autocast_and_fp32_factors_on_a_half_base():
     torch.manual_seed(0)
     layer = lora.LoRALinear(nn.Linear(16, 8), rank=4, alpha=8.0)

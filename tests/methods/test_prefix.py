@@ -268,6 +268,14 @@ def test_method_from_config_refuses_encoder_decoder_adapters():
         prefix.method_from_config(config)
 
 
+def test_load_copies_in_place_so_an_optimizer_keeps_working():
+    model = injected("gpt2", "causal-lm")
+    parameter = model.prefix_encoder.embedding.weight
+    state = {"prompt_embeddings": torch.full_like(parameter, 0.25)}
+    prefix.load_adapter_state(model, state)
+    assert model.prefix_encoder.embedding.weight is parameter and bool((parameter == 0.25).all())
+
+
 def test_load_rejects_missing_keys_and_wrong_shapes():
     model = injected("bert", "sequence-classification")
     state = prefix.adapter_state(model)
