@@ -56,6 +56,8 @@ def _handle_errors(fn: Callable) -> Callable:
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers' GGUF reader draws its own tqdm bar; ours is the only progress display.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

@@ -99,12 +99,24 @@ class HiddenStatesHead(nn.Module):
         return hidden
 
 
+def _causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers model that owns the output head: `model` itself (LoRA, adapters and BitFit
+    change it in place) or the one a virtual-token wrapper holds as `.base_model`. Not a transformers
+    model's own `.base_model`, which is its headless backbone."""
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
+        return model
+    inner = getattr(model, "base_model", None)
+    return inner if isinstance(inner, PreTrainedModel) else model
+
+
 def enable_chunked_loss(model: nn.Module) -> nn.Linear | None:
     """Swap the causal LM's output head for HiddenStatesHead if that is exact and the head is frozen.
 
     Returns the real head (to compute the loss with), or None when the plain path must be used.
     """
-    base = getattr(model, "base_model", model)
+    base = _causal_lm(model)
     if getattr(base.config, "model_type", None) not in CHUNKABLE_MODEL_TYPES:
         return None
     if getattr(base.config, "final_logit_softcapping", None) or getattr(base.config, "logit_scale", None):
@@ -122,7 +134,7 @@ def enable_chunked_loss(model: nn.Module) -> nn.Linear | None:
 
 def disable_chunked_loss(model: nn.Module) -> None:
     """Put the real output head back (before saving, merging or generating)."""
-    base = getattr(model, "base_model", model)
+    base = _causal_lm(model)
     for name, module in list(base.named_modules()):
         if isinstance(module, HiddenStatesHead):
             parent_name, _, child = name.rpartition(".")

@@ -1,32 +1,26 @@
 """The YAML recipe: typed sections, the single home of every default, and validation.
 
-A recipe is parsed with a `yaml.SafeLoader` that also reads `2e-4` as a number. Before anything is
-constructed, tags that would build Python objects and duplicate keys are refused. Then it is checked key
-by key against the dataclasses below, `--set key.path=value` overrides exactly like the file, and every
-error names the key path and, where it can, the file and line and a near miss:
-``recipe.yaml:7: method.rank: must be > 0, got 0``. Relative paths mean relative to the working directory.
+A recipe is read by recipe_yaml.py: safely, with each key's line, and checked key by key against the
+dataclasses below. The range checks here say what the types alone cannot; `--set key.path=value`
+overrides exactly like the file, and every error names the key path and, where it can, the file and line
+and a near miss: ``recipe.yaml:7: method.rank: must be > 0, got 0``. Relative paths mean relative to the
+working directory.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import datetime
 import difflib
 import itertools
-import math
 import re
-import reprlib
-import types
-import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NoReturn, Union
+from typing import Any, Literal, NoReturn
 
-import yaml
-
-from peftcli.errors import UserError, did_you_mean
+from peftcli.errors import did_you_mean
+from peftcli.recipe_yaml import Accepts, KeySource, RecipeError, build, dump_yaml, join_key, parse_yaml, show
 
 METHOD_NAMES = ("lora", "prefix-tuning", "prompt-tuning", "adapter", "bitfit")
 TASKS = ("causal-lm", "sequence-classification")
@@ -132,261 +126,14 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-# --------------------------------------------------------------------------------------------------
-# Errors that know where they come from
-
-
-class RecipeError(UserError):
-    """A fault in a recipe or a --set override: ``where: key.path: message``, exit code 2."""
-
-    def __init__(self, key: str, message: str, where: str = ""):
-        self.key, self.where = key, where
-        prefix = f"{where}: " if where else ""
-        if where == f"--set {key}":  # not `--set train.max_steps: train.max_steps: ...`
-            key = ""
-        super().__init__(f"{prefix}{key}: {message}" if key else f"{prefix}{message}")
-
-
-Key = tuple[str, ...]  # ("method", "rank"); a list item is ("train", "betas", "[0]")
-
-
-def _join(key: Key) -> str:
-    return "".join(k if k.startswith("[") or i == 0 else "." + k for i, k in enumerate(key))
-
-
-class _Source:
-    """Where each key path came from: a file line, or a --set override."""
-
-    def __init__(self, path: str | None):
-        self.path = path
-        self.lines: dict[Key, int] = {}
-        self.overridden: list[Key] = []  # in the order applied
-
-    def where(self, key: Key) -> str:
-        for done in reversed(self.overridden):  # the last --set touching this key won
-            n = min(len(done), len(key))
-            if done[:n] == key[:n]:
-                return "--set " + _join(done)
-        for n in range(len(key), 0, -1):
-            if key[:n] in self.lines and self.path:
-                return f"{self.path}:{self.lines[key[:n]]}"
-        return self.path or ""
-
-    def error(self, key: Key, message: str) -> RecipeError:
-        return RecipeError(_join(key), message, self.where(key))
-
-
-_SHOW = reprlib.Repr()
-_SHOW.maxstring, _SHOW.maxother, _SHOW.maxlist, _SHOW.maxdict, _SHOW.maxlevel = 60, 60, 4, 4, 2
-
-
-def _show(value: Any) -> str:
-    """A short repr for messages: a recursive or huge YAML value must not flood the terminal."""
-    return _SHOW.repr(value)
-
-
-def _suggest(word: Any, choices: Iterable[str]) -> str:
-    choices = [str(c) for c in choices]
-    lower = {c.lower(): c for c in choices}
-    if str(word).lower() in lower:  # `LoRA`, `Rank`
-        return f" (did you mean `{lower[str(word).lower()]}`?)"
-    return did_you_mean(str(word), choices)
-
-
-# --------------------------------------------------------------------------------------------------
-# YAML: safe, with lines, and `2e-4` read as the number everyone means
-
-# YAML 1.1 (PyYAML) wants `2.0e-4` for a float and reads `2e-4` as a string; YAML 1.2 does not.
-_EXP_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
-
-
-class _Loader(yaml.SafeLoader):
-    pass
-
-
-class _Dumper(yaml.SafeDumper):
-    pass
-
-
-for _cls in (_Loader, _Dumper):  # the dumper must know it too, so that the string "1e3" stays quoted
-    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _EXP_FLOAT, list("-+0123456789."))
-
-_TAG_PREFIX = "tag:yaml.org,2002:"
-
-
-def _walk(node: yaml.Node, key: Key, lines: dict[Key, int], at: Callable[[Any], str], seen: set[int]) -> None:
-    """Before anything is constructed: refuse unknown tags and duplicate keys, and note each key's line."""
-    if id(node) in seen:  # an alias; anchors may even be recursive
-        return
-    seen.add(id(node))
-    if node.tag not in _Loader.yaml_constructors:
-        tag = node.tag.replace(_TAG_PREFIX, "!!")
-        raise RecipeError(
-            _join(key),
-            f"the YAML tag `{tag}` is refused: a recipe holds plain values only",
-            at(node.start_mark),
-        )
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            if k.tag == _TAG_PREFIX + "merge":  # `<<: *defaults`; its own keys may be overridden here
-                _walk(v, key, {}, at, seen)
-                continue
-            _walk(k, key, {}, at, seen)
-            child = (*key, str(k.value))
-            if isinstance(k, yaml.ScalarNode) and child in lines:
-                raise RecipeError(
-                    _join(child),
-                    f"duplicate key (first on line {lines[child]})",
-                    at(k.start_mark),
-                )
-            lines[child] = k.start_mark.line + 1
-            _walk(v, child, lines, at, seen)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            lines[(*key, f"[{i}]")] = item.start_mark.line + 1
-            _walk(item, (*key, f"[{i}]"), lines, at, seen)
-
-
-def _parse_yaml(text: str, where: str, with_lines: bool = True) -> tuple[Any, dict[Key, int]]:
-    """(data, {key path: line}); (None, {}) for an empty document. `where` is a file or `--set key`."""
-
-    def at(mark) -> str:
-        return f"{where}:{mark.line + 1}" if with_lines and mark is not None else where
-
-    loader = None
-    try:
-        loader = _Loader(text)  # reading checks the characters
-        node = loader.get_single_node()
-        if node is None:
-            return None, {}
-        lines: dict[Key, int] = {}
-        _walk(node, (), lines, at, set())
-        return loader.construct_document(node), lines
-    except yaml.constructor.ConstructorError as e:  # unhashable keys and the like; tags were caught above
-        raise RecipeError("", f"YAML error: {e.problem}", at(e.problem_mark)) from e
-    except yaml.MarkedYAMLError as e:
-        problem = f"{e.problem or e.context}"
-        if isinstance(e, yaml.composer.ComposerError) and "another document" in problem:
-            problem = "a recipe is one YAML document, but a second one starts here"
-        elif e.context and e.problem:  # "while parsing a flow sequence", where the unclosed `[` is
-            started = f" started on line {e.context_mark.line + 1}" if with_lines and e.context_mark else ""
-            problem += f" ({e.context}{started})"
-        raise RecipeError("", f"YAML syntax error: {problem}", at(e.problem_mark)) from e
-    except yaml.reader.ReaderError as e:
-        line = f":{text[: e.position].count(chr(10)) + 1}" if with_lines else ""
-        raise RecipeError("", f"character U+{e.character:04X} is not allowed in YAML", where + line) from e
-    except yaml.YAMLError as e:
-        raise RecipeError("", f"YAML error: {e}", where) from e
-    except RecursionError as e:
-        raise RecipeError("", "YAML nested too deeply", where) from e
-    finally:
-        if loader is not None:
-            loader.dispose()
-
-
-# --------------------------------------------------------------------------------------------------
-# Type checking against the dataclass hints
-
-_NOUNS = {int: "an integer", float: "a number", str: "a string", bool: "true/false", type(None): "null"}
-_PLURALS = {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}
-
 # What a union-typed key accepts, in words; the bare type names would not say what the value means.
-_ACCEPTS = {
+_ACCEPTS: Accepts = {
     ("method", "target_modules"): "a list of module names like [q_proj, v_proj], all-linear, "
     "a regular expression, or null for the architecture's default",
     ("method", "biases"): "all, or a list of bias groups / module names like [query, intermediate.dense]",
     ("method", "modules_to_save"): "a list of module names, or null",
     ("data", "validation"): "a fraction like 0.1, a file path, or null for no validation",
 }
-
-
-def _type_name(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        return "one of " + ", ".join(map(str, typing.get_args(hint)))
-    if origin in (Union, types.UnionType):
-        names = [_type_name(a) for a in typing.get_args(hint)]
-        return ", ".join(names[:-1]) + " or " + names[-1]
-    if origin is list:
-        item = typing.get_args(hint)[0]
-        return "a list of " + _PLURALS.get(item, _type_name(item))
-    return _NOUNS.get(hint, str(hint))
-
-
-def _type_error(value: Any, hint: Any, key: Key, src: _Source) -> RecipeError:
-    expected = _ACCEPTS.get(key, _type_name(hint))
-    if value is None:
-        return src.error(key, f"has no value; expected {expected}")
-    hint_text = ""
-    if hint is str and isinstance(value, (int, float, bool, datetime.date)):
-        hint_text = " (YAML read it as a non-string; put it in quotes)"
-    return src.error(key, f"expected {expected}, got {_show(value)}{hint_text}")
-
-
-def _coerce(value: Any, hint: Any, key: Key, src: _Source) -> Any:
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        # In declaration order, so "all-linear" stays a string and 0.1 stays a float.
-        for arg in args:
-            if isinstance(value, list) and typing.get_origin(arg) is list:
-                return _coerce(value, arg, key, src)  # a list: its own error names the bad item
-            try:
-                return _coerce(value, arg, key, src)
-            except RecipeError:
-                continue
-        raise _type_error(value, hint, key, src)
-    if origin is Literal:
-        choices = typing.get_args(hint)
-        if value is False and "no" in choices:  # YAML 1.1 reads `mixed_precision: no` as false
-            return "no"
-        if isinstance(value, str) and value in choices:
-            return value
-        if value is None:
-            raise _type_error(value, hint, key, src)
-        listed = ", ".join(map(str, choices))
-        unknown = f"unknown value {_show(value)}{_suggest(value, choices)}"
-        raise src.error(key, f"{unknown}; expected one of {listed}")
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        if not isinstance(value, list):
-            raise _type_error(value, hint, key, src)
-        return [_coerce(v, item, (*key, f"[{i}]"), src) for i, v in enumerate(value)]
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value):
-            raise src.error(key, f"must be a finite number, got {value}")
-        return float(value)
-    if (hint is bool and isinstance(value, bool)) or (hint is str and isinstance(value, str)):
-        return value
-    if hint is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    raise _type_error(value, hint, key, src)
-
-
-def _build(cls: type, data: Any, key: Key, src: _Source) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    if not isinstance(data, dict):
-        if not key:
-            raise src.error(key, f"the recipe must be a mapping of sections, got {type(data).__name__}")
-        hint = ""
-        if isinstance(data, str) and "name" in names:  # `method: lora`
-            hint = f"; write `{_join(key)}: {{name: {data}}}`"
-        raise src.error(key, f"must be a section (a mapping of keys to values), got {_show(data)}{hint}")
-    kwargs = {}
-    for name, value in data.items():
-        child = (*key, str(name))
-        if name not in hints:
-            known = ", ".join(names)
-            raise src.error(child, f"unknown key{_suggest(name, names)}; known keys here: {known}")
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value if value is not None else {}, child, src)
-        else:
-            kwargs[name] = _coerce(value, hint, child, src)
-    return cls(**kwargs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -400,7 +147,7 @@ _POSITIVE = {  # keys that must be > 0 unless null
 }
 
 
-def _check(recipe: Recipe, src: _Source) -> None:
+def _check(recipe: Recipe, src: KeySource) -> None:
     def fail(key: str, message: str) -> NoReturn:
         raise src.error(tuple(key.split(".")), message)
 
@@ -531,7 +278,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if not eq or not all(parts):
         raise RecipeError("", f"--set expects key.path=value (e.g. --set train.max_steps=10), got {text!r}")
-    value, _ = _parse_yaml(raw, "--set " + key.strip(), with_lines=False)
+    value, _ = parse_yaml(raw, "--set " + key.strip(), with_lines=False)
     return parts, value
 
 
@@ -541,7 +288,7 @@ def load_recipe(path: str | Path | None, overrides: Iterable[str] = (), data: di
     `data` is an already-parsed recipe (then `path` only names it in messages). Relative paths in the
     recipe are relative to the working directory.
     """
-    src = _Source(str(path) if path is not None else None)
+    src = KeySource(str(path) if path is not None else None)
     where = src.path or ""
     if data is None:
         p = Path(path)
@@ -559,11 +306,11 @@ def load_recipe(path: str | Path | None, overrides: Iterable[str] = (), data: di
             raise RecipeError("", bad, f"{where}:{line}") from e
         if not text.strip():
             raise RecipeError("", "the recipe is empty", where)
-        data, src.lines = _parse_yaml(text, where)
+        data, src.lines = parse_yaml(text, where)
         if data is None:
             raise RecipeError("", "the recipe is empty (only comments)", where)
     if not isinstance(data, dict):
-        raise RecipeError("", f"the recipe must be a mapping of sections, got {_show(data)}", where)
+        raise RecipeError("", f"the recipe must be a mapping of sections, got {show(data)}", where)
     data = copy.deepcopy(data)  # overrides must not change the caller's dict
     for text in overrides:
         keys, value = parse_override(text)
@@ -573,18 +320,18 @@ def load_recipe(path: str | Path | None, overrides: Iterable[str] = (), data: di
                 node[k] = {}
             elif not isinstance(node[k], dict):
                 raise RecipeError(
-                    _join(tuple(keys[: i + 1])),
-                    f"is {_show(node[k])}, not a section, so it has no key {keys[i + 1]!r}",
+                    join_key(tuple(keys[: i + 1])),
+                    f"is {show(node[k])}, not a section, so it has no key {keys[i + 1]!r}",
                     "--set " + ".".join(keys),
                 )
             node = node[k]
         node[keys[-1]] = value
         src.overridden.append(tuple(keys))
-    recipe = _build(Recipe, data, (), src)
+    recipe = build(Recipe, data, src, _ACCEPTS)
     _check(recipe, src)
     return recipe
 
 
 def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML, every default filled in; load_recipe reads it back unchanged."""
-    return yaml.dump(recipe.to_dict(), Dumper=_Dumper, sort_keys=False)
+    return dump_yaml(recipe.to_dict())

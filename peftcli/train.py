@@ -131,9 +131,14 @@ def setup(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
     check_data_source(recipe.data)  # bad data is refused before the model is loaded
 
     train = recipe.train
-    accelerator = Accelerator(mixed_precision=_mixed_precision(train.mixed_precision))
+    # cpu=True on a machine without CUDA is what makes accelerate see a multi-process CPU (gloo) launch.
+    accelerator = Accelerator(mixed_precision=_mixed_precision(train.mixed_precision),
+                              cpu=not torch.cuda.is_available())
     set_seed(train.seed)
     say = console.print if accelerator.is_main_process else (lambda *a, **k: None)
+    if accelerator.num_processes > 1:
+        say(f"{accelerator.num_processes} processes ({accelerator.distributed_type.value}), "
+            f"global batch {train.batch_size * accelerator.num_processes * train.gradient_accumulation}")
 
     tokenizer = load_tokenizer(recipe.model.name, recipe.model.trust_remote_code, recipe.model.revision)
     with accelerator.main_process_first():

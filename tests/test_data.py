@@ -12,7 +12,6 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from tiny import tiny_tokenizer
 from tokenizers import processors
 
-from peftcli import data as data_module
 from peftcli.data import IGNORE_INDEX, check_data_source, collate, default_cache_dir, prepare_data
 from peftcli.errors import UserError
 from peftcli.recipe import DataSection
@@ -493,7 +492,7 @@ def test_check_data_source_accepts_good_sources(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# Batching and the tokenizer fallback
+# Batching
 
 
 def test_collate_right_pads(tok):
@@ -506,21 +505,3 @@ def test_collate_right_pads(tok):
     assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert out["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert all(t.dtype == torch.long for t in out.values())
-
-
-def test_piecewise_tokenizing_matches_offsets(plain_tok):
-    """The path for tokenizers without offsets gives the same ids and masks here (byte-level)."""
-    text, spans = "### Response:\nParis", [(14, 19)]
-    ids, mask = next(data_module._tokenize([text], [spans], plain_tok, special=False))
-    assert data_module._tokenize_pieces(text, spans, plain_tok, special=False) == (ids, mask)
-    assert plain_tok.decode([t for t, m in zip(ids, mask, strict=True) if m]) == "Paris"
-
-    class PythonTokenizer:  # a Python tokenizer's two methods the fallback uses: [CLS] ids [SEP]
-        def encode(self, text, add_special_tokens):
-            return plain_tok.encode(text, add_special_tokens=add_special_tokens)
-
-        def build_inputs_with_special_tokens(self, ids):
-            return [101] + ids + [102]
-
-    wrapped = data_module._tokenize_pieces(text, spans, PythonTokenizer(), special=True)
-    assert wrapped == ([101, *ids, 102], [False, *mask, False])

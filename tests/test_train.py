@@ -220,6 +220,7 @@ def test_two_processes_match_one(tmp_path, bases):
          "--set", f"output_dir={tmp_path / 'two'}"],
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 processes" in two.stdout
 
     def losses(run):
         lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,645 @@
+"""`peft merge`: fold a trained adapter into the base weights and write a plain transformers model dir.
+
+Two ways to the same files:
+
+- **Streaming**, for a local safetensors base (one file, or shards listed in model.safetensors.index.json)
+  and the methods whose merge rewrites base tensors one at a time: LoRA (W + scale * B @ A), BitFit and
+  ``modules_to_save`` (a trained tensor replaces the base one). Each base tensor is read from its shard,
+  changed if the adapter touches it, cast and appended to the output shard; nothing else is held. Peak
+  memory is the largest tensor (a few copies of it while it is merged) plus the adapter, whatever the
+  model's size.
+- **In memory**, for everything else (a GGUF or hub base, a checkpoint whose tensor names transformers
+  converts on load): load base + adapter, the method's ``merge(model)``, ``save_pretrained``.
+
+Then the check: the written dir is loaded with plain transformers and its logits on a fixed probe batch
+are compared with base + adapter's, both computed in float32. Tolerances:
+
+- float32 output: max |difference| <= 1e-4. The folded weights differ from the unfolded computation only
+  by float32 rounding (measured: ~1e-6 on tiny models).
+- bfloat16 / float16 output: max |difference| <= 5e-2 x max |reference logit|. Rounding every weight to 8
+  (bf16) or 11 (fp16) significant bits moves logits by a fraction of a percent of their scale per layer;
+  5% leaves room for depth. In half precision the check catches structural faults (a tensor missing,
+  transposed or misplaced), not a delta that is a little off: that is what the float32 path pins.
+
+Both models are never in memory at once: base + adapter give the reference logits and are freed before the
+merged model is loaded. The check still loads the model once in float32; ``verify=False`` skips it.
+
+Nothing appears at ``output`` unless every step passed: the files are written to a temp dir next to it,
+which is renamed at the very end.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from rich.console import Console
+from torch import Tensor, nn
+
+from peftcli import checkpoint, models
+from peftcli.errors import CheckFailed, UserError
+from peftcli.generate import TOKENIZER_FILES, _num_labels_from_head
+from peftcli.methods import bitfit, lora
+from peftcli.methods.common import KEY_PREFIX
+
+OUTPUT_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+# Methods whose merge is "each base tensor -> its new value": what streaming knows how to do.
+STREAMABLE: tuple[ModuleType, ...] = (lora, bitfit)
+FP32_TOLERANCE = 1e-4
+HALF_RELATIVE_TOLERANCE = 5e-2
+PROBE_SHAPE = (2, 16)  # (sequences, tokens) of the check's fixed random token ids
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+GENERATION_CONFIG = "generation_config.json"
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    output: Path
+    method: str  # peftcli method name, e.g. lora
+    base: str
+    streamed: bool  # True: shard by shard; False: loaded in memory
+    dtype: torch.dtype  # of the written weights
+    max_abs_diff: float | None  # the check's max |logit difference|; None when not verified
+    tolerance: float | None
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What the adapter dir says, read once."""
+
+    adapter_dir: Path
+    base: str  # --base or the adapter's base_model_name_or_path
+    where: str  # where `base` came from, for messages
+    task: str
+    module: ModuleType  # the method's module
+    method: object  # its MethodSection
+    state: dict[str, Tensor]
+    label_names: list[str] | None
+    num_labels: int | None
+    revision: str | None
+
+
+def merge_to_dir(
+    adapter_dir: str | Path,
+    output: str | Path,
+    base: str | None = None,
+    dtype: str | None = None,
+    console: Console | None = None,
+    *,
+    verify: bool = True,
+    max_shard_size: str = "5GB",
+) -> MergeResult:
+    """Merge the adapter in `adapter_dir` into its base model and write the result to `output` (new).
+
+    `dtype`: fp32 | bf16 | fp16 (default: the base's). `max_shard_size` applies to the in-memory path;
+    streaming keeps the base's shards.
+    """
+    started = time.perf_counter()
+    console = console or Console()
+    say = lambda text: console.print(text, markup=False, highlight=False)  # noqa: E731
+    output = Path(output)
+    if output.exists() or output.is_symlink():
+        raise UserError(f"--output {output} already exists: peft merge never overwrites; choose a new path")
+    out_dtype = _parse_dtype(dtype)
+    job = _read_job(Path(adapter_dir), base)
+    source = _resolve_base(job)
+    plan = None
+    if job.module in STREAMABLE:
+        shards = _safetensors_shards(source)
+        if shards:
+            plan, reason = _stream_plan(job, source, shards)
+            if plan is None:
+                say(f"note: loading the whole base model instead of streaming it: {reason}")
+    out_dtype = out_dtype or (plan.base_dtype if plan else _config_dtype(job, source))
+    how = f"{'streaming its shards' if plan else 'in memory'}, {_dtype_name(out_dtype)}"
+    say(f"merge: {job.method.name} adapter {job.adapter_dir} into {job.base} ({how})")
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    try:
+        if plan:
+            _write_streamed(plan, tmp, out_dtype)
+            probe = probe_batch(plan.config)
+            reference = _reference_logits(job, probe) if verify else None
+        else:
+            model = _load_with_adapter(job)
+            probe = probe_batch(model.config)
+            reference = logits_of(model, probe) if verify else None
+            model = job.module.merge(model)
+            _untie_split_embeddings(model)
+            model.to(out_dtype).save_pretrained(tmp, max_shard_size=max_shard_size)
+            del model
+            gc.collect()
+        _save_tokenizer(job, tmp, say)
+        diff = tolerance = None
+        if reference is not None:
+            diff, tolerance = _check(tmp, job.task, probe, reference, out_dtype)
+            say(
+                f"check: max |logit difference| vs base + adapter = {diff:.2e} "
+                f"(tolerance {tolerance:.1e}, float32 compute): ok"
+            )
+        else:
+            say("check: skipped")
+        if output.exists() or output.is_symlink():
+            raise UserError(f"--output {output} appeared while merging: left untouched")
+        os.rename(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    size = sum(f.stat().st_size for f in output.glob("*.safetensors"))
+    say(f"done: merged model ({size / 1e6:,.1f} MB of weights) in {output}")
+    return MergeResult(
+        output,
+        job.method.name,
+        job.base,
+        plan is not None,
+        out_dtype,
+        diff,
+        tolerance,
+        time.perf_counter() - started,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading the adapter and finding the base
+
+
+def _parse_dtype(dtype: str | None) -> torch.dtype | None:
+    if dtype is None:
+        return None
+    if dtype not in OUTPUT_DTYPES:
+        raise UserError(f"--dtype: unknown dtype {dtype!r}; choose fp32, bf16 or fp16")
+    return OUTPUT_DTYPES[dtype]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _read_job(adapter_dir: Path, base: str | None) -> _Job:
+    config, state = checkpoint.read_adapter(adapter_dir)
+    module = checkpoint.method_module(config, str(adapter_dir / checkpoint.CONFIG_NAME))
+    if not getattr(module, "MERGEABLE", False):
+        why = getattr(module, "WHY_NOT_MERGEABLE", "the method does not fold into the weights")
+        raise UserError(f"cannot merge {adapter_dir}, a {config['peft_type']} adapter: {why}")
+    method = module.method_from_config(config)
+    task = checkpoint.task_of(config)
+    base_name = base or config.get("base_model_name_or_path")
+    if not base_name:
+        raise UserError(
+            f"{adapter_dir / checkpoint.CONFIG_NAME} names no base model "
+            "(base_model_name_or_path is empty): pass --base MODEL"
+        )
+    classify = task == "sequence-classification"
+    label_names = checkpoint.read_labels(adapter_dir) if classify else None
+    return _Job(
+        adapter_dir=adapter_dir,
+        base=base_name,
+        where="--base" if base else checkpoint.CONFIG_NAME,
+        task=task,
+        module=module,
+        method=method,
+        state=state,
+        label_names=label_names,
+        num_labels=_num_labels_from_head(state) if classify and not label_names else None,
+        revision=config.get("revision"),
+    )
+
+
+def _base_error(job: _Job, error: UserError) -> UserError:
+    message = str(error).removeprefix("model.name: ")
+    hint = "" if job.where == "--base" else "; pass --base MODEL to use another copy of the base model"
+    return UserError(f"base model `{job.base}` (from {job.where}): {message}{hint}")
+
+
+def _resolve_base(job: _Job) -> models.ModelSource:
+    try:
+        return models.resolve(job.base)
+    except UserError as e:
+        raise _base_error(job, e) from e
+
+
+def _base_config(job: _Job, source: models.ModelSource):
+    try:
+        config = models.load_config(source, revision=job.revision)
+    except UserError as e:
+        raise _base_error(job, e) from e
+    if job.task == "sequence-classification":
+        config = models._classification_config(config, job.num_labels, job.label_names)
+    return config
+
+
+def _config_dtype(job: _Job, source: models.ModelSource) -> torch.dtype:
+    """The base's dtype as its config states it; float32 when it states none (GGUF: dequantized)."""
+    config = _base_config(job, source)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+
+
+def _load_with_adapter(job: _Job) -> nn.Module:
+    """Base + adapter, in float32 (the check's reference precision), eval mode, on the CPU."""
+    try:
+        model = models.load_model(
+            job.base,
+            job.task,
+            label_names=job.label_names,
+            num_labels=job.num_labels,
+            dtype="float32",
+            revision=job.revision,
+        )
+    except UserError as e:
+        raise _base_error(job, e) from e
+    model, _ = checkpoint.load_adapter(model, job.adapter_dir)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming: the plan, made from headers and a meta-device model before any tensor is read
+
+
+@dataclass
+class _Plan:
+    config: object  # the merged model's transformers config
+    # Output shards in order; each entry is (output key, (base shard, checkpoint key) or None: adapter only).
+    shards: list[list[tuple[str, tuple[Path, str] | None]]]
+    shapes: dict[str, tuple[int, ...]]  # output key -> shape
+    dtypes: dict[str, torch.dtype]  # output key -> dtype before the cast
+    deltas: dict[str, tuple[Tensor, Tensor, float, bool]]  # weight key -> LoRA (A, B, scale, fan_in_fan_out)
+    replaced: dict[str, Tensor]  # key -> the adapter's tensor (BitFit biases, modules_to_save)
+    base_dtype: torch.dtype  # the floating dtype most of the base's elements have
+    base_dir: Path
+
+
+def _safetensors_shards(source: models.ModelSource) -> list[Path] | None:
+    """The base's safetensors files, when it is a local dir that has them."""
+    if not source.is_local or source.gguf_file:
+        return None
+    root = Path(source.path)
+    if (root / INDEX_NAME).is_file():
+        try:
+            weight_map = json.loads((root / INDEX_NAME).read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise UserError(f"{root / INDEX_NAME}: not a valid safetensors index ({e})") from e
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (root / n).is_file()]
+        if missing:
+            raise UserError(f"base model {source.name}: shard {missing[0]} listed in {INDEX_NAME} is missing")
+        return [root / n for n in names]
+    return [root / SINGLE_NAME] if (root / SINGLE_NAME).is_file() else None
+
+
+def _stream_plan(job: _Job, source: models.ModelSource, shard_paths: list[Path]) -> tuple[_Plan | None, str]:
+    """(plan, "") or (None, why streaming does not apply). Raises when the adapter does not fit the base."""
+    import transformers
+
+    config = _base_config(job, source)
+    with torch.device("meta"):
+        meta = getattr(transformers, models.TASK_AUTO_CLASSES[job.task]).from_config(config)
+    config.architectures = [type(meta).__name__]
+    expected = {key: tuple(t.shape) for key, t in meta.state_dict().items()}
+    ties = _tie_groups(meta)
+    prefix = getattr(meta, "base_model_prefix", "")
+    # The method's own inject + load on the meta model: the same key and shape checks as a real load.
+    meta = job.module.inject(meta, job.method, job.task)
+    job.module.load_adapter_state(meta, job.state)
+    deltas, factor_keys = {}, set()
+    for name, layer in lora.lora_layers(meta):
+        a_key, b_key = f"{KEY_PREFIX}{name}.lora_A.weight", f"{KEY_PREFIX}{name}.lora_B.weight"
+        deltas[f"{name}.weight"] = (job.state[a_key], job.state[b_key], layer.scale, layer.fan_in_fan_out)
+        factor_keys |= {a_key, b_key}
+    # Every other adapter tensor (BitFit's biases, modules_to_save) is the new value of a base tensor.
+    replaced = {key.removeprefix(KEY_PREFIX): t for key, t in job.state.items() if key not in factor_keys}
+    del meta
+    unknown = sorted(set(deltas).union(replaced) - set(expected))
+    if unknown:
+        return None, f"the adapter's `{unknown[0]}` is no tensor of the plain model"
+
+    shards, sources, dtypes, elements = [], {}, {}, {}
+    for path in shard_paths:
+        entries = []
+        for ckpt_key, info in _read_header(path).items():
+            key = _model_key(ckpt_key, expected, prefix)
+            if key is None:
+                continue  # a tensor the task's model has no place for (e.g. lm_head for a classifier)
+            if key in sources:
+                return None, f"two checkpoint tensors map to `{key}`"
+            if info.dtype is None:
+                return None, f"`{ckpt_key}` in {path.name} has dtype {info.code}, which peftcli cannot stream"
+            if info.shape != expected[key] and key not in replaced:
+                return None, f"`{ckpt_key}` has shape {info.shape}, the model expects {expected[key]}"
+            sources[key], dtypes[key] = (path, ckpt_key), info.dtype
+            if info.dtype.is_floating_point:
+                elements[info.dtype] = elements.get(info.dtype, 0) + math.prod(info.shape)
+            entries.append((key, sources[key]))
+        shards.append(entries)
+
+    # Tied tensors (lm_head = embed_tokens) are written once and tied again on load, unless the adapter
+    # replaces one of them: then each is written with its own value and the config unties them.
+    extra, split = [], False
+    for group in ties:
+        tied_lora = [key for key in group if key in deltas]
+        if tied_lora:
+            layer = tied_lora[0].removesuffix(".weight")
+            raise UserError(
+                f"cannot merge LoRA into `{layer}`: its weight is "
+                "shared with another layer (tied embeddings), which the merge would change too"
+            )
+        if any(key in replaced for key in group):
+            split = True
+            base_key = next((key for key in group if key in sources), None)
+            for key in group:
+                if key not in sources and key not in replaced and base_key is not None:
+                    extra.append((key, sources[base_key]))
+                    dtypes[key] = dtypes[base_key]
+    tied = {key for group in ties for key in group}
+    for key in expected:
+        if key in replaced and key not in sources:
+            extra.append((key, None))
+            dtypes[key] = replaced[key].dtype
+        elif key not in sources and key not in tied:
+            return None, f"the base checkpoint has no tensor for `{key}`"
+    if split:
+        config.get_text_config().tie_word_embeddings = False
+        config.tie_word_embeddings = False
+    base_dtype = max(elements, key=elements.get) if elements else torch.float32
+    shards = [entries for entries in [*shards, extra] if entries]
+    return _Plan(config, shards, expected, dtypes, deltas, replaced, base_dtype, Path(source.path)), ""
+
+
+def _tie_groups(model: nn.Module) -> list[list[str]]:
+    """Names of parameters that are one tensor (tied embeddings), one list per tensor."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return [group for group in names.values() if len(group) > 1]
+
+
+def _model_key(ckpt_key: str, expected: dict, prefix: str) -> str | None:
+    """The model's name for a checkpoint tensor: the same, or under the base model's prefix (a checkpoint
+    of LlamaModel stores `layers.0...`, LlamaForCausalLM `model.layers.0...`)."""
+    if ckpt_key in expected:
+        return ckpt_key
+    if prefix and f"{prefix}.{ckpt_key}" in expected:
+        return f"{prefix}.{ckpt_key}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming: safetensors read and written one tensor at a time
+#
+# The format: an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
+# then the tensors' bytes. safetensors' own reader maps the whole file (all of a shard in RSS once
+# touched) and its writer builds the whole file in memory; these plain reads and writes hold one tensor.
+
+_CODES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+_DTYPES = {code: dtype for dtype, code in _CODES.items()}
+
+
+@dataclass(frozen=True)
+class _TensorInfo:
+    code: str  # safetensors dtype code
+    dtype: torch.dtype | None  # None: a code peftcli does not stream
+    shape: tuple[int, ...]
+    start: int  # absolute file offsets
+    end: int
+
+
+def _read_header(path: Path) -> dict[str, _TensorInfo]:
+    """The tensors of a safetensors file, in file order, without reading their data."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(length))
+        infos = {}
+        for key, entry in header.items():
+            if key == "__metadata__":
+                continue
+            begin, end = entry["data_offsets"]
+            dtype, shape = _DTYPES.get(entry["dtype"]), tuple(int(n) for n in entry["shape"])
+            if dtype is not None and end - begin != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"{key}: {end - begin} bytes for shape {shape} of {entry['dtype']}")
+            if not 0 <= begin <= end <= size - 8 - length:
+                raise ValueError(f"{key}: data outside the file")
+            infos[key] = _TensorInfo(entry["dtype"], dtype, shape, 8 + length + begin, 8 + length + end)
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from e
+    return dict(sorted(infos.items(), key=lambda item: item[1].start))
+
+
+def _read_tensor(f, info: _TensorInfo) -> Tensor:
+    tensor = torch.empty(info.shape, dtype=info.dtype)
+    if tensor.numel():
+        f.seek(info.start)
+        if f.readinto(memoryview(_bytes_of(tensor))) != info.end - info.start:
+            raise UserError(f"{f.name}: truncated safetensors file")
+    return tensor
+
+
+def _bytes_of(tensor: Tensor):
+    """A writable uint8 view of a contiguous tensor's memory (little-endian, as safetensors stores it)."""
+    return tensor.reshape(-1).view(torch.uint8).numpy()
+
+
+def _write_safetensors(
+    path: Path, specs: list[tuple[str, torch.dtype, tuple]], tensors: Iterator[Tensor]
+) -> int:
+    """Write `specs` (key, dtype, shape) in order, taking each tensor from `tensors` as it comes; returns
+    the bytes of tensor data."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for key, dtype, shape in specs:
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[key] = {
+            "dtype": _CODES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with path.open("wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for (key, dtype, shape), tensor in zip(specs, tensors, strict=True):
+            if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+                raise AssertionError(
+                    f"{key}: produced {tensor.dtype} {tuple(tensor.shape)}, planned {dtype} {shape}"
+                )
+            if tensor.numel():
+                f.write(_bytes_of(tensor.contiguous()))
+    return offset
+
+
+def _write_streamed(plan: _Plan, directory: Path, out_dtype: torch.dtype) -> None:
+    """The merged weights as safetensors shards (+ index when more than one), and config.json."""
+    count = len(plan.shards)
+    names = (
+        [SINGLE_NAME]
+        if count == 1
+        else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+    )
+    weight_map, total = {}, 0
+    for name, entries in zip(names, plan.shards, strict=True):
+        specs = [(key, _cast_dtype(plan.dtypes[key], out_dtype), plan.shapes[key]) for key, _ in entries]
+        total += _write_safetensors(directory / name, specs, _merged_tensors(plan, entries, out_dtype))
+        weight_map.update(dict.fromkeys((key for key, _ in entries), name))
+    if count > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    plan.config.dtype = out_dtype
+    plan.config.save_pretrained(directory)
+    if (plan.base_dir / GENERATION_CONFIG).is_file():
+        shutil.copyfile(plan.base_dir / GENERATION_CONFIG, directory / GENERATION_CONFIG)
+
+
+def _cast_dtype(dtype: torch.dtype, out_dtype: torch.dtype) -> torch.dtype:
+    return out_dtype if dtype.is_floating_point else dtype
+
+
+def _merged_tensors(plan: _Plan, entries: list, out_dtype: torch.dtype) -> Iterator[Tensor]:
+    """Each entry's merged tensor in turn: base (or the adapter's replacement) + LoRA delta, cast."""
+    files = {}
+    try:
+        for key, source in entries:
+            if key in plan.replaced:
+                tensor = plan.replaced[key]
+            else:
+                path, ckpt_key = source
+                if path not in files:
+                    files[path] = (path.open("rb"), _read_header(path))
+                f, header = files[path]
+                tensor = _read_tensor(f, header[ckpt_key])
+            if key in plan.deltas:
+                lora_a, lora_b, scale, fan_in_fan_out = plan.deltas[key]
+                delta = lora.delta_weight(lora_a, lora_b, scale, fan_in_fan_out)
+                # lora.merge's arithmetic, so both paths write the same bits: add in float32, round once.
+                tensor = tensor.to(delta.dtype) + delta
+            yield tensor.to(out_dtype) if tensor.is_floating_point() else tensor
+    finally:
+        for f, _ in files.values():
+            f.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# The in-memory path's tied embeddings, the tokenizer, and the check
+
+
+def _untie_split_embeddings(model: nn.Module) -> None:
+    """A head or embedding trained in full (modules_to_save) no longer shares the other's weight: the
+    config must say so, or loading ties them again."""
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if inputs is None or outputs is None or outputs.weight is inputs.weight:
+        return
+    config = model.config
+    if getattr(config.get_text_config(), "tie_word_embeddings", False) or config.tie_word_embeddings:
+        config.get_text_config().tie_word_embeddings = False
+        config.tie_word_embeddings = False
+
+
+def _save_tokenizer(job: _Job, directory: Path, say) -> None:
+    """The run's tokenizer (a `peft train` output dir has it), else the base's; chat template included."""
+    if any((job.adapter_dir / name).is_file() for name in TOKENIZER_FILES):
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(job.adapter_dir))
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load the tokenizer saved in {job.adapter_dir}: {e}") from e
+    else:
+        try:
+            tokenizer = models.load_tokenizer(job.base, revision=job.revision)
+        except UserError as e:
+            say(f"note: the merged model has no tokenizer files: {e}")
+            return
+    tokenizer.save_pretrained(str(directory))
+
+
+def probe_batch(config) -> dict[str, Tensor]:
+    """Fixed pseudo-random token ids (no padding) for the check: the same for every run of a model."""
+    text = config.get_text_config()
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, text.vocab_size, PROBE_SHAPE, generator=generator)
+    pad = getattr(text, "pad_token_id", None)
+    if isinstance(pad, int):
+        ids[ids == pad] = (pad + 1) % text.vocab_size  # a pad id would change where a classifier pools
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@torch.no_grad()
+def logits_of(model: nn.Module, probe: dict[str, Tensor]) -> Tensor:
+    return model(**probe).logits.float()
+
+
+def _reference_logits(job: _Job, probe: dict[str, Tensor]) -> Tensor:
+    model = _load_with_adapter(job)
+    reference = logits_of(model, probe)
+    del model
+    gc.collect()
+    return reference
+
+
+def _check(
+    directory: Path, task: str, probe: dict, reference: Tensor, out_dtype: torch.dtype
+) -> tuple[float, float]:
+    """Load the written dir with plain transformers; (max |logit difference|, tolerance) or CheckFailed."""
+    import transformers
+
+    cls = getattr(transformers, models.TASK_AUTO_CLASSES[task])
+    try:
+        model, info = cls.from_pretrained(str(directory), dtype=torch.float32, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckFailed(f"the merged model does not load with transformers: {e}") from e
+    bad = sorted(info.get("missing_keys", ())) + sorted(info.get("mismatched_keys", ()))
+    if bad:
+        raise CheckFailed(f"the merged model loads with tensors missing or misshaped (e.g. {bad[0]})")
+    merged = logits_of(model.eval(), probe)
+    del model
+    gc.collect()
+    diff = float((merged - reference).abs().max())
+    if out_dtype == torch.float32:
+        tolerance = FP32_TOLERANCE
+    else:
+        tolerance = HALF_RELATIVE_TOLERANCE * float(reference.abs().max())
+    if not diff <= tolerance:  # `not <=`: a NaN fails too
+        raise CheckFailed(
+            f"the merged model's logits differ from base + adapter by {diff:.3g} "
+            f"(tolerance {tolerance:.1e}): nothing written"
+        )
+    return diff, tolerance
