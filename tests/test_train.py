@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from peftcli import checkpoint, train
 from peftcli.cli import app
+from peftcli.generate import run_generate, run_predict
 from peftcli.models import load_model
 from peftcli.recipe import load_recipe
 
@@ -113,6 +114,9 @@ def test_train_writes_a_reloadable_run(tmp_path, bases, arch, fmt, method):
     assert train.evaluate(reloaded)["loss"] == pytest.approx(report["eval"]["after"]["loss"], abs=1e-5)
     if fmt == "classification":
         assert json.loads((out / "labels.json").read_text()) == ["neg", "pos"]
+        assert run_predict(out, "good trip").split(" ")[0] in ("neg", "pos")
+    else:  # every causal-LM method generates from its run dir
+        assert isinstance(run_generate(out, "What is 3 plus 3?", max_new_tokens=3), str)
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, bases):
