@@ -91,6 +91,19 @@ def read_labels(directory: str | Path) -> list[str] | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+def adapter_method(directory: str | Path) -> tuple[str, MethodSection, str]:
+    """(base model name, method, task) of an adapter dir, from its config alone (no weights read)."""
+    path = Path(directory) / CONFIG_NAME
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read the adapter config: {e}") from e
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{path}: no base_model_name_or_path; count the base model with --method instead")
+    return base, method_module(config, str(path)).method_from_config(config), task_of(config)
+
+
 def load_adapter(model: nn.Module, directory: str | Path) -> tuple[nn.Module, MethodSection]:
     """Inject the adapter's method into `model` and load its weights; returns (model, method)."""
     config, state = read_adapter(directory)

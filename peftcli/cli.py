@@ -108,6 +108,12 @@ def count(
         model_name, base_method = recipe.model.name, recipe.method
         task = task or recipe.model.task
         methods = method or [recipe.method.name]
+    elif (Path(model_or_recipe) / "adapter_config.json").is_file():  # an adapter dir, ours or HF PEFT's
+        from peftcli.checkpoint import adapter_method
+
+        model_name, base_method, adapter_task = adapter_method(model_or_recipe)
+        task = task or adapter_task
+        methods = method or [base_method.name]
     else:
         model_name, base_method = model_or_recipe, MethodSection()
         methods = method or ["lora"]

@@ -86,3 +86,18 @@ def test_bad_method_and_task_are_clean_errors(tmp_path):
     assert result.exit_code == 2 and "--task" in result.stderr
     result = runner.invoke(app, ["count", str(tmp_path / "missing")])
     assert result.exit_code == 2 and "not found" in result.stderr
+
+
+def test_count_an_adapter_dir_written_by_hf_peft(tmp_path):
+    base = tmp_path / "base"
+    config = tiny_config("llama")
+    config.save_pretrained(base)
+    torch.manual_seed(0)
+    hf = get_peft_model(AutoModelForCausalLM.from_config(config),
+                        LoraConfig(task_type="CAUSAL_LM", r=2, lora_alpha=4, target_modules=["k_proj"]))
+    hf.peft_config["default"].base_model_name_or_path = str(base)
+    hf.save_pretrained(tmp_path / "adapter")
+    result = runner.invoke(app, ["count", str(tmp_path / "adapter"), "--json"])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.stdout)
+    assert (row["trainable"], row["total"]) == hf.get_nb_trainable_parameters()
