@@ -3,7 +3,7 @@ PYTHON ?= python3
 # The torch build to install; the default is the release the project is tested with.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test test-quick lint format bench
+.PHONY: install test test-quick lint format bench bench-merge
 
 install:
 	$(PYTHON) -m pip install "$(TORCH)" -e ".[dev]"
@@ -24,3 +24,6 @@ format:
 
 bench:
 	$(PYTHON) scripts/bench_train.py
+
+bench-merge:
+	$(PYTHON) scripts/bench_merge.py

@@ -21,8 +21,14 @@ CONFIG_NAME = "adapter_config.json"
 LABELS_NAME = "labels.json"  # classification label names, in id order (ours; HF PEFT ignores it)
 
 
-def save_adapter(model: nn.Module, method: MethodSection, task: str, base_model: str, directory: str | Path,
-                 label_names: list[str] | None = None) -> None:
+def save_adapter(
+    model: nn.Module,
+    method: MethodSection,
+    task: str,
+    base_model: str,
+    directory: str | Path,
+    label_names: list[str] | None = None,
+) -> None:
     module = METHODS[method.name]
     directory = Path(directory)
     state = {k: v.detach().contiguous().cpu() for k, v in module.adapter_state(model).items()}
@@ -36,7 +42,9 @@ def save_adapter(model: nn.Module, method: MethodSection, task: str, base_model:
     }
     if config.get("prompt_tuning_init") == "TEXT" and not config.get("tokenizer_name_or_path"):
         config["tokenizer_name_or_path"] = base_model  # HF PEFT refuses a text init without one
-    fileio.atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    fileio.atomic_write(
+        directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"})
+    )
     fileio.write_json(directory / CONFIG_NAME, config)
     if label_names:
         fileio.write_json(directory / LABELS_NAME, label_names)
@@ -59,8 +67,10 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, Tensor]]:
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         if (directory / "adapter_model.bin").exists():
-            raise UserError(f"{directory} holds only adapter_model.bin (a pickle, which peftcli never loads); "
-                            "re-save it with safetensors (HF PEFT: save_pretrained(safe_serialization=True))")
+            raise UserError(
+                f"{directory} holds only adapter_model.bin (a pickle, which peftcli never loads); "
+                "re-save it with safetensors (HF PEFT: save_pretrained(safe_serialization=True))"
+            )
         raise UserError(f"{directory} holds no {WEIGHTS_NAME}")
     try:
         state = load_file(str(weights))
@@ -72,8 +82,9 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, Tensor]]:
 def method_module(config: dict, where: str = "adapter_config.json"):
     peft_type = config.get("peft_type")
     if peft_type not in BY_PEFT_TYPE:
-        raise UserError(f"{where}: peft_type {peft_type!r} is not supported here "
-                        f"(supported: {', '.join(BY_PEFT_TYPE)})")
+        raise UserError(
+            f"{where}: peft_type {peft_type!r} is not supported here (supported: {', '.join(BY_PEFT_TYPE)})"
+        )
     return BY_PEFT_TYPE[peft_type]
 
 
@@ -82,8 +93,10 @@ def task_of(config: dict) -> str:
     for task, name in TASK_TYPES.items():
         if name == task_type:
             return task
-    raise UserError(f"adapter_config.json: task_type {task_type!r} is not supported "
-                    f"(supported: {', '.join(TASK_TYPES.values())})")
+    raise UserError(
+        f"adapter_config.json: task_type {task_type!r} is not supported "
+        f"(supported: {', '.join(TASK_TYPES.values())})"
+    )
 
 
 def read_labels(directory: str | Path) -> list[str] | None:
@@ -129,10 +142,18 @@ def save_training_state(directory: str | Path, model: nn.Module, optimizer, stat
 
     directory = Path(directory)
     opt = optimizer.state_dict()
-    tensors = {f"state.{idx}.{name}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
-               for idx, slots in opt["state"].items() for name, v in slots.items()}
-    tensors.update({f"param.{name}": p.detach().cpu().contiguous()
-                    for name, p in model.named_parameters() if p.requires_grad})
+    tensors = {
+        f"state.{idx}.{name}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+        for idx, slots in opt["state"].items()
+        for name, v in slots.items()
+    }
+    tensors.update(
+        {
+            f"param.{name}": p.detach().cpu().contiguous()
+            for name, p in model.named_parameters()
+            if p.requires_grad
+        }
+    )
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()

@@ -45,7 +45,9 @@ def _handle_errors(fn: Callable) -> Callable:
         except UserError as e:
             if _debug:
                 traceback.print_exc()
-            stderr.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
+            stderr.print(
+                f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True
+            )
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             stderr.print("interrupted")
@@ -71,7 +73,9 @@ def _quiet_libraries() -> None:
 @_handle_errors
 def train(
     recipe: Path = typer.Argument(..., help="The YAML recipe."),
-    set_: list[str] = typer.Option([], "--set", help="Override a recipe key: --set train.max_steps=10 (repeatable)."),
+    set_: list[str] = typer.Option(
+        [], "--set", help="Override a recipe key: --set train.max_steps=10 (repeatable)."
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output_dir."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous run in output_dir."),
 ):
@@ -88,14 +92,20 @@ def train(
 @app.command()
 @_handle_errors
 def count(
-    model_or_recipe: str = typer.Argument(..., help="A model (dir, .gguf, hub id, built-in name) or a recipe."),
-    method: list[str] = typer.Option([], "--method", "-m", help="Method to count (repeatable); default lora."),
+    model_or_recipe: str = typer.Argument(
+        ..., help="A model (dir, .gguf, hub id, built-in name) or a recipe."
+    ),
+    method: list[str] = typer.Option(
+        [], "--method", "-m", help="Method to count (repeatable); default lora."
+    ),
     rank: int | None = typer.Option(None, help="LoRA rank."),
     alpha: float | None = typer.Option(None, help="LoRA alpha."),
     target_modules: str | None = typer.Option(None, help="Comma-separated names, or all-linear."),
     num_virtual_tokens: int | None = typer.Option(None, help="Prefix/prompt tuning length."),
     bottleneck: int | None = typer.Option(None, help="Bottleneck adapter size."),
-    task: str | None = typer.Option(None, help="causal-lm | sequence-classification (default: the config's)."),
+    task: str | None = typer.Option(
+        None, help="causal-lm | sequence-classification (default: the config's)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
     """Compare trainable vs total parameters of methods, without loading weights."""
@@ -124,10 +134,16 @@ def count(
         if name not in METHOD_NAMES:
             from peftcli.errors import did_you_mean
 
-            raise UserError(f"--method: unknown method {name!r}{did_you_mean(name, METHOD_NAMES)}; "
-                            f"choose from {', '.join(METHOD_NAMES)}")
-        overrides = {"rank": rank, "alpha": alpha, "num_virtual_tokens": num_virtual_tokens,
-                     "bottleneck_size": bottleneck}
+            raise UserError(
+                f"--method: unknown method {name!r}{did_you_mean(name, METHOD_NAMES)}; "
+                f"choose from {', '.join(METHOD_NAMES)}"
+            )
+        overrides = {
+            "rank": rank,
+            "alpha": alpha,
+            "num_virtual_tokens": num_virtual_tokens,
+            "bottleneck_size": bottleneck,
+        }
         if target_modules:
             parts = [t.strip() for t in target_modules.split(",") if t.strip()]
             overrides["target_modules"] = "all-linear" if parts == ["all-linear"] else parts
@@ -154,15 +170,22 @@ def count(
 @_handle_errors
 def merge(
     adapter_dir: Path = typer.Argument(..., help="A LoRA/BitFit adapter directory (ours or HF PEFT's)."),
-    output: Path = typer.Option(..., "--output", "-o", help="Where to write the merged model (must not exist)."),
-    base: str | None = typer.Option(None, help="Base model (default: the adapter's base_model_name_or_path)."),
+    output: Path = typer.Option(
+        ..., "--output", "-o", help="Where to write the merged model (must not exist)."
+    ),
+    base: str | None = typer.Option(
+        None, help="Base model (default: the adapter's base_model_name_or_path)."
+    ),
     dtype: str | None = typer.Option(None, help="fp32 | bf16 | fp16 (default: the base's dtype)."),
+    no_verify: bool = typer.Option(
+        False, "--no-verify", help="Skip the reload-and-compare check (it loads the model once, in fp32)."
+    ),
 ):
     """Fold a trained adapter into the base weights and write a standard transformers model."""
     _quiet_libraries()
     from peftcli.merge import merge_to_dir
 
-    merge_to_dir(adapter_dir, output, base=base, dtype=dtype, console=stdout)
+    merge_to_dir(adapter_dir, output, base=base, dtype=dtype, console=stdout, verify=not no_verify)
 
 
 @app.command()
@@ -182,8 +205,17 @@ def generate(
     _quiet_libraries()
     from peftcli.generate import run_generate
 
-    text = run_generate(run_dir, prompt, max_new_tokens=max_new_tokens, sample=sample,
-                        temperature=temperature, top_p=top_p, seed=seed, base=base, raw=raw)
+    text = run_generate(
+        run_dir,
+        prompt,
+        max_new_tokens=max_new_tokens,
+        sample=sample,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        base=base,
+        raw=raw,
+    )
     print(text)
 
 

@@ -22,12 +22,17 @@ class Count:
         return 100.0 * self.trainable / self.total if self.total else 0.0
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "trainable": self.trainable, "total": self.total,
-                "trainable_percent": round(self.trainable_percent, 6)}
+        return {
+            "method": self.method,
+            "trainable": self.trainable,
+            "total": self.total,
+            "trainable_percent": round(self.trainable_percent, 6),
+        }
 
 
-def count_methods(model_name: str, methods: list[MethodSection], task: str | None = None,
-                  trust_remote_code: bool = False) -> list[Count]:
+def count_methods(
+    model_name: str, methods: list[MethodSection], task: str | None = None, trust_remote_code: bool = False
+) -> list[Count]:
     """One Count per method, each injected into its own copy of the meta model.
 
     Follows HF PEFT's convention: total = base + adapter parameters, each shared tensor once.

@@ -54,7 +54,7 @@ def _load(run_dir: Path, base: str | None, config: dict, state: dict[str, torch.
     label_names = checkpoint.read_labels(run_dir) if task == "sequence-classification" else None
     num_labels = None
     if task == "sequence-classification" and not label_names:
-        num_labels = _num_labels_from_head(state)
+        num_labels = num_labels_from_head(state)
     dtype = model_section.get("dtype")
     revision = config.get("revision") or model_section.get("revision")
     # trust_remote_code is never taken from a run dir: a copied run dir must not run code by itself.
@@ -123,7 +123,7 @@ def _max_length(recipe: dict, tokenizer) -> int | None:
     return limit if isinstance(limit, int) and limit < 1_000_000 else None  # else: transformers' "no limit"
 
 
-def _num_labels_from_head(state: dict[str, torch.Tensor]) -> int | None:
+def num_labels_from_head(state: dict[str, torch.Tensor]) -> int | None:
     """The number of labels from the saved classification head: rows of its last weight matrix.
 
     Keys look like ``base_model.model.score.weight`` (decoders), ``...classifier.weight`` (BERT) or

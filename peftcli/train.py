@@ -82,14 +82,19 @@ def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> Path | 
             raise UserError(f"--resume: no checkpoint under {output_dir / 'checkpoints'} to resume from")
         return latest
     if existing and not overwrite:
-        raise UserError(f"output_dir {output_dir} already holds a run ({', '.join(existing)}); "
-                        "continue it with --resume or replace it with --overwrite")
+        raise UserError(
+            f"output_dir {output_dir} already holds a run ({', '.join(existing)}); "
+            "continue it with --resume or replace it with --overwrite"
+        )
     return None
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
-    steps = sorted((int(p.name.split("-", 1)[1]), p) for p in (output_dir / "checkpoints").glob("step-*")
-                   if p.name.split("-", 1)[1].isdigit() and (p / checkpoint.STATE_NAME).is_file())
+    steps = sorted(
+        (int(p.name.split("-", 1)[1]), p)
+        for p in (output_dir / "checkpoints").glob("step-*")
+        if p.name.split("-", 1)[1].isdigit() and (p / checkpoint.STATE_NAME).is_file()
+    )
     return steps[-1][1] if steps else None
 
 
@@ -103,8 +108,10 @@ def _inject(model, recipe: Recipe, tokenizer):
     if recipe.method.from_adapter:
         model, method = checkpoint.load_adapter(model, recipe.method.from_adapter)
         if method.name != recipe.method.name:
-            raise UserError(f"method.from_adapter: {recipe.method.from_adapter} is a {method.name} adapter, "
-                            f"the recipe's method is {recipe.method.name}")
+            raise UserError(
+                f"method.from_adapter: {recipe.method.from_adapter} is a {method.name} adapter, "
+                f"the recipe's method is {recipe.method.name}"
+            )
         recipe.method = method
         return model
     inject = METHODS[recipe.method.name].inject
@@ -118,13 +125,18 @@ def _optimizer(model, recipe: Recipe) -> torch.optim.Optimizer:
     if not trainable:
         raise UserError(f"method {recipe.method.name}: nothing to train on this model")
     # No weight decay on 1-D parameters (biases, norms, virtual-token rows stay 2-D and do decay).
-    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": recipe.train.weight_decay},
-              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.train.learning_rate,
-                             betas=tuple(recipe.train.betas))
+    groups = [
+        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": recipe.train.weight_decay},
+        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=recipe.train.learning_rate, betas=tuple(recipe.train.betas)
+    )
 
 
-def setup(recipe: Recipe, resume: bool = False, overwrite: bool = False, console: Console | None = None) -> Setup:
+def setup(
+    recipe: Recipe, resume: bool = False, overwrite: bool = False, console: Console | None = None
+) -> Setup:
     console = console or Console()
     output_dir = Path(recipe.output_dir)
     resume_from = check_output_dir(output_dir, resume, overwrite)
@@ -132,13 +144,16 @@ def setup(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
 
     train = recipe.train
     # cpu=True on a machine without CUDA is what makes accelerate see a multi-process CPU (gloo) launch.
-    accelerator = Accelerator(mixed_precision=_mixed_precision(train.mixed_precision),
-                              cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(
+        mixed_precision=_mixed_precision(train.mixed_precision), cpu=not torch.cuda.is_available()
+    )
     set_seed(train.seed)
     say = console.print if accelerator.is_main_process else (lambda *a, **k: None)
     if accelerator.num_processes > 1:
-        say(f"{accelerator.num_processes} processes ({accelerator.distributed_type.value}), "
-            f"global batch {train.batch_size * accelerator.num_processes * train.gradient_accumulation}")
+        say(
+            f"{accelerator.num_processes} processes ({accelerator.distributed_type.value}), "
+            f"global batch {train.batch_size * accelerator.num_processes * train.gradient_accumulation}"
+        )
 
     tokenizer = load_tokenizer(recipe.model.name, recipe.model.trust_remote_code, recipe.model.revision)
     with accelerator.main_process_first():
@@ -146,9 +161,15 @@ def setup(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
     say(f"data: {data.describe()}")
 
     say(f"model: loading {recipe.model.name}")
-    model = load_model(recipe.model.name, recipe.model.task, label_names=data.label_names,
-                       num_labels=recipe.model.num_labels, dtype=recipe.model.dtype,
-                       trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision)
+    model = load_model(
+        recipe.model.name,
+        recipe.model.task,
+        label_names=data.label_names,
+        num_labels=recipe.model.num_labels,
+        dtype=recipe.model.dtype,
+        trust_remote_code=recipe.model.trust_remote_code,
+        revision=recipe.model.revision,
+    )
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -156,8 +177,10 @@ def setup(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
     model = _inject(model, recipe, tokenizer)
     trainable, total = count_parameters(model)
     params = {"trainable": trainable, "total": total, "trainable_percent": round(100 * trainable / total, 6)}
-    say(f"method: {recipe.method.name}: {trainable:,} trainable of {total:,} parameters "
-        f"({params['trainable_percent']:.4f}%)")
+    say(
+        f"method: {recipe.method.name}: {trainable:,} trainable of {total:,} parameters "
+        f"({params['trainable_percent']:.4f}%)"
+    )
     head = enable_chunked_loss(model) if train.chunked_loss and recipe.model.task == "causal-lm" else None
     model.train()
 
@@ -168,9 +191,22 @@ def setup(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
     steps_per_epoch = math.ceil(len(data.train) / global_batch)
     total_steps = train.max_steps or max(1, math.ceil((train.epochs or 1.0) * steps_per_epoch))
 
-    s = Setup(recipe, accelerator, model, tokenizer, optimizer, data.train, data.validation, data.pad_id,
-              data.label_names,
-              head, total_steps, output_dir, params, console=console)
+    s = Setup(
+        recipe,
+        accelerator,
+        model,
+        tokenizer,
+        optimizer,
+        data.train,
+        data.validation,
+        data.pad_id,
+        data.label_names,
+        head,
+        total_steps,
+        output_dir,
+        params,
+        console=console,
+    )
     if resume_from is not None:
         state = checkpoint.load_training_state(resume_from, accelerator.unwrap_model(model), optimizer)
         s.start_step = state["step"]
@@ -199,12 +235,13 @@ def micro_batches(s: Setup, step: int) -> list[dict[str, torch.Tensor]]:
     """This process's gradient-accumulation micro-batches for one optimizer step."""
     t = s.recipe.train
     world, rank = s.accelerator.num_processes, s.accelerator.process_index
-    indices = global_batch_indices(len(s.train_examples), t.batch_size * world * t.gradient_accumulation,
-                                   step, t.seed)
+    indices = global_batch_indices(
+        len(s.train_examples), t.batch_size * world * t.gradient_accumulation, step, t.seed
+    )
     batches = []
     for micro in range(t.gradient_accumulation):
         start = (micro * world + rank) * t.batch_size
-        rows = [s.train_examples[i] for i in indices[start:start + t.batch_size]]
+        rows = [s.train_examples[i] for i in indices[start : start + t.batch_size]]
         batches.append(collate(rows, s.pad_id))
     return batches
 
@@ -247,7 +284,7 @@ def evaluate(s: Setup) -> dict[str, float] | None:
         shard = shard[: size * t.max_eval_batches]
     totals = torch.zeros(3, dtype=torch.float64, device=s.accelerator.device)  # loss, targets, correct
     for start in range(0, len(shard), size):
-        rows = [s.eval_examples[i] for i in shard[start:start + size]]
+        rows = [s.eval_examples[i] for i in shard[start : start + size]]
         batch = _to(collate(rows, s.pad_id), s.accelerator.device)
         with s.accelerator.autocast():
             totals[0] += float(loss_sum(s, model, batch))
@@ -309,15 +346,27 @@ def fit(s: Setup, log) -> dict:
         log(record)
         if acc.is_main_process:
             s.console.print(_eval_line(record))
-    progress = Progress(TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
-                        TimeRemainingColumn(), console=s.console, disable=not acc.is_main_process)
+    progress = Progress(
+        TextColumn("[bold]step"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        console=s.console,
+        disable=not acc.is_main_process,
+    )
     with _Interrupt() as interrupt, progress:
         bar = progress.add_task("train", total=s.total_steps, completed=s.start_step, info="")
         for step in range(s.start_step, s.total_steps):
             started = time.perf_counter()
             batches = [_to(b, acc.device) for b in micro_batches(s, step)]
-            counts = torch.tensor([sum(num_targets(s, b) for b in batches),
-                                   sum(int(b["attention_mask"].sum()) for b in batches)], device=acc.device)
+            counts = torch.tensor(
+                [
+                    sum(num_targets(s, b) for b in batches),
+                    sum(int(b["attention_mask"].sum()) for b in batches),
+                ],
+                device=acc.device,
+            )
             global_targets, global_tokens = (int(x) for x in acc.reduce(counts, "sum"))
             lr = learning_rate(s, step)
             for group in s.optimizer.param_groups:
@@ -348,10 +397,21 @@ def fit(s: Setup, log) -> dict:
             summary["train_loss"]["last"] = step_loss
             done = step + 1
             if done % t.log_every == 0 or done == s.total_steps:
-                log({"type": "train", "step": done, "loss": step_loss, "lr": lr,
-                     "tokens_per_second": global_tokens / seconds, "step_seconds": seconds})
-            progress.update(bar, completed=done,
-                            info=f"loss {step_loss:.4f}  lr {lr:.2e}  {global_tokens / seconds:,.0f} tok/s")
+                log(
+                    {
+                        "type": "train",
+                        "step": done,
+                        "loss": step_loss,
+                        "lr": lr,
+                        "tokens_per_second": global_tokens / seconds,
+                        "step_seconds": seconds,
+                    }
+                )
+            progress.update(
+                bar,
+                completed=done,
+                info=f"loss {step_loss:.4f}  lr {lr:.2e}  {global_tokens / seconds:,.0f} tok/s",
+            )
             if t.eval_every and done % t.eval_every == 0 and done != s.total_steps and s.eval_examples:
                 record = {"type": "eval", "step": done, **evaluate(s)}
                 log(record)
@@ -380,8 +440,14 @@ def _eval_line(record: dict) -> str:
 
 def save_adapter_files(s: Setup, directory: Path) -> None:
     model = s.accelerator.unwrap_model(s.model)
-    checkpoint.save_adapter(model, s.recipe.method, s.recipe.model.task, portable_name(s.recipe.model.name), directory,
-                            label_names=s.label_names)
+    checkpoint.save_adapter(
+        model,
+        s.recipe.method,
+        s.recipe.model.task,
+        portable_name(s.recipe.model.name),
+        directory,
+        label_names=s.label_names,
+    )
 
 
 def save_checkpoint(s: Setup, step: int) -> None:
@@ -392,11 +458,14 @@ def save_checkpoint(s: Setup, step: int) -> None:
     final, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_adapter_files(s, tmp)
-    checkpoint.save_training_state(tmp, s.accelerator.unwrap_model(s.model), s.optimizer,
-                                   {"step": step, "seed": s.recipe.train.seed})
+    checkpoint.save_training_state(
+        tmp, s.accelerator.unwrap_model(s.model), s.optimizer, {"step": step, "seed": s.recipe.train.seed}
+    )
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    kept = sorted((int(p.name.split("-")[1]), p) for p in root.glob("step-*") if p.name.split("-")[1].isdigit())
+    kept = sorted(
+        (int(p.name.split("-")[1]), p) for p in root.glob("step-*") if p.name.split("-")[1].isdigit()
+    )
     for _, old in kept[: -s.recipe.train.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -419,8 +488,13 @@ def _clear_previous_run(output_dir: Path) -> None:
             path.unlink()
 
 
-def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, console: Console | None = None,
-        recipe_path: str | None = None) -> dict:
+def run(
+    recipe: Recipe,
+    resume: bool = False,
+    overwrite: bool = False,
+    console: Console | None = None,
+    recipe_path: str | None = None,
+) -> dict:
     """The whole `peft train`: returns the report summary."""
     console = console or Console()
     started = time.perf_counter()
@@ -433,7 +507,11 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, console: 
         if overwrite and not resume:
             _clear_previous_run(out)
         fileio.write_text(out / "recipe.yaml", dump_recipe(recipe))
-        kept = [json.loads(line) for line in metrics_path.read_text().splitlines()] if resume and metrics_path.exists() else []
+        kept = (
+            [json.loads(line) for line in metrics_path.read_text().splitlines()]
+            if resume and metrics_path.exists()
+            else []
+        )
         kept = [r for r in kept if r["step"] <= s.start_step]
         fileio.write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
     records: list[dict] = []
@@ -464,9 +542,13 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, console: 
             "params": s.params,
             "steps": summary["steps"],
             "train_loss": summary["train_loss"],
-            "eval": {"before": _strip(evals[0]) if evals and evals[0]["step"] == 0 else None,
-                     "after": _strip(final_eval) if final_eval else None},
-            "tokens_per_second": summary["tokens"] / summary["train_seconds"] if summary["train_seconds"] else 0.0,
+            "eval": {
+                "before": _strip(evals[0]) if evals and evals[0]["step"] == 0 else None,
+                "after": _strip(final_eval) if final_eval else None,
+            },
+            "tokens_per_second": summary["tokens"] / summary["train_seconds"]
+            if summary["train_seconds"]
+            else 0.0,
             "peak_memory_bytes": report.peak_memory_bytes(),
             "wall_seconds": time.perf_counter() - started,
             "stopped": summary["stopped"],
@@ -474,8 +556,11 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, console: 
         }
         report.write_report(out, result, all_metrics)
     if summary.get("interrupted"):
-        raise TrainingStopped(f"{summary['stopped']}; checkpoint saved. Continue with: "
-                              f"peft train {recipe_path or 'RECIPE'} --resume", exit_code=130)
+        raise TrainingStopped(
+            f"{summary['stopped']}; checkpoint saved. Continue with: "
+            f"peft train {recipe_path or 'RECIPE'} --resume",
+            exit_code=130,
+        )
     if summary["stopped"]:
         raise TrainingStopped(f"training stopped: {summary['stopped']}; the last good adapter is in {out}")
     if main:

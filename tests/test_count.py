@@ -33,22 +33,36 @@ def test_counts_equal_hf_peft(tmp_path, arch):
     task = "causal-lm" if arch in ("llama", "gpt2", "opt") else "sequence-classification"
     task_type = "CAUSAL_LM" if task == "causal-lm" else "SEQ_CLS"
     path = _config_dir(tmp_path, config)
-    ours = count_methods(path, [MethodSection(name="lora", rank=4),
-                                MethodSection(name="prefix-tuning", num_virtual_tokens=5),
-                                MethodSection(name="prompt-tuning", num_virtual_tokens=5)], task)
-    refs = [LoraConfig(task_type=task_type, r=4, lora_alpha=16),
-            PrefixTuningConfig(task_type=task_type, num_virtual_tokens=5),
-            PromptTuningConfig(task_type=task_type, num_virtual_tokens=5)]
-    for count, ref in zip(ours, refs):
+    ours = count_methods(
+        path,
+        [
+            MethodSection(name="lora", rank=4),
+            MethodSection(name="prefix-tuning", num_virtual_tokens=5),
+            MethodSection(name="prompt-tuning", num_virtual_tokens=5),
+        ],
+        task,
+    )
+    refs = [
+        LoraConfig(task_type=task_type, r=4, lora_alpha=16),
+        PrefixTuningConfig(task_type=task_type, num_virtual_tokens=5),
+        PromptTuningConfig(task_type=task_type, num_virtual_tokens=5),
+    ]
+    for count, ref in zip(ours, refs, strict=True):
         assert (count.trainable, count.total) == _hf_count(config, task, ref), count.method
 
 
 def test_llama_7b_lora_count_from_cli(tmp_path):
-    config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                         num_attention_heads=32)
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+    )
     path = _config_dir(tmp_path, config)
-    result = runner.invoke(app, ["count", path, "--method", "lora", "--rank", "8",
-                                 "--target-modules", "q_proj,v_proj", "--json"])
+    result = runner.invoke(
+        app, ["count", path, "--method", "lora", "--rank", "8", "--target-modules", "q_proj,v_proj", "--json"]
+    )
     assert result.exit_code == 0, result.output
     (row,) = json.loads(result.stdout)
     assert row["method"] == "lora"
@@ -93,8 +107,10 @@ def test_count_an_adapter_dir_written_by_hf_peft(tmp_path):
     config = tiny_config("llama")
     config.save_pretrained(base)
     torch.manual_seed(0)
-    hf = get_peft_model(AutoModelForCausalLM.from_config(config),
-                        LoraConfig(task_type="CAUSAL_LM", r=2, lora_alpha=4, target_modules=["k_proj"]))
+    hf = get_peft_model(
+        AutoModelForCausalLM.from_config(config),
+        LoraConfig(task_type="CAUSAL_LM", r=2, lora_alpha=4, target_modules=["k_proj"]),
+    )
     hf.peft_config["default"].base_model_name_or_path = str(base)
     hf.save_pretrained(tmp_path / "adapter")
     result = runner.invoke(app, ["count", str(tmp_path / "adapter"), "--json"])

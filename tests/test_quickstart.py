@@ -12,17 +12,31 @@ pytestmark = pytest.mark.slow
 
 
 def peft(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "peftcli.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=1200)
+    return subprocess.run(
+        [sys.executable, "-m", "peftcli.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=1200
+    )
 
 
 @pytest.mark.parametrize("recipe", ["configs/quickstart.yaml", "configs/classification.yaml"])
 def test_example_recipe_runs_shortened(tmp_path, recipe, monkeypatch):
     monkeypatch.setenv("PEFTCLI_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    result = peft("train", recipe, "--set", "train.max_steps=3", "--set", "train.epochs=null",
-                  "--set", "train.eval_every=null", "--set", "train.save_every=2",
-                  "--set", "train.max_eval_batches=2", "--set", f"output_dir={out}")
+    result = peft(
+        "train",
+        recipe,
+        "--set",
+        "train.max_steps=3",
+        "--set",
+        "train.epochs=null",
+        "--set",
+        "train.eval_every=null",
+        "--set",
+        "train.save_every=2",
+        "--set",
+        "train.max_eval_batches=2",
+        "--set",
+        f"output_dir={out}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == 3
@@ -30,8 +44,14 @@ def test_example_recipe_runs_shortened(tmp_path, recipe, monkeypatch):
     assert (out / "report.md").is_file() and (out / "checkpoints" / "step-2").is_dir()
     if "quickstart" in recipe:
         assert report["params"]["total"] > 130_000_000  # the real SmolLM2-135M, not a tiny stand-in
-        answer = peft("generate", str(out), "--prompt", "Which currency should I bring to Velmora?",
-                      "--max-new-tokens", "8")
+        answer = peft(
+            "generate",
+            str(out),
+            "--prompt",
+            "Which currency should I bring to Velmora?",
+            "--max-new-tokens",
+            "8",
+        )
         assert answer.returncode == 0 and answer.stdout.strip(), answer.stderr[-2000:]
     else:
         label = peft("predict", str(out), "--text", "The ferry was three hours late and nobody told us why.")

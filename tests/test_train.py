@@ -19,7 +19,6 @@ from tiny import batch, save_tiny
 from typer.testing import CliRunner
 
 from peftcli import checkpoint, train
-from peftcli.cli import app
 from peftcli.generate import run_generate, run_predict
 from peftcli.models import load_model
 from peftcli.recipe import load_recipe
@@ -27,12 +26,23 @@ from peftcli.recipe import load_recipe
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
 
-CHAT = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
-                      {"role": "assistant", "content": f"It is {2 * i}."}]} for i in range(24)]
+CHAT = [
+    {
+        "messages": [
+            {"role": "user", "content": f"What is {i} plus {i}?"},
+            {"role": "assistant", "content": f"It is {2 * i}."},
+        ]
+    }
+    for i in range(24)
+]
 TEXT = [{"text": f"The number {i} comes after {i - 1}."} for i in range(24)]
-INSTRUCTION = [{"instruction": "Double the number.", "input": str(i), "output": str(2 * i)} for i in range(24)]
-CLASSES = [{"text": f"{'good' if i % 2 else 'bad'} trip number {i}", "label": "pos" if i % 2 else "neg"}
-           for i in range(24)]
+INSTRUCTION = [
+    {"instruction": "Double the number.", "input": str(i), "output": str(2 * i)} for i in range(24)
+]
+CLASSES = [
+    {"text": f"{'good' if i % 2 else 'bad'} trip number {i}", "label": "pos" if i % 2 else "neg"}
+    for i in range(24)
+]
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +61,19 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
-def write_recipe(tmp_path: Path, model: str, rows: list[dict], fmt: str, method: dict | None = None,
-                 **train_overrides) -> Path:
+def write_recipe(
+    tmp_path: Path, model: str, rows: list[dict], fmt: str, method: dict | None = None, **train_overrides
+) -> Path:
     task = "sequence-classification" if fmt == "classification" else "causal-lm"
     recipe = {
         "model": {"name": model, "task": task},
         "method": method or {"name": "lora", "rank": 4},
-        "data": {"train": write_jsonl(tmp_path / "data.jsonl", rows), "format": fmt, "validation": 0.25,
-                 "max_length": 64},
+        "data": {
+            "train": write_jsonl(tmp_path / "data.jsonl", rows),
+            "format": fmt,
+            "validation": 0.25,
+            "max_length": 64,
+        },
         "train": {"max_steps": 4, "batch_size": 4, "learning_rate": 1e-2, "seed": 0, **train_overrides},
         "output_dir": str(tmp_path / "run"),
     }
@@ -68,8 +83,13 @@ def write_recipe(tmp_path: Path, model: str, rows: list[dict], fmt: str, method:
 
 
 def train_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "peftcli.cli", "train", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "peftcli.cli", "train", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
 
 
 def logits_of(run_dir: Path, base: str, task: str):
@@ -93,14 +113,23 @@ METHOD_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("arch", "fmt", "method"), METHOD_CASES, ids=lambda v: v if isinstance(v, str) else v["name"])
+@pytest.mark.parametrize(
+    ("arch", "fmt", "method"), METHOD_CASES, ids=lambda v: v if isinstance(v, str) else v["name"]
+)
 def test_train_writes_a_reloadable_run(tmp_path, bases, arch, fmt, method):
     rows = {"chat": CHAT, "text": TEXT, "instruction": INSTRUCTION, "classification": CLASSES}[fmt]
     recipe = load_recipe(write_recipe(tmp_path, bases[arch], rows, fmt, method))
     summary = train.run(recipe)
     out = Path(recipe.output_dir)
-    for name in ("adapter_model.safetensors", "adapter_config.json", "recipe.yaml", "metrics.jsonl",
-                 "report.json", "report.md", "tokenizer_config.json"):
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "recipe.yaml",
+        "metrics.jsonl",
+        "report.json",
+        "report.md",
+        "tokenizer_config.json",
+    ):
         assert (out / name).is_file(), name
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == method["name"] and report["steps"] == 4 == summary["steps"]
@@ -109,8 +138,9 @@ def test_train_writes_a_reloadable_run(tmp_path, bases, arch, fmt, method):
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if m["type"] == "train"] == [1, 2, 3, 4]
     # The adapter reloads onto a fresh base and reproduces the trained model's eval loss.
-    reloaded = train.setup(load_recipe(out / "recipe.yaml", [f"output_dir={tmp_path / 'again'}",
-                                                              f"method.from_adapter={out}"]))
+    reloaded = train.setup(
+        load_recipe(out / "recipe.yaml", [f"output_dir={tmp_path / 'again'}", f"method.from_adapter={out}"])
+    )
     assert train.evaluate(reloaded)["loss"] == pytest.approx(report["eval"]["after"]["loss"], abs=1e-5)
     if fmt == "classification":
         assert json.loads((out / "labels.json").read_text()) == ["neg", "pos"]
@@ -121,8 +151,17 @@ def test_train_writes_a_reloadable_run(tmp_path, bases, arch, fmt, method):
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, bases):
     method = {"name": "lora", "rank": 4, "dropout": 0.1}  # dropout: the RNG state must be restored too
-    path = write_recipe(tmp_path, bases["llama"], CHAT, "chat", method, max_steps=6, save_every=3,
-                        gradient_accumulation=2, batch_size=2)
+    path = write_recipe(
+        tmp_path,
+        bases["llama"],
+        CHAT,
+        "chat",
+        method,
+        max_steps=6,
+        save_every=3,
+        gradient_accumulation=2,
+        batch_size=2,
+    )
     train.run(load_recipe(path))
     out = tmp_path / "run"
     full = load_file(str(out / checkpoint.WEIGHTS_NAME))
@@ -136,8 +175,11 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, bases):
     assert full.keys() == resumed.keys()
     for key in full:
         torch.testing.assert_close(resumed[key], full[key], atol=1e-6, rtol=0)
-    steps = [json.loads(line)["step"] for line in (partial / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line)["type"] == "train"]
+    steps = [
+        json.loads(line)["step"]
+        for line in (partial / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["type"] == "train"
+    ]
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
@@ -182,8 +224,13 @@ def test_nan_loss_stops_and_keeps_the_last_good_adapter(tmp_path, bases, monkeyp
 def test_ctrl_c_checkpoints_then_resume_finishes(tmp_path, bases):
     path = write_recipe(tmp_path, bases["llama"], CHAT, "chat", max_steps=400, eval_every=None)
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "peftcli.cli", "train", str(path)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "peftcli.cli", "train", str(path)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     metrics = out / "metrics.jsonl"
     while time.time() < deadline and proc.poll() is None:
@@ -218,11 +265,34 @@ def test_two_processes_match_one(tmp_path, bases):
     assert train_cli(str(one)).returncode == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "-m", "peftcli.cli", "train", str(one), "--set", "train.batch_size=2",
-         "--set", f"output_dir={tmp_path / 'two'}"],
-        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "peftcli.cli",
+            "train",
+            str(one),
+            "--set",
+            "train.batch_size=2",
+            "--set",
+            f"output_dir={tmp_path / 'two'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 processes" in two.stdout
 

@@ -27,12 +27,10 @@ from peftcli.methods.common import (
     KEY_PREFIX,
     AdapterError,
     ModulesToSave,
-    check_keys,
-    copy_checked,
     default_modules_to_save,
     freeze,
     layer_shape,
-    load_modules_to_save_state,
+    load_state_strict,
     match_targets,
     modules_to_save_state,
     set_submodule,
@@ -186,13 +184,19 @@ def _adapters(model: nn.Module) -> list[tuple[str, BottleneckAdapter]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, BottleneckAdapter)]
 
 
+def _adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """`base_model.model.<site>.adapter_{down,up}.{weight,bias}` -> the parameter, in model order."""
+    return {
+        f"{KEY_PREFIX}{name}.{part}.{pname}": p
+        for name, module in _adapters(model)
+        for part in ("adapter_down", "adapter_up")
+        for pname, p in getattr(module, part).named_parameters()
+    }
+
+
 def adapter_state(model: nn.Module) -> dict[str, Tensor]:
-    """`base_model.model.<site>.adapter_{down,up}.{weight,bias}` plus the modules_to_save weights."""
-    state = {}
-    for name, module in _adapters(model):
-        for part in ("adapter_down", "adapter_up"):
-            for pname, p in getattr(module, part).named_parameters():
-                state[f"{KEY_PREFIX}{name}.{part}.{pname}"] = p.detach()
+    """The adapters' weights plus the modules_to_save weights."""
+    state = {key: p.detach() for key, p in _adapter_parameters(model).items()}
     state.update(modules_to_save_state(model))
     return state
 
@@ -200,16 +204,7 @@ def adapter_state(model: nn.Module) -> dict[str, Tensor]:
 def load_adapter_state(model: nn.Module, state: dict[str, Tensor]) -> None:
     if not _adapters(model):
         raise AdapterError("the model holds no bottleneck adapters: inject them before loading their weights")
-    expected_params = {}
-    for name, module in _adapters(model):
-        for part in ("adapter_down", "adapter_up"):
-            for pname, p in getattr(module, part).named_parameters():
-                expected_params[f"{KEY_PREFIX}{name}.{part}.{pname}"] = p
-    head_keys = set(modules_to_save_state(model))
-    check_keys(set(expected_params) | head_keys, set(state))
-    for key, param in expected_params.items():
-        copy_checked(param, state[key], key)
-    load_modules_to_save_state(model, state)
+    load_state_strict(model, _adapter_parameters(model), state)
 
 
 def adapter_config(model: nn.Module, method: MethodSection, task: str) -> dict:

@@ -27,11 +27,9 @@ from peftcli.methods.common import (
     KEY_PREFIX,
     AdapterError,
     ModulesToSave,
-    check_keys,
-    copy_checked,
     default_modules_to_save,
     freeze,
-    load_modules_to_save_state,
+    load_state_strict,
     modules_to_save_state,
     set_submodule,
     wrap_modules_to_save,
@@ -125,19 +123,20 @@ def _selected(model: nn.Module) -> list[str]:
     return getattr(model, _SELECTED)
 
 
+def _bias_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """`base_model.model.<module>.bias` (the base model's own names) -> the bias, for each trained bias."""
+    return {f"{KEY_PREFIX}{name}.bias": model.get_submodule(name).bias for name in _selected(model)}
+
+
 def adapter_state(model: nn.Module) -> dict[str, Tensor]:
-    """`base_model.model.<module>.bias` for each trained bias (the base model's own names), plus the head."""
-    state = {f"{KEY_PREFIX}{name}.bias": model.get_submodule(name).bias.detach() for name in _selected(model)}
+    """The trained biases plus the head."""
+    state = {key: p.detach() for key, p in _bias_parameters(model).items()}
     state.update(modules_to_save_state(model))
     return state
 
 
 def load_adapter_state(model: nn.Module, state: dict[str, Tensor]) -> None:
-    biases = {f"{KEY_PREFIX}{name}.bias": model.get_submodule(name).bias for name in _selected(model)}
-    check_keys(set(biases) | set(modules_to_save_state(model)), set(state))
-    for key, param in biases.items():
-        copy_checked(param, state[key], key)
-    load_modules_to_save_state(model, state)
+    load_state_strict(model, _bias_parameters(model), state)
 
 
 def adapter_config(model: nn.Module, method: MethodSection, task: str) -> dict:

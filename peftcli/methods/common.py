@@ -16,16 +16,34 @@ from peftcli.errors import UserError, did_you_mean
 
 # The architecture's usual LoRA targets: the same facts HF PEFT ships as its default mapping.
 DEFAULT_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"], "gemma3_text": ["q_proj", "v_proj"], "stablelm": ["q_proj", "v_proj"],
-    "opt": ["q_proj", "v_proj"], "bart": ["q_proj", "v_proj"], "gptj": ["q_proj", "v_proj"],
-    "gpt_neo": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj", "fc1", "fc2"],
-    "gpt2": ["c_attn"], "gpt_bigcode": ["c_attn"], "bloom": ["query_key_value"],
-    "gpt_neox": ["query_key_value"], "falcon": ["query_key_value"], "codegen": ["qkv_proj"],
-    "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
-    "electra": ["query", "value"], "layoutlm": ["query", "value"], "deberta-v2": ["query_proj", "value_proj"],
-    "t5": ["q", "v"], "mt5": ["q", "v"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "stablelm": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "bart": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "gpt2": ["c_attn"],
+    "gpt_bigcode": ["c_attn"],
+    "bloom": ["query_key_value"],
+    "gpt_neox": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "codegen": ["qkv_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "layoutlm": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
 }
 
 # Classification heads trained in full by default for sequence classification (HF PEFT's choice too).
@@ -64,8 +82,13 @@ def match_targets(model: nn.Module, targets: list[str] | str, kinds=(nn.Linear, 
     names = [n for n, m in model.named_modules() if n and isinstance(m, kinds)]
     if targets == "all-linear":
         skip = output_head_names(model)
-        found = [n for n in names if n not in skip and n.rsplit(".", 1)[-1] not in CLASSIFIER_HEADS
-                 and not any(n.startswith(h + ".") for h in CLASSIFIER_HEADS)]
+        found = [
+            n
+            for n in names
+            if n not in skip
+            and n.rsplit(".", 1)[-1] not in CLASSIFIER_HEADS
+            and not any(n.startswith(h + ".") for h in CLASSIFIER_HEADS)
+        ]
     elif isinstance(targets, str):
         try:
             pattern = re.compile(targets)
@@ -133,15 +156,23 @@ def default_modules_to_save(requested: list[str] | None, task: str) -> list[str]
 
 def wrap_modules_to_save(model: nn.Module, names: list[str], required: bool = False) -> list[str]:
     """Wrap every module whose name equals or ends with one of `names`; returns the wrapped names."""
-    found = [n for n, m in model.named_modules()
-             if n and not isinstance(m, ModulesToSave) and "original_module" not in n and "trained" not in n
-             and any(n == t or n.endswith("." + t) for t in names)]
+    found = [
+        n
+        for n, m in model.named_modules()
+        if n
+        and not isinstance(m, ModulesToSave)
+        and "original_module" not in n
+        and "trained" not in n
+        and any(n == t or n.endswith("." + t) for t in names)
+    ]
     for name in found:
         set_submodule(model, name, ModulesToSave(model.get_submodule(name)))
     if required and names and not found:
         all_names = [n for n, _ in model.named_modules() if n]
-        raise UserError(f"method.modules_to_save: `{names[0]}` matches no module"
-                        + did_you_mean(names[0], [n.rsplit('.', 1)[-1] for n in all_names]))
+        raise UserError(
+            f"method.modules_to_save: `{names[0]}` matches no module"
+            + did_you_mean(names[0], [n.rsplit(".", 1)[-1] for n in all_names])
+        )
     return found
 
 
@@ -170,8 +201,10 @@ def load_modules_to_save_state(model: nn.Module, state: dict[str, Tensor]) -> se
 
 def copy_checked(param: Tensor, value: Tensor, key: str) -> None:
     if tuple(param.shape) != tuple(value.shape):
-        raise AdapterError(f"adapter tensor {key} has shape {tuple(value.shape)}, "
-                           f"the model expects {tuple(param.shape)}: was it trained on another base model?")
+        raise AdapterError(
+            f"adapter tensor {key} has shape {tuple(value.shape)}, "
+            f"the model expects {tuple(param.shape)}: was it trained on another base model?"
+        )
     with torch.no_grad():
         param.copy_(value.to(param.dtype))
 
@@ -186,6 +219,19 @@ def check_keys(expected: set[str], given: set[str], where: str = "adapter") -> N
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
         raise AdapterError(f"{where} does not fit this model: " + "; ".join(parts))
+
+
+def load_state_strict(model: nn.Module, expected: dict[str, nn.Parameter], state: dict[str, Tensor]) -> None:
+    """Copy `state` into the method's own parameters (`expected`, by key) and the modules_to_save copies.
+
+    `state` must hold exactly those keys, checked before anything is copied, and each tensor the shape of
+    its parameter: either mismatch is an AdapterError. Values are copied in place, so an optimizer built on
+    the parameters keeps working (resume).
+    """
+    check_keys(set(expected) | set(modules_to_save_state(model)), set(state))
+    for key, param in expected.items():
+        copy_checked(param, state[key], key)
+    load_modules_to_save_state(model, state)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -191,13 +191,12 @@ def adapter_state(model: nn.Module) -> dict[str, Tensor]:
 
 
 def load_adapter_state(model: nn.Module, state: dict[str, Tensor]) -> None:
-    expected = adapter_state(model)
-    common.check_keys(set(expected), set(state))
-    for name, layer in lora_layers(model):
-        for part in ("lora_A", "lora_B"):
-            key = f"{KEY_PREFIX}{name}.{part}.weight"
-            common.copy_checked(getattr(layer, part).weight, state[key], key)
-    common.load_modules_to_save_state(model, state)
+    factors = {
+        f"{KEY_PREFIX}{name}.{part}.weight": getattr(layer, part).weight
+        for name, layer in lora_layers(model)
+        for part in ("lora_A", "lora_B")
+    }
+    common.load_state_strict(model, factors, state)
 
 
 def adapter_config(model: nn.Module, method: MethodSection, task: str) -> dict:
