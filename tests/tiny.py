@@ -1,11 +1,20 @@
-"""Tiny randomly initialised models and a byte-level tokenizer, built in-process: fast and offline."""
+"""Tiny randomly initialised models and a byte-level tokenizer, built in-process: fast and offline.
+
+Also the few helpers the method tests (tests/methods/) share: the default task of an architecture, logits
+and loss on a batch, perturbing what trains, one optimizer step, copying trained heads into HF PEFT's model;
+and for the virtual-token methods (prefix and prompt tuning), a cache-free greedy reference, checks of
+`generate`, and the adapter_config.json fields HF PEFT writes for them.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -17,6 +26,9 @@ from transformers import (
     RobertaConfig,
 )
 
+from peftcli import checkpoint
+from peftcli.methods.common import ModulesToSave
+
 SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
@@ -27,6 +39,8 @@ VOCAB_SIZE = 256 + len(SPECIALS)
 ARCHS = ["llama", "gpt2", "bert", "roberta", "opt"]
 DECODERS = ["llama", "gpt2", "opt"]
 ENCODERS = ["bert", "roberta"]
+# Our task names -> HF PEFT's `task_type`.
+HF_TASK = {"causal-lm": "CAUSAL_LM", "sequence-classification": "SEQ_CLS"}
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -40,40 +54,52 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(SPECIALS)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
         chat_template=CHAT_TEMPLATE,
     )
 
 
 def tiny_config(arch: str, num_labels: int = 3):
-    common = dict(vocab_size=VOCAB_SIZE, pad_token_id=0, bos_token_id=1, eos_token_id=2, num_labels=num_labels)
+    common = dict(
+        vocab_size=VOCAB_SIZE, pad_token_id=0, bos_token_id=1, eos_token_id=2, num_labels=num_labels
+    )
+    # Two layers of four heads each (GPT-2's config spells these n_layer, n_head, n_positions).
+    layers = dict(num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512, **common)
     if arch == "llama":  # grouped-query attention: 4 heads share 2 key/value heads
-        return LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, max_position_embeddings=512, **common)
+        return LlamaConfig(hidden_size=64, intermediate_size=96, num_key_value_heads=2, **layers)
     if arch == "gpt2":
         return GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=512, **common)
     if arch == "opt":
-        return OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                         max_position_embeddings=512, word_embed_proj_dim=32, **common)
+        return OPTConfig(hidden_size=32, ffn_dim=64, word_embed_proj_dim=32, **layers)
     if arch == "bert":
-        return BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          max_position_embeddings=512, **common)
-    if arch == "roberta":
-        return RobertaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                             max_position_embeddings=514, **common)
+        return BertConfig(hidden_size=32, intermediate_size=64, **layers)
+    if arch == "roberta":  # positions are numbered from the padding id + 1: two more for the same 512
+        return RobertaConfig(
+            hidden_size=32, intermediate_size=64, **dict(layers, max_position_embeddings=514)
+        )
     raise ValueError(arch)
+
+
+def task_of(arch: str) -> str:
+    """The task tiny_model builds by default: causal-lm for decoders, sequence-classification for encoders."""
+    return "causal-lm" if arch in DECODERS else "sequence-classification"
 
 
 def tiny_model(arch: str, task: str | None = None, seed: int = 0, num_labels: int = 3):
     """A random tiny model; decoders default to causal-lm, encoders to sequence-classification."""
-    task = task or ("causal-lm" if arch in DECODERS else "sequence-classification")
+    task = task or task_of(arch)
     torch.manual_seed(seed)
     config = tiny_config(arch, num_labels)
     cls = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
     return cls.from_config(config).eval()
 
 
-def save_tiny(directory: str | Path, arch: str, task: str | None = None, seed: int = 0, num_labels: int = 3) -> Path:
+def save_tiny(
+    directory: str | Path, arch: str, task: str | None = None, seed: int = 0, num_labels: int = 3
+) -> Path:
     """Write a tiny model + tokenizer as a normal transformers model dir."""
     directory = Path(directory)
     tiny_model(arch, task, seed, num_labels).save_pretrained(directory)
@@ -87,3 +113,128 @@ def batch(n: int = 2, length: int = 12, seed: int = 1) -> dict[str, torch.Tensor
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # left padding on the first row exercises the attention mask
     return {"input_ids": ids, "attention_mask": mask}
+
+
+# --------------------------------------------------------------------------------------------------
+# What the method tests share
+
+
+def labels_for(task: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The ids themselves for causal-lm (the model shifts them), else a class per row of `batch()`."""
+    return inputs["input_ids"] if task == "causal-lm" else torch.tensor([0, 2])
+
+
+def loss_of(model: nn.Module, task: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**inputs, labels=labels_for(task, inputs)).loss
+
+
+@torch.no_grad()
+def logits(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """The model's logits on `inputs` (default `batch()`), without a graph."""
+    return model(**(batch() if inputs is None else inputs)).logits
+
+
+def randomise(model: nn.Module, scale: float = 0.5, seed: int = 3, replace: bool = False) -> None:
+    """Add seeded noise of std `scale` to every trainable tensor (or, with `replace`, set it to the noise).
+
+    Adapters start as the identity (LoRA's B, an adapter's `up` at zero): perturbed, a wrong load, a
+    wrong scale or a dropped head shows in the outputs.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                noise = torch.randn(p.shape, generator=g) * scale
+                if replace:
+                    p.copy_(noise)
+                else:
+                    p.add_(noise)
+
+
+def trainable_names(model: nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def one_step_changes(model: nn.Module, task: str, weight_decay: float = 0.01) -> set[str]:
+    """Names of the parameters that one AdamW step (lr 1e-2) on the loss of `batch()` changes.
+
+    The model is left in train mode with its gradients in place.
+    """
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=weight_decay)
+    model.train()
+    loss_of(model, task, batch()).backward()
+    optimizer.step()
+    return {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+
+
+def copy_heads_into_hf(base_model: nn.Module, hf_model: nn.Module) -> None:
+    """Give HF PEFT's model the trained copy of each of our modules_to_save (the classification head)."""
+    for name, module in base_model.named_modules():
+        if isinstance(module, ModulesToSave):
+            hf_head = hf_model.base_model.get_submodule(name).modules_to_save["default"]
+            hf_head.load_state_dict(module.trained.state_dict())
+
+
+# --------------------------------------------------------------------------------------------------
+# Virtual-token methods (prefix and prompt tuning)
+
+# The fields of every HF PEFT prompt-learning adapter_config.json.
+PROMPT_LEARNING_FIELDS = [
+    "num_virtual_tokens",
+    "token_dim",
+    "num_transformer_submodules",
+    "num_attention_heads",
+    "num_layers",
+    "peft_type",
+    "task_type",
+]
+
+
+def saved_configs(
+    ours: nn.Module, section, task: str, hf_model: nn.Module, directory: Path
+) -> tuple[dict, dict]:
+    """adapter_config.json as we save `ours` (under directory/ours) and as HF PEFT saves `hf_model`."""
+    checkpoint.save_adapter(ours, section, task, "tiny", directory / "ours")
+    hf_model.save_pretrained(directory / "hf")
+    ours_config = json.loads((directory / "ours" / "adapter_config.json").read_text())
+    hf_config = json.loads((directory / "hf" / "adapter_config.json").read_text())
+    return ours_config, hf_config
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids as `generate` numbers them: each row's real tokens from 0, padding at 0."""
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+@torch.no_grad()
+def greedy_without_cache(
+    next_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], inputs: dict, steps: int
+) -> torch.Tensor:
+    """Greedy decoding that reads the whole sequence again for every new token: a reference for `generate`.
+
+    next_logits(ids, mask) -> (batch, seq, vocab); the last position's argmax is the next token.
+    """
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    for _ in range(steps):
+        next_token = next_logits(ids, mask)[:, -1].argmax(-1)
+        ids = torch.cat([ids, next_token[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return ids
+
+
+def check_generate_from_embeds_and_beams(model: nn.Module) -> torch.Tensor:
+    """`generate` from inputs_embeds picks the tokens it picks from input_ids, and beam search returns
+    num_return_sequences rows per prompt. Returns the greedy ids (prompt + 4 new tokens).
+    """
+    inputs = batch()
+    by_ids = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    by_embeds = model.generate(
+        inputs_embeds=embeds, attention_mask=inputs["attention_mask"], max_new_tokens=4, do_sample=False
+    )
+    assert torch.equal(by_embeds, by_ids[:, -4:])  # from embeddings, generate returns the new tokens only
+    beams = model.generate(**inputs, max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
+    assert beams.shape == (4, inputs["input_ids"].shape[1] + 3)
+    return by_ids

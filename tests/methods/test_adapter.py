@@ -7,7 +7,17 @@ import json
 
 import pytest
 import torch
-from tiny import ARCHS, DECODERS, batch, tiny_config, tiny_model
+from tiny import (
+    ARCHS,
+    batch,
+    logits,
+    one_step_changes,
+    randomise,
+    task_of,
+    tiny_config,
+    tiny_model,
+    trainable_names,
+)
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -27,32 +37,8 @@ HEAD = {
 }
 
 
-def task_of(arch: str) -> str:
-    return "causal-lm" if arch in DECODERS else "sequence-classification"
-
-
 def method(**fields) -> MethodSection:
     return MethodSection(name="adapter", **fields)
-
-
-def logits(model: nn.Module, inputs: dict) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs).logits
-
-
-def loss_of(model: nn.Module, arch: str, inputs: dict) -> torch.Tensor:
-    if task_of(arch) == "causal-lm":
-        return model(**inputs, labels=inputs["input_ids"]).loss
-    return model(**inputs, labels=torch.tensor([0, 2])).loss
-
-
-def randomize_adapters(model: nn.Module, seed: int = 3) -> None:
-    """Give the adapters (and head) non-trivial weights so outputs differ from the base model's."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
 
 
 def closed_form(hidden: int, bottleneck: int, sites: int) -> int:
@@ -153,23 +139,16 @@ def test_bottleneck_size_and_reduction_factor():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_only_adapter_and_head_train_and_one_step_changes_only_them(arch):
     model = adapter.inject(tiny_model(arch), method(placement="houlsby"), task_of(arch))
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    trainable = trainable_names(model)
     assert trainable
     for name in trainable:
         assert ".adapter_down." in name or ".adapter_up." in name or ".trained." in name, name
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0
-    )
-    model.train()
-    loss_of(model, arch, batch()).backward()
+    changed = one_step_changes(model, task_of(arch), weight_decay=0.0)
     # With `up` at zero, no gradient reaches `down` on the first step: d out / d down = up^T (...) = 0.
     for m in model.modules():
         if isinstance(m, adapter.BottleneckAdapter):
             assert torch.count_nonzero(m.adapter_down.weight.grad) == 0
             assert torch.count_nonzero(m.adapter_up.weight.grad) > 0
-    optimizer.step()
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed <= trainable
     assert any(".adapter_up." in n for n in changed)
     if task_of(arch) == "sequence-classification":
@@ -181,7 +160,7 @@ def test_save_load_round_trip(arch, tmp_path):
     task = task_of(arch)
     section = method(placement="houlsby", activation="gelu")
     model = adapter.inject(tiny_model(arch), section, task)
-    randomize_adapters(model)
+    randomise(model, replace=True)  # non-trivial adapters (and head): outputs differ from the base model's
     inputs = batch()
     trained = logits(model, inputs)
     assert not torch.allclose(trained, logits(tiny_model(arch), inputs))  # the adapters do something

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import DECODERS, batch, tiny_config, tiny_model
+from tiny import batch, logits, one_step_changes, randomise, task_of, tiny_config, tiny_model, trainable_names
 from torch import nn
 from transformers import AutoModelForSequenceClassification
 
@@ -22,23 +22,8 @@ BIASED = ["gpt2", "opt", "bert", "roberta"]  # llama has no biases at all
 HEADS = {"bert": "classifier", "roberta": "classifier"}
 
 
-def task_of(arch: str) -> str:
-    return "causal-lm" if arch in DECODERS else "sequence-classification"
-
-
 def method(**fields) -> MethodSection:
     return MethodSection(name="bitfit", **fields)
-
-
-def logits(model: nn.Module, inputs: dict) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs).logits
-
-
-def loss_of(model: nn.Module, arch: str, inputs: dict) -> torch.Tensor:
-    if task_of(arch) == "causal-lm":
-        return model(**inputs, labels=inputs["input_ids"]).loss
-    return model(**inputs, labels=torch.tensor([0, 2])).loss
 
 
 def base_biases(model: nn.Module, head: str | None) -> dict[str, int]:
@@ -48,14 +33,6 @@ def base_biases(model: nn.Module, head: str | None) -> dict[str, int]:
         for n, p in model.named_parameters()
         if n.endswith(".bias") and not (head and n.startswith(head + "."))
     }
-
-
-def perturb(model: nn.Module, seed: int = 3) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -83,13 +60,8 @@ def test_all_biases_train_and_counts(arch):
 @pytest.mark.parametrize("arch", BIASED)
 def test_one_step_changes_only_biases_and_head(arch):
     model = bitfit.inject(tiny_model(arch), method(), task_of(arch))
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    loss_of(model, arch, batch()).backward()
-    optimizer.step()
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    trainable = trainable_names(model)
+    changed = one_step_changes(model, task_of(arch))
     assert changed <= trainable
     assert any(n.endswith(".bias") and ".trained." not in n for n in changed)
     assert all(n.endswith(".bias") or ".trained." in n for n in changed)
@@ -162,7 +134,7 @@ def test_save_load_round_trip(arch, tmp_path):
     task = task_of(arch)
     section = method(biases="all")
     model = bitfit.inject(tiny_model(arch), section, task)
-    perturb(model)
+    randomise(model, scale=1.0)
     inputs = batch()
     trained = logits(model, inputs)
     assert not torch.allclose(trained, logits(tiny_model(arch), inputs))
@@ -177,7 +149,7 @@ def test_save_load_round_trip(arch, tmp_path):
 def test_subset_round_trip(tmp_path):
     section = method(biases=["query", "value"])
     model = bitfit.inject(tiny_model("roberta"), section, "sequence-classification")
-    perturb(model)
+    randomise(model, scale=1.0)
     save_adapter(model, section, "sequence-classification", "tiny", tmp_path)
     loaded, _ = load_adapter(tiny_model("roberta"), tmp_path)
     assert torch.equal(logits(loaded, batch()), logits(model, batch()))
@@ -187,7 +159,7 @@ def test_subset_round_trip(tmp_path):
 @pytest.mark.parametrize("arch", BIASED)
 def test_merge_equals_unmerged(arch, tmp_path):
     model = bitfit.inject(tiny_model(arch), method(), task_of(arch))
-    perturb(model)
+    randomise(model, scale=1.0)
     inputs = batch()
     unmerged = logits(model, inputs)
     save_adapter(model, method(), task_of(arch), "tiny", tmp_path)

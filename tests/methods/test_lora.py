@@ -8,7 +8,17 @@ import math
 import peft
 import pytest
 import torch
-from tiny import ARCHS, DECODERS, batch, tiny_model
+from tiny import (
+    ARCHS,
+    HF_TASK,
+    batch,
+    logits,
+    one_step_changes,
+    randomise,
+    task_of,
+    tiny_model,
+    trainable_names,
+)
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.pytorch_utils import Conv1D
@@ -19,11 +29,8 @@ from peftcli.methods import common, lora
 from peftcli.methods.common import AdapterError
 from peftcli.recipe import MethodSection
 
-HF_TASK = {"causal-lm": "CAUSAL_LM", "sequence-classification": "SEQ_CLS"}
-
-
-def task_for(arch: str) -> str:
-    return "causal-lm" if arch in DECODERS else "sequence-classification"
+# LoRA's B starts at zero: a small perturbation already makes a wrong load or a wrong scale show.
+NOISE = 0.1
 
 
 def method(**fields) -> MethodSection:
@@ -31,23 +38,9 @@ def method(**fields) -> MethodSection:
 
 
 def injected(arch: str, seed: int = 0, **fields):
-    task = task_for(arch)
+    task = task_of(arch)
     model = lora.inject(tiny_model(arch, task, seed=seed), method(**fields), task)
     return model, task
-
-
-@torch.no_grad()
-def logits(model) -> torch.Tensor:
-    return model(**batch()).logits
-
-
-def randomise(model: nn.Module, seed: int = 3) -> None:
-    """Non-zero B (and a perturbed head) so that a wrong load or a wrong scale would show."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 def hf_config(task: str, **fields) -> peft.LoraConfig:
@@ -60,7 +53,7 @@ def hf_config(task: str, **fields) -> peft.LoraConfig:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_output_equals_base_at_init(arch):
-    base = logits(tiny_model(arch, task_for(arch)))
+    base = logits(tiny_model(arch, task_of(arch)))
     model, _ = injected(arch)
     assert lora.lora_layers(model)
     torch.testing.assert_close(logits(model), base, rtol=0, atol=0)
@@ -69,18 +62,11 @@ def test_output_equals_base_at_init(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_only_lora_and_head_train_and_one_step_changes_only_them(arch):
     model, task = injected(arch)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    trainable = trainable_names(model)
     head = {n for n in trainable if ".trained." in n}
     assert trainable - head == {n for n in trainable if n.endswith(("lora_A.weight", "lora_B.weight"))}
     assert bool(head) == (task == "sequence-classification")
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    inputs = batch()
-    labels = inputs["input_ids"] if task == "causal-lm" else torch.tensor([0, 2])
-    model(**inputs, labels=labels).loss.backward()
-    optimizer.step()
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    changed = one_step_changes(model, task)
     assert changed <= trainable
     assert {n for n in trainable if "lora_B" in n} <= changed
 
@@ -200,7 +186,7 @@ def test_dropout_is_skipped_at_zero_and_applied_otherwise():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_save_load_round_trip(arch, tmp_path):
     model, task = injected(arch, alpha=32.0)
-    randomise(model)
+    randomise(model, NOISE)
     expected = logits(model)
     checkpoint.save_adapter(model, method(alpha=32.0), task, "tiny", tmp_path)
     loaded, loaded_method = checkpoint.load_adapter(tiny_model(arch, task), tmp_path)
@@ -211,7 +197,7 @@ def test_save_load_round_trip(arch, tmp_path):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_hf_peft_loads_our_adapter(arch, tmp_path):
     model, task = injected(arch, rank=4, alpha=12.0)
-    randomise(model)
+    randomise(model, NOISE)
     checkpoint.save_adapter(model, method(rank=4, alpha=12.0), task, "tiny", tmp_path)
     hf = peft.PeftModel.from_pretrained(tiny_model(arch, task), tmp_path)
     assert torch.max(torch.abs(logits(hf) - logits(model))) <= 1e-5
@@ -219,9 +205,9 @@ def test_hf_peft_loads_our_adapter(arch, tmp_path):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_we_load_hf_peft_adapter(arch, tmp_path):
-    task = task_for(arch)
+    task = task_of(arch)
     hf = peft.get_peft_model(tiny_model(arch, task), hf_config(task, r=4, lora_alpha=8, lora_dropout=0.1))
-    randomise(hf)
+    randomise(hf, NOISE)
     hf.save_pretrained(tmp_path)
     hf.eval()
     loaded, loaded_method = checkpoint.load_adapter(tiny_model(arch, task), tmp_path)
@@ -237,7 +223,7 @@ def test_rslora_and_gaussian_against_hf(tmp_path):
     # HF PEFT's gaussian init: A ~ N(0, 1/r), i.e. std 1/r = 0.25 here (256 samples: within 15%).
     assert abs(layer.lora_A.weight.std().item() - 0.25) < 0.15 * 0.25
     assert not layer.lora_B.weight.any()
-    randomise(model)
+    randomise(model, NOISE)
     section = method(rank=4, alpha=8.0, use_rslora=True, init="gaussian")
     checkpoint.save_adapter(model, section, task, "tiny", tmp_path)
     hf = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
@@ -264,7 +250,7 @@ def test_load_refuses_missing_and_misshaped_keys():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_merge_equals_unmerged_and_hf_merge(arch, tmp_path):
     model, task = injected(arch)
-    randomise(model)
+    randomise(model, NOISE)
     expected = logits(model)
     checkpoint.save_adapter(model, method(), task, "tiny", tmp_path)
     merged = lora.merge(model)
@@ -319,7 +305,7 @@ def test_a_regex_subset_is_written_as_full_names_hf_can_load(tmp_path):
     model = lora.inject(tiny_model("llama"), section, "causal-lm")
     config = lora.adapter_config(model, section, "causal-lm")
     assert config["target_modules"] == wrapped(model)
-    randomise(model)
+    randomise(model, NOISE)
     checkpoint.save_adapter(model, section, "causal-lm", "tiny", tmp_path)
     hf = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
     assert torch.max(torch.abs(logits(hf) - logits(model))) <= 1e-5
@@ -332,7 +318,7 @@ def test_all_linear_leaves_out_output_and_classifier_heads(arch):
     assert names and not any(n.startswith(("lm_head", "classifier", "score")) for n in names)
     assert len(names) == sum(
         common.is_linear(m)
-        for n, m in tiny_model(arch, task_for(arch)).named_modules()
+        for n, m in tiny_model(arch, task_of(arch)).named_modules()
         if not n.startswith(("lm_head", "classifier", "score"))
     )
 

@@ -11,31 +11,40 @@ Two places where HF PEFT 0.21.2 cannot be run as is with transformers 5.24 (it s
 
 from __future__ import annotations
 
-import json
+from pathlib import Path
 
 import peft
 import pytest
 import torch
-from tiny import DECODERS, batch, tiny_config, tiny_model
-from torch import nn
+from tiny import (
+    ARCHS,
+    DECODERS,
+    HF_TASK,
+    PROMPT_LEARNING_FIELDS,
+    batch,
+    check_generate_from_embeds_and_beams,
+    copy_heads_into_hf,
+    greedy_without_cache,
+    logits,
+    one_step_changes,
+    positions_from_mask,
+    randomise,
+    saved_configs,
+    task_of,
+    tiny_config,
+    tiny_model,
+    trainable_names,
+)
 from transformers import AutoModelForCausalLM
 
 from peftcli import checkpoint
 from peftcli.errors import UserError
 from peftcli.methods import BY_PEFT_TYPE, prefix
-from peftcli.methods.common import AdapterError, ModulesToSave, count_parameters
+from peftcli.methods.common import AdapterError, count_parameters
 from peftcli.recipe import MethodSection
 
 P = 4  # virtual tokens
-CASES = [
-    ("llama", "causal-lm"),
-    ("gpt2", "causal-lm"),
-    ("opt", "causal-lm"),
-    ("bert", "sequence-classification"),
-    ("roberta", "sequence-classification"),
-]
-HF_TASK = {"causal-lm": "CAUSAL_LM", "sequence-classification": "SEQ_CLS"}
-LABELS = torch.tensor([0, 2])
+CASES = [(arch, task_of(arch)) for arch in ARCHS]
 
 
 def method(**fields) -> MethodSection:
@@ -51,23 +60,10 @@ def hf_model(arch: str, task: str, **fields) -> peft.PeftModel:
     return peft.get_peft_model(tiny_model(arch, task), config)
 
 
-def randomise(model: nn.Module, seed: int = 3) -> None:
-    """Perturb every trainable tensor (the head too) so that a wrong load would show."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.5)
-
-
 def copy_into_hf(ours: prefix.PrefixTuningModel, hf: peft.PeftModel) -> None:
     """Give HF PEFT's model our prefix encoder's and heads' weights."""
     hf.prompt_encoder["default"].load_state_dict(ours.prefix_encoder.state_dict())
-    for name, module in ours.base_model.named_modules():
-        if isinstance(module, ModulesToSave):
-            hf.base_model.get_submodule(name).modules_to_save["default"].load_state_dict(
-                module.trained.state_dict()
-            )
+    copy_heads_into_hf(ours.base_model, hf)
 
 
 def extended_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -84,21 +80,16 @@ def hf_logits(model: peft.PeftModel, task: str, **inputs) -> torch.Tensor:
     return model.base_model(input_ids=inputs["input_ids"], attention_mask=mask, cache=cache).logits
 
 
-@torch.no_grad()
 def greedy_reference(model, inputs: dict, steps: int) -> torch.Tensor:
     """Greedy decoding without a cache: the whole sequence through `model` for every new token.
 
     Positions follow the attention mask, as `generate` numbers them.
     """
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    for _ in range(steps):
-        position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        next_token = (
-            model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, -1].argmax(-1)
-        )
-        ids = torch.cat([ids, next_token[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    return ids
+
+    def next_logits(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
+
+    return greedy_without_cache(next_logits, inputs, steps)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -108,20 +99,13 @@ def greedy_reference(model, inputs: dict, steps: int) -> torch.Tensor:
 @pytest.mark.parametrize("arch,task", CASES)
 def test_only_prefix_and_head_train_and_one_step_changes_only_them(arch, task):
     model = injected(arch, task)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    trainable = trainable_names(model)
     expected = {"prefix_encoder.embedding.weight"}
     if task == "sequence-classification":
         expected |= {n for n, _ in model.named_parameters() if ".trained." in n}
         assert any(".trained." in n for n in expected)
     assert trainable == expected
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    labels = batch()["input_ids"] if task == "causal-lm" else LABELS
-    model.train()
-    model(**batch(), labels=labels).loss.backward()
-    optimizer.step()
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert changed == trainable
+    assert one_step_changes(model, task) == trainable
 
 
 @pytest.mark.parametrize("projection", [False, True])
@@ -165,9 +149,7 @@ def test_logits_equal_hf_with_the_same_weights(arch, task, projection):
     randomise(ours)
     hf = hf_model(arch, task, prefix_projection=projection)
     copy_into_hf(ours, hf)
-    with torch.no_grad():
-        got = ours(**batch()).logits
-        base = ours.base_model(**batch()).logits
+    got, base = logits(ours), logits(ours.base_model)
     torch.testing.assert_close(got, hf_logits(hf, task, **batch()), atol=1e-5, rtol=0)
     assert (got - base).abs().max() > 1e-3  # the prefix does change the output
 
@@ -179,8 +161,7 @@ def test_position_ids_shift_like_hf(arch):
     copy_into_hf(ours, hf)
     inputs = batch()
     inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        torch.testing.assert_close(ours(**inputs).logits, hf(**inputs).logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(ours, inputs), logits(hf, inputs), atol=1e-5, rtol=0)
 
 
 def test_loss_equals_hf_and_masked_rows_do_not_leak():
@@ -201,29 +182,30 @@ def test_loss_equals_hf_and_masked_rows_do_not_leak():
 # Save and load: ours, HF's, both ways
 
 
+def saved(arch: str, task: str, projection: bool, directory: Path) -> prefix.PrefixTuningModel:
+    """A prefix-tuned model with perturbed weights, its adapter saved to `directory`."""
+    ours = injected(arch, task, prefix_projection=projection)
+    randomise(ours)
+    checkpoint.save_adapter(ours, method(prefix_projection=projection), task, "tiny", directory)
+    return ours
+
+
 @pytest.mark.parametrize("projection", [False, True])
 @pytest.mark.parametrize("arch,task", CASES)
 def test_save_load_round_trip(tmp_path, arch, task, projection):
-    ours = injected(arch, task, prefix_projection=projection)
-    randomise(ours)
-    checkpoint.save_adapter(ours, method(prefix_projection=projection), task, "tiny", tmp_path)
+    ours = saved(arch, task, projection, tmp_path)
     loaded, loaded_method = checkpoint.load_adapter(tiny_model(arch, task), tmp_path)
     assert loaded_method.prefix_projection == projection
     assert loaded.prefix_encoder.transform is None  # the saved table, not the MLP that made it
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(**batch()).logits, ours(**batch()).logits, atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(loaded), logits(ours), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("projection", [False, True])
 @pytest.mark.parametrize("arch,task", CASES)
 def test_hf_loads_our_adapter(tmp_path, arch, task, projection):
-    ours = injected(arch, task, prefix_projection=projection)
-    randomise(ours)
-    checkpoint.save_adapter(ours, method(prefix_projection=projection), task, "tiny", tmp_path)
+    ours = saved(arch, task, projection, tmp_path)
     hf = peft.PeftModel.from_pretrained(tiny_model(arch, task), tmp_path)
-    with torch.no_grad():
-        expected = ours(**batch()).logits
-    torch.testing.assert_close(hf_logits(hf, task, **batch()), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(hf_logits(hf, task, **batch()), logits(ours), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("projection", [False, True])
@@ -235,29 +217,15 @@ def test_we_load_hf_adapter(tmp_path, arch, task, projection):
     ours, loaded_method = checkpoint.load_adapter(tiny_model(arch, task), tmp_path)
     assert loaded_method.modules_to_save is None  # HF's repeated [classifier, score] is our default
     hf.eval()
-    with torch.no_grad():
-        got = ours(**batch()).logits
-    torch.testing.assert_close(got, hf_logits(hf, task, **batch()), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(ours), hf_logits(hf, task, **batch()), atol=1e-5, rtol=0)
 
 
 def test_config_fields_are_hf_s(tmp_path):
     ours = injected("llama", "causal-lm", prefix_projection=True)
-    checkpoint.save_adapter(ours, method(prefix_projection=True), "causal-lm", "tiny", tmp_path / "ours")
     hf = hf_model("llama", "causal-lm", prefix_projection=True)
-    hf.save_pretrained(tmp_path / "hf")
-    ours_config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    hf_config = json.loads((tmp_path / "hf" / "adapter_config.json").read_text())
-    fields = [
-        "num_virtual_tokens",
-        "token_dim",
-        "num_transformer_submodules",
-        "num_attention_heads",
-        "num_layers",
-        "encoder_hidden_size",
-        "prefix_projection",
-        "peft_type",
-        "task_type",
-    ]
+    section = method(prefix_projection=True)
+    ours_config, hf_config = saved_configs(ours, section, "causal-lm", hf, tmp_path)
+    fields = [*PROMPT_LEARNING_FIELDS, "encoder_hidden_size", "prefix_projection"]
     assert {k: ours_config[k] for k in fields} == {k: hf_config[k] for k in fields}
     assert ours_config["token_dim"] == 32 and ours_config["num_attention_heads"] == 2  # GQA: kv heads
 
@@ -305,17 +273,9 @@ def test_generate_from_inputs_embeds_and_with_beams():
     ours = injected("llama", "causal-lm")
     with torch.no_grad():
         ours.prefix_encoder.embedding.weight.mul_(3)  # a prefix strong enough that losing it shows
-    inputs = batch()
-    by_ids = ours.generate(**inputs, max_new_tokens=4, do_sample=False)
-    embeds = ours.get_input_embeddings()(inputs["input_ids"])
-    by_embeds = ours.generate(
-        inputs_embeds=embeds, attention_mask=inputs["attention_mask"], max_new_tokens=4, do_sample=False
-    )
-    assert torch.equal(by_embeds, by_ids[:, -4:])
+    by_ids = check_generate_from_embeds_and_beams(ours)
     # The cache carries the prefix: use_cache=False must not drop or repeat it.
-    assert torch.equal(ours.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False), by_ids)
-    beams = ours.generate(**inputs, max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
-    assert beams.shape == (4, inputs["input_ids"].shape[1] + 3)
+    assert torch.equal(ours.generate(**batch(), max_new_tokens=4, do_sample=False, use_cache=False), by_ids)
 
 
 def test_generate_refuses_a_cache_and_gradient_checkpointing_is_refused():

@@ -7,33 +7,43 @@ reference for ``generate`` is greedy decoding through the base model on [HF's pr
 
 from __future__ import annotations
 
-import json
-
 import peft
 import pytest
 import torch
-from tiny import DECODERS, batch, tiny_config, tiny_model, tiny_tokenizer
+from tiny import (
+    ARCHS,
+    DECODERS,
+    HF_TASK,
+    PROMPT_LEARNING_FIELDS,
+    batch,
+    check_generate_from_embeds_and_beams,
+    copy_heads_into_hf,
+    greedy_without_cache,
+    labels_for,
+    logits,
+    one_step_changes,
+    positions_from_mask,
+    randomise,
+    saved_configs,
+    task_of,
+    tiny_config,
+    tiny_model,
+    tiny_tokenizer,
+    trainable_names,
+)
 from torch import nn
 from transformers import AutoModelForCausalLM
 
 from peftcli import checkpoint
 from peftcli.errors import UserError
 from peftcli.methods import BY_PEFT_TYPE, prompt
-from peftcli.methods.common import AdapterError, ModulesToSave, count_parameters
+from peftcli.methods.common import AdapterError, count_parameters
 from peftcli.recipe import MethodSection
 
 P = 4  # virtual tokens
-CASES = [
-    ("llama", "causal-lm"),
-    ("gpt2", "causal-lm"),
-    ("opt", "causal-lm"),
-    ("bert", "sequence-classification"),
-    ("roberta", "sequence-classification"),
-    ("llama", "sequence-classification"),
-]
-HF_TASK = {"causal-lm": "CAUSAL_LM", "sequence-classification": "SEQ_CLS"}
+# Every architecture with its default task, and a decoder as a classifier.
+CASES = [(arch, task_of(arch)) for arch in ARCHS] + [("llama", "sequence-classification")]
 HF_INIT = {"random": "RANDOM", "text": "TEXT", "vocab": "SAMPLE_VOCAB"}
-LABELS = torch.tensor([0, 2])
 TEXT = "Classify:"
 
 
@@ -50,40 +60,23 @@ def hf_model(arch: str, task: str, **fields) -> peft.PeftModel:
     return peft.get_peft_model(tiny_model(arch, task), config)
 
 
-def randomise(model: nn.Module, seed: int = 3) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.5)
-
-
 def copy_into_hf(ours: prompt.PromptTuningModel, hf: peft.PeftModel) -> None:
+    """Give HF PEFT's model our prompt's and heads' weights."""
     hf.prompt_encoder["default"].embedding.weight.data.copy_(ours.prompt.weight)
-    for name, module in ours.base_model.named_modules():
-        if isinstance(module, ModulesToSave):
-            hf.base_model.get_submodule(name).modules_to_save["default"].load_state_dict(
-                module.trained.state_dict()
-            )
+    copy_heads_into_hf(ours.base_model, hf)
 
 
-def labels_for(task: str) -> torch.Tensor:
-    return batch()["input_ids"] if task == "causal-lm" else LABELS
-
-
-@torch.no_grad()
 def greedy_reference(base: nn.Module, prompt_weight: torch.Tensor, inputs: dict, steps: int) -> torch.Tensor:
     """Greedy decoding through the base model on [prompt; embed(ids)], positions from the mask as generate."""
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    for _ in range(steps):
+
+    def next_logits(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         embeds = base.get_input_embeddings()(ids)
         embeds = torch.cat([prompt_weight.expand(ids.shape[0], -1, -1), embeds], dim=1)
         full_mask = torch.cat([torch.ones(ids.shape[0], P, dtype=mask.dtype), mask], dim=1)
-        position_ids = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, 0)
-        logits = base(inputs_embeds=embeds, attention_mask=full_mask, position_ids=position_ids).logits
-        ids = torch.cat([ids, logits[:, -1].argmax(-1)[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    return ids
+        position_ids = positions_from_mask(full_mask)
+        return base(inputs_embeds=embeds, attention_mask=full_mask, position_ids=position_ids).logits
+
+    return greedy_without_cache(next_logits, inputs, steps)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -93,16 +86,10 @@ def greedy_reference(base: nn.Module, prompt_weight: torch.Tensor, inputs: dict,
 @pytest.mark.parametrize("arch,task", CASES)
 def test_only_prompt_and_head_train_and_one_step_changes_only_them(arch, task):
     model = injected(arch, task)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    trainable = trainable_names(model)
     expected = {"prompt.weight"} | {n for n, _ in model.named_parameters() if ".trained." in n}
     assert trainable == expected and (task == "causal-lm") == (expected == {"prompt.weight"})
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    model(**batch(), labels=labels_for(task)).loss.backward()
-    optimizer.step()
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert changed == trainable
+    assert one_step_changes(model, task) == trainable
 
 
 @pytest.mark.parametrize("arch,task", CASES)
@@ -120,9 +107,10 @@ def test_logits_and_loss_equal_hf_with_the_same_weights(arch, task):
     randomise(ours)
     hf = hf_model(arch, task)
     copy_into_hf(ours, hf)
+    inputs = batch()
     with torch.no_grad():
-        got = ours(**batch(), labels=labels_for(task))
-        expected = hf(**batch(), labels=labels_for(task))
+        got = ours(**inputs, labels=labels_for(task, inputs))
+        expected = hf(**inputs, labels=labels_for(task, inputs))
     torch.testing.assert_close(got.logits, expected.logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(got.loss, expected.loss, atol=1e-5, rtol=0)
     if task == "causal-lm":
@@ -241,8 +229,7 @@ def test_save_load_round_trip(tmp_path, arch, task):
     randomise(ours)
     checkpoint.save_adapter(ours, method(), task, "tiny", tmp_path)
     loaded, _ = checkpoint.load_adapter(tiny_model(arch, task), tmp_path)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(**batch()).logits, ours(**batch()).logits, atol=0, rtol=0)
+    torch.testing.assert_close(logits(loaded), logits(ours), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("arch,task", CASES)
@@ -256,8 +243,7 @@ def test_hf_loads_our_adapter(tmp_path, arch, task):
     checkpoint.save_adapter(ours, method(**fields), task, "tiny", tmp_path / "adapter")
     hf = peft.PeftModel.from_pretrained(tiny_model(arch, task), tmp_path / "adapter")
     assert hf.peft_config["default"].prompt_tuning_init == "TEXT"
-    with torch.no_grad():
-        torch.testing.assert_close(hf(**batch()).logits, ours(**batch()).logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(hf), logits(ours), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("arch,task", CASES)
@@ -268,28 +254,18 @@ def test_we_load_hf_adapter(tmp_path, arch, task):
     ours, loaded_method = checkpoint.load_adapter(tiny_model(arch, task), tmp_path)
     assert loaded_method.prompt_init == "vocab" and loaded_method.modules_to_save is None
     hf.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(ours(**batch()).logits, hf(**batch()).logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(ours), logits(hf), atol=1e-5, rtol=0)
 
 
 def test_config_fields_are_hf_s(tmp_path):
     ours = injected("llama", "sequence-classification")
-    checkpoint.save_adapter(ours, method(), "sequence-classification", "tiny", tmp_path / "ours")
     hf = hf_model("llama", "sequence-classification")
-    hf.save_pretrained(tmp_path / "hf")
-    ours_config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    hf_config = json.loads((tmp_path / "hf" / "adapter_config.json").read_text())
+    ours_config, hf_config = saved_configs(ours, method(), "sequence-classification", hf, tmp_path)
     fields = [
-        "num_virtual_tokens",
-        "token_dim",
-        "num_transformer_submodules",
-        "num_attention_heads",
-        "num_layers",
+        *PROMPT_LEARNING_FIELDS,
         "prompt_tuning_init",
         "prompt_tuning_init_text",
         "tokenizer_name_or_path",
-        "peft_type",
-        "task_type",
     ]
     assert {k: ours_config[k] for k in fields} == {k: hf_config[k] for k in fields}
     assert prompt.method_from_config(ours_config) == method()
@@ -334,23 +310,14 @@ def test_greedy_generate_equals_greedy_reference(arch):
     expected = greedy_reference(ours.base_model, hf.prompt_encoder["default"].embedding.weight, batch(), 5)
     assert torch.equal(got, expected)
     # Unpadded rows: the same as greedy through HF PEFT's forward (which numbers positions 0..n-1).
-    with torch.no_grad():
-        first = hf(**batch()).logits[1, -1].argmax()
+    first = logits(hf)[1, -1].argmax()
     assert got[1, batch()["input_ids"].shape[1]] == first
 
 
 def test_generate_from_inputs_embeds_and_with_beams():
     ours = injected("gpt2", "causal-lm")
     randomise(ours)
-    inputs = batch()
-    by_ids = ours.generate(**inputs, max_new_tokens=4, do_sample=False)
-    embeds = ours.get_input_embeddings()(inputs["input_ids"])
-    by_embeds = ours.generate(
-        inputs_embeds=embeds, attention_mask=inputs["attention_mask"], max_new_tokens=4, do_sample=False
-    )
-    assert torch.equal(by_embeds, by_ids[:, -4:])
-    beams = ours.generate(**inputs, max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
-    assert beams.shape == (4, inputs["input_ids"].shape[1] + 3)
+    check_generate_from_embeds_and_beams(ours)
 
 
 # --------------------------------------------------------------------------------------------------

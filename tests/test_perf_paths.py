@@ -1,0 +1,206 @@
+"""Each fast path of the training step gives the plain path's loss and gradients.
+
+The plain path: full (tokens, vocab) logits then cross-entropy; LoRA as base(x) + scale * B(A(x)) with
+fresh tensors; no gradient checkpointing. The fast paths are what `peft train` runs by default or on
+request (peftcli/loss.py's chunked loss, LoRALinear's in-place addmm, gradient checkpointing).
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tiny import VOCAB_SIZE, batch, tiny_model
+from torch import nn
+
+from peftcli import loss
+from peftcli.methods import METHODS, lora
+from peftcli.recipe import MethodSection, Recipe
+from peftcli.train import loss_sum, num_targets
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
+    return torch.allclose(a, b, rtol=tol, atol=tol)
+
+
+def labelled(n: int = 2, length: int = 12, seed: int = 1) -> dict[str, torch.Tensor]:
+    b = batch(n, length, seed)
+    labels = b["input_ids"].clone()
+    labels[b["attention_mask"] == 0] = loss.IGNORE_INDEX
+    labels[1, :4] = loss.IGNORE_INDEX  # a prompt that carries no loss
+    return {**b, "labels": labels}
+
+
+# --------------------------------------------------------------------------------------------------
+# chunked cross-entropy
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, 7, 64, 4096])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_chunked_loss_equals_the_plain_loss_and_gradients(monkeypatch, chunk_rows, with_bias):
+    monkeypatch.setattr(loss, "CHUNK_ROWS", chunk_rows)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 10, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g)
+    bias = torch.randn(50, generator=g) if with_bias else None
+    labels = torch.randint(0, 50, (3, 10), generator=g)
+    labels[0, :5] = loss.IGNORE_INDEX
+
+    plain = loss.causal_lm_loss_sum(nn.functional.linear(hidden, weight, bias), labels)
+    (plain_grad,) = torch.autograd.grad(2.5 * plain, hidden)
+    chunked = loss.chunked_causal_lm_loss_sum(hidden, weight, bias, labels)
+    (chunked_grad,) = torch.autograd.grad(2.5 * chunked, hidden)  # backward scales by the upstream grad
+    assert close(chunked, plain)
+    assert close(chunked_grad, plain_grad)
+    with torch.no_grad():  # evaluation: no gradient formed, same value
+        assert close(loss.chunked_causal_lm_loss_sum(hidden, weight, bias, labels), plain)
+
+
+def _lora_model(arch: str, **fields) -> nn.Module:
+    method = MethodSection(name="lora", rank=4, alpha=8.0, target_modules="all-linear", **fields)
+    model = lora.inject(tiny_model(arch, "causal-lm"), method, "causal-lm")
+    with torch.no_grad():  # B = 0 at init would hide every LoRA term from the comparison
+        for _, layer in lora.lora_layers(model):
+            layer.lora_B.weight.normal_(0, 0.1)
+    return model.eval()  # eval: GPT-2's and OPT's dropout would make two passes differ (gradients still flow)
+
+
+def _loss_and_grads(model: nn.Module, head: nn.Linear | None, b: dict) -> tuple[torch.Tensor, dict]:
+    s = SimpleNamespace(recipe=Recipe(), head=head)
+    value = loss_sum(s, model, b) / num_targets(s, b)
+    value.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return value.detach(), grads
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_chunked_loss_engages_on_a_lora_model_and_matches_the_plain_step(monkeypatch, arch):
+    monkeypatch.setattr(loss, "CHUNK_ROWS", 5)  # several chunks and a ragged last one
+    model, b = _lora_model(arch), labelled()
+    plain_value, plain_grads = _loss_and_grads(model, None, b)
+    head = loss.enable_chunked_loss(model)
+    # LoRA changes the transformers model in place: its own head must be found (not its backbone's).
+    assert head is not None and head.weight.shape[0] == VOCAB_SIZE
+    assert isinstance(model.get_output_embeddings(), loss.HiddenStatesHead)
+    chunked_value, chunked_grads = _loss_and_grads(model, head, b)
+    assert close(chunked_value, plain_value)
+    assert plain_grads.keys() == chunked_grads.keys() and plain_grads
+    for name, grad in plain_grads.items():
+        assert close(chunked_grads[name], grad), name
+    loss.disable_chunked_loss(model)
+    assert model.get_output_embeddings() is head
+
+
+def test_chunked_loss_engages_through_a_virtual_token_wrapper():
+    method = MethodSection(name="prefix-tuning", num_virtual_tokens=3)
+    model = METHODS["prefix-tuning"].inject(tiny_model("llama", "causal-lm"), method, "causal-lm")
+    b = labelled()
+    plain_value, plain_grads = _loss_and_grads(model, None, b)
+    head = loss.enable_chunked_loss(model)
+    assert head is not None
+    chunked_value, chunked_grads = _loss_and_grads(model, head, b)
+    assert close(chunked_value, plain_value)
+    for name, grad in plain_grads.items():
+        assert close(chunked_grads[name], grad), name
+    loss.disable_chunked_loss(model)
+    assert model.base_model.get_output_embeddings() is head
+
+
+def test_chunked_loss_stays_off_for_a_trained_head():
+    model = tiny_model("llama", "causal-lm")
+    model.get_output_embeddings().weight.requires_grad_(True)
+    assert loss.enable_chunked_loss(model) is None
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA forward: in-place addmm, no dropout module at p = 0
+
+
+def _reference_lora(layer: lora.LoRALinear, x: torch.Tensor) -> torch.Tensor:
+    """The textbook form, fresh tensors throughout."""
+    return layer.base(x) + layer.scale * layer.lora_B(layer.lora_A(x))
+
+
+@pytest.mark.parametrize("make_input", ["contiguous", "transposed"])
+def test_lora_forward_in_place_equals_the_textbook_form(make_input):
+    torch.manual_seed(0)
+    layer = lora.LoRALinear(nn.Linear(16, 24), rank=4, alpha=8.0)
+    nn.init.normal_(layer.lora_B.weight, std=0.1)
+    layer.base.requires_grad_(False)
+    assert layer.dropout is None
+    x = torch.randn(3, 5, 16)
+    if make_input == "transposed":
+        x = torch.randn(5, 3, 16).transpose(0, 1)
+    x.requires_grad_(True)
+    grads = []
+    for forward in (layer, lambda t: _reference_lora(layer, t)):
+        out = forward(x)
+        assert out.shape == (3, 5, 24)
+        (out * torch.linspace(-1, 1, 24)).sum().backward()
+        grads.append(
+            (out.detach(), x.grad.clone(), layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone())
+        )
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+    for fast, plain in zip(*grads, strict=True):
+        assert close(fast, plain)
+
+
+def test_lora_model_step_equals_the_textbook_lora():
+    """The whole model: LoRALinear.forward against the textbook forward, same loss and LoRA gradients."""
+    model, b = _lora_model("llama"), labelled()
+    fast_value, fast_grads = _loss_and_grads(model, None, b)
+    textbook = copy.deepcopy(model)
+    for _, layer in lora.lora_layers(textbook):
+        layer.forward = (lambda m: lambda x: _reference_lora(m, x))(layer)
+    plain_value, plain_grads = _loss_and_grads(textbook, None, b)
+    assert close(fast_value, plain_value)
+    for name, grad in plain_grads.items():
+        assert close(fast_grads[name], grad), name
+
+
+# --------------------------------------------------------------------------------------------------
+# gradient checkpointing
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    model, b = _lora_model("llama"), labelled()
+    head = loss.enable_chunked_loss(model)
+    plain_value, plain_grads = _loss_and_grads(model, head, b)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    ckpt_value, ckpt_grads = _loss_and_grads(model, head, b)
+    assert close(ckpt_value, plain_value)
+    for name, grad in plain_grads.items():
+        assert close(ckpt_grads[name], grad), name
+
+
+# --------------------------------------------------------------------------------------------------
+# the benchmark itself
+
+
+@pytest.mark.slow
+def test_bench_quick_runs_end_to_end(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--quick", "--json", str(out)],
+        check=True,
+        cwd=ROOT,
+        timeout=600,
+        capture_output=True,
+    )
+    import json
+
+    result = json.loads(out.read_text())
+    for side in ("peftcli", "hf_peft"):
+        assert result[side]["tokens_per_second"] > 0 and result[side]["peak_memory_bytes"] > 0
+    assert result["first_loss_difference"] < 1e-4
+    assert result["speedup"] > 0 and result["memory_ratio"] > 0 and result["flops_fraction"] > 0
