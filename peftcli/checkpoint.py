@@ -6,6 +6,7 @@ Never unpickles: an adapter dir with only adapter_model.bin is refused with a cl
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -15,6 +16,8 @@ from peftcli import fileio
 from peftcli.errors import UserError
 from peftcli.methods import BY_PEFT_TYPE, METHODS, TASK_TYPES
 from peftcli.recipe import MethodSection
+
+log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -79,6 +82,57 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, Tensor]]:
     return config, state
 
 
+# Fields that say nothing about the method's math: bookkeeping, shapes derived from the base model
+# (checked against it when the weights load), and HF PEFT options that only matter at their defaults.
+COMMON_FIELDS = {
+    "peft_type",
+    "task_type",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "peft_version",
+    "auto_mapping",
+    "token_dim",
+    "num_attention_heads",
+    "num_layers",
+    "encoder_hidden_size",
+    "num_transformer_submodules",
+}
+HARMLESS_DEFAULTS = {"megatron_core": "megatron.core", "qalora_group_size": 16}
+
+
+class _ReadTracker(dict):
+    """A config dict that remembers which fields were looked at, to name the ones nobody read."""
+
+    def __init__(self, data: dict):
+        super().__init__(data)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key):
+        self.read.add(key)
+        return super().__contains__(key)
+
+
+def method_from_config(config: dict, where: str = "adapter_config.json") -> MethodSection:
+    """The method an adapter config describes; fields this project does not use are named in a note."""
+    tracked = _ReadTracker(config)
+    method = method_module(config, where).method_from_config(tracked)
+    ignored = sorted(
+        k for k in set(config) - tracked.read - COMMON_FIELDS if config[k] not in (None, {}, [], False)
+    )
+    if ignored:
+        log.info("%s: ignoring fields peftcli does not use: %s", where, ", ".join(ignored))
+    return method
+
+
 def method_module(config: dict, where: str = "adapter_config.json"):
     peft_type = config.get("peft_type")
     if peft_type not in BY_PEFT_TYPE:
@@ -114,14 +168,14 @@ def adapter_method(directory: str | Path) -> tuple[str, MethodSection, str]:
     base = config.get("base_model_name_or_path")
     if not base:
         raise UserError(f"{path}: no base_model_name_or_path; count the base model with --method instead")
-    return base, method_module(config, str(path)).method_from_config(config), task_of(config)
+    return base, method_from_config(config, str(path)), task_of(config)
 
 
 def load_adapter(model: nn.Module, directory: str | Path) -> tuple[nn.Module, MethodSection]:
     """Inject the adapter's method into `model` and load its weights; returns (model, method)."""
     config, state = read_adapter(directory)
     module = method_module(config, str(Path(directory) / CONFIG_NAME))
-    method = module.method_from_config(config)
+    method = method_from_config(config, str(Path(directory) / CONFIG_NAME))
     model = module.inject(model, method, task_of(config))
     module.load_adapter_state(model, state)
     return model, method

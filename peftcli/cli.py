@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import traceback
@@ -29,10 +30,21 @@ stderr = Console(stderr=True)
 _debug = False
 
 
+class _NoteHandler(logging.Handler):
+    """peftcli's own log records (e.g. adapter fields it ignores) as `note:` lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        stderr.print(f"[dim]note:[/] {escape(record.getMessage())}", highlight=False, soft_wrap=True)
+
+
 @app.callback()
 def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")):
     global _debug
     _debug = debug or bool(os.environ.get("PEFTCLI_DEBUG"))
+    logger = logging.getLogger("peftcli")
+    if not any(isinstance(h, _NoteHandler) for h in logger.handlers):
+        logger.addHandler(_NoteHandler())
+    logger.setLevel(logging.DEBUG if _debug else logging.INFO)
 
 
 def _handle_errors(fn: Callable) -> Callable:

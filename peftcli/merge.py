@@ -206,7 +206,7 @@ def _read_job(adapter_dir: Path, base: str | None) -> _Job:
     if not getattr(module, "MERGEABLE", False):
         why = getattr(module, "WHY_NOT_MERGEABLE", "the method does not fold into the weights")
         raise UserError(f"cannot merge {adapter_dir}, a {config['peft_type']} adapter: {why}")
-    method = module.method_from_config(config)
+    method = checkpoint.method_from_config(config, str(adapter_dir / checkpoint.CONFIG_NAME))
     task = checkpoint.task_of(config)
     base_name = base or config.get("base_model_name_or_path")
     if not base_name:

@@ -200,11 +200,6 @@ def test_fields_peftcli_does_not_use_are_ignored(tmp_path, bases, kind, arch):
     assert (logits(model) - logits(hf)).abs().max() <= 1e-5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gap: the methods' method_from_config (lora.py, prefix.py, prompt.py) ignore unknown "
-    "adapter_config.json fields silently; the brief asks for a note naming them",
-)
 def test_fields_peftcli_does_not_use_are_noted(tmp_path, bases, caplog):
     hf_adapter(tmp_path / "hf", bases["llama"], "lora", "causal-lm")
     edit_config(tmp_path / "hf", future_field={"x": 1})
