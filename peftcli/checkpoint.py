@@ -126,7 +126,9 @@ def method_from_config(config: dict, where: str = "adapter_config.json") -> Meth
     tracked = _ReadTracker(config)
     method = method_module(config, where).method_from_config(tracked)
     ignored = sorted(
-        k for k in set(config) - tracked.read - COMMON_FIELDS if config[k] not in (None, {}, [], False)
+        k
+        for k in set(config) - tracked.read - COMMON_FIELDS
+        if config[k] not in (None, {}, [], False) and HARMLESS_DEFAULTS.get(k, ...) != config[k]
     )
     if ignored:
         log.info("%s: ignoring fields peftcli does not use: %s", where, ", ".join(ignored))
