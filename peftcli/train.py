@@ -36,7 +36,7 @@ from peftcli.loss import (
 )
 from peftcli.methods import METHODS
 from peftcli.methods.common import count_parameters
-from peftcli.models import load_model, load_tokenizer, portable_name
+from peftcli.models import enable_activation_checkpointing, load_model, load_tokenizer, portable_name
 from peftcli.recipe import Recipe, dump_recipe
 
 RUN_MARKERS = ("recipe.yaml", "metrics.jsonl", "checkpoints", checkpoint.CONFIG_NAME, "report.json")
@@ -170,11 +170,10 @@ def setup(
         trust_remote_code=recipe.model.trust_remote_code,
         revision=recipe.model.revision,
     )
-    if train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
     set_seed(train.seed)  # the adapter's init does not depend on how much randomness loading used
     model = _inject(model, recipe, tokenizer)
+    if train.gradient_checkpointing:
+        enable_activation_checkpointing(model)
     trainable, total = count_parameters(model)
     params = {"trainable": trainable, "total": total, "trainable_percent": round(100 * trainable / total, 6)}
     say(

@@ -99,7 +99,7 @@ def _peftcli_side(args, options: set[str], batch: dict):
 
     from peftcli import checkpoint
     from peftcli.loss import enable_chunked_loss
-    from peftcli.models import load_model
+    from peftcli.models import enable_activation_checkpointing, load_model
     from peftcli.recipe import MethodSection, Recipe, TrainSection
     from peftcli.train import _inject, _optimizer, loss_sum, num_targets
 
@@ -113,11 +113,10 @@ def _peftcli_side(args, options: set[str], batch: dict):
         ),
     )
     model = load_model(args.model, dtype="float32")
-    if recipe.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
     torch.manual_seed(SEED)
     model = _inject(model, recipe, tokenizer=None)
+    if recipe.train.gradient_checkpointing:
+        enable_activation_checkpointing(model)
     if args.adapter_out:
         checkpoint.save_adapter(model, recipe.method, "causal-lm", args.model, args.adapter_out)
     head = enable_chunked_loss(model) if recipe.train.chunked_loss else None
@@ -145,12 +144,11 @@ def _hf_side(args, options: set[str], batch: dict):
     import torch
     from peft import PeftModel
 
-    from peftcli.models import load_model
+    from peftcli.models import enable_activation_checkpointing, load_model
 
     model = load_model(args.model, dtype="float32")
     if "gc" in options:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_activation_checkpointing(model)
     model = PeftModel.from_pretrained(model, args.adapter_in, is_trainable=True)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -20,6 +20,7 @@ from torch import nn
 
 from peftcli import loss
 from peftcli.methods import METHODS, lora
+from peftcli.models import enable_activation_checkpointing
 from peftcli.recipe import MethodSection, Recipe
 from peftcli.train import loss_sum, num_targets
 
@@ -175,8 +176,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     model, b = _lora_model("llama"), labelled()
     head = loss.enable_chunked_loss(model)
     plain_value, plain_grads = _loss_and_grads(model, head, b)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
+    enable_activation_checkpointing(model)
     ckpt_value, ckpt_grads = _loss_and_grads(model, head, b)
     assert close(ckpt_value, plain_value)
     for name, grad in plain_grads.items():

@@ -19,6 +19,7 @@ from tiny import batch, save_tiny
 from typer.testing import CliRunner
 
 from peftcli import checkpoint, train
+from peftcli.errors import UserError
 from peftcli.generate import run_generate, run_predict
 from peftcli.models import load_model
 from peftcli.recipe import load_recipe
@@ -301,3 +302,19 @@ def test_two_processes_match_one(tmp_path, bases):
         return [m["loss"] for m in lines]
 
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "run"), abs=1e-5)
+
+
+def test_gradient_checkpointing_trains_lora_and_is_refused_for_prefix_tuning(tmp_path, bases):
+    lora = write_recipe(tmp_path, bases["llama"], CHAT, "chat", max_steps=2, gradient_checkpointing=True)
+    assert train.run(load_recipe(lora))["steps"] == 2
+    (tmp_path / "prefix").mkdir()
+    prefix = write_recipe(
+        tmp_path / "prefix",
+        bases["llama"],
+        CHAT,
+        "chat",
+        {"name": "prefix-tuning"},
+        gradient_checkpointing=True,
+    )
+    with pytest.raises(UserError, match="gradient checkpointing"):
+        train.run(load_recipe(prefix))
