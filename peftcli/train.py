@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 import math
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -24,7 +22,7 @@ from accelerate.utils import set_seed
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from peftcli import checkpoint, fileio, report
+from peftcli import checkpoint, fileio, report, rundir, schedule
 from peftcli.data import TokenizedDataset, check_data_source, collate, prepare_data
 from peftcli.errors import UserError
 from peftcli.loss import (
@@ -38,8 +36,6 @@ from peftcli.methods import METHODS
 from peftcli.methods.common import count_parameters
 from peftcli.models import enable_activation_checkpointing, load_model, load_tokenizer, portable_name
 from peftcli.recipe import Recipe, dump_recipe
-
-RUN_MARKERS = ("recipe.yaml", "metrics.jsonl", "checkpoints", checkpoint.CONFIG_NAME, "report.json")
 
 
 class TrainingStopped(UserError):
@@ -71,31 +67,6 @@ class Setup:
 
 # --------------------------------------------------------------------------------------------------
 # setup
-
-
-def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> Path | None:
-    """Refuse to clobber another run. Returns the newest checkpoint when resuming."""
-    existing = [m for m in RUN_MARKERS if (output_dir / m).exists()]
-    if resume:
-        latest = latest_checkpoint(output_dir)
-        if latest is None:
-            raise UserError(f"--resume: no checkpoint under {output_dir / 'checkpoints'} to resume from")
-        return latest
-    if existing and not overwrite:
-        raise UserError(
-            f"output_dir {output_dir} already holds a run ({', '.join(existing)}); "
-            "continue it with --resume or replace it with --overwrite"
-        )
-    return None
-
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    steps = sorted(
-        (int(p.name.split("-", 1)[1]), p)
-        for p in (output_dir / "checkpoints").glob("step-*")
-        if p.name.split("-", 1)[1].isdigit() and (p / checkpoint.STATE_NAME).is_file()
-    )
-    return steps[-1][1] if steps else None
 
 
 def _mixed_precision(setting: str) -> str:
@@ -139,7 +110,7 @@ def setup(
 ) -> Setup:
     console = console or Console()
     output_dir = Path(recipe.output_dir)
-    resume_from = check_output_dir(output_dir, resume, overwrite)
+    resume_from = rundir.check_output_dir(output_dir, resume, overwrite)
     check_data_source(recipe.data)  # bad data is refused before the model is loaded
 
     train = recipe.train
@@ -217,24 +188,11 @@ def setup(
 # batches and the loss
 
 
-def global_batch_indices(n_examples: int, global_batch: int, step: int, seed: int) -> list[int]:
-    """The example indices of optimizer step `step` (0-based): a pure function, so resume is exact.
-
-    Epoch e is a permutation seeded by seed + e; the last, partial global batch of an epoch wraps
-    around to the start of the same permutation so every step sees a full global batch.
-    """
-    steps_per_epoch = math.ceil(n_examples / global_batch)
-    epoch, position = divmod(step, steps_per_epoch)
-    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    start = position * global_batch
-    return [order[(start + i) % n_examples] for i in range(global_batch)]
-
-
 def micro_batches(s: Setup, step: int) -> list[dict[str, torch.Tensor]]:
     """This process's gradient-accumulation micro-batches for one optimizer step."""
     t = s.recipe.train
     world, rank = s.accelerator.num_processes, s.accelerator.process_index
-    indices = global_batch_indices(
+    indices = schedule.global_batch_indices(
         len(s.train_examples), t.batch_size * world * t.gradient_accumulation, step, t.seed
     )
     batches = []
@@ -299,19 +257,6 @@ def evaluate(s: Setup) -> dict[str, float] | None:
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
-def learning_rate(s: Setup, step: int) -> float:
-    """Warmup then constant / linear / cosine decay to 0, as a pure function of the step."""
-    t = s.recipe.train
-    if step < t.warmup_steps:
-        return t.learning_rate * (step + 1) / (t.warmup_steps + 1)
-    if t.scheduler == "constant":
-        return t.learning_rate
-    progress = (step - t.warmup_steps) / max(1, s.total_steps - t.warmup_steps)
-    if t.scheduler == "linear":
-        return t.learning_rate * max(0.0, 1.0 - progress)
-    return t.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 # --------------------------------------------------------------------------------------------------
 # the loop
 
@@ -367,7 +312,7 @@ def fit(s: Setup, log) -> dict:
                 device=acc.device,
             )
             global_targets, global_tokens = (int(x) for x in acc.reduce(counts, "sum"))
-            lr = learning_rate(s, step)
+            lr = schedule.learning_rate(t, step, s.total_steps)
             for group in s.optimizer.param_groups:
                 group["lr"] = lr
             step_loss = torch.zeros((), device=acc.device)
@@ -437,6 +382,21 @@ def _eval_line(record: dict) -> str:
 # files
 
 
+def save_checkpoint(s: Setup, step: int) -> None:
+    """Adapter + trainable parameters + optimizer + RNG, written by the main process only."""
+    if not s.accelerator.is_main_process:
+        return
+    model = s.accelerator.unwrap_model(s.model)
+
+    def write(directory: Path) -> None:
+        save_adapter_files(s, directory)
+        checkpoint.save_training_state(
+            directory, model, s.optimizer, {"step": step, "seed": s.recipe.train.seed}
+        )
+
+    rundir.write_checkpoint(s.output_dir, step, s.recipe.train.keep_checkpoints, write)
+
+
 def save_adapter_files(s: Setup, directory: Path) -> None:
     model = s.accelerator.unwrap_model(s.model)
     checkpoint.save_adapter(
@@ -447,44 +407,6 @@ def save_adapter_files(s: Setup, directory: Path) -> None:
         directory,
         label_names=s.label_names,
     )
-
-
-def save_checkpoint(s: Setup, step: int) -> None:
-    """checkpoints/step-N/ with adapter + optimizer + RNG + position, written to a temp dir then renamed."""
-    if not s.accelerator.is_main_process:
-        return
-    root = s.output_dir / "checkpoints"
-    final, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter_files(s, tmp)
-    checkpoint.save_training_state(
-        tmp, s.accelerator.unwrap_model(s.model), s.optimizer, {"step": step, "seed": s.recipe.train.seed}
-    )
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    kept = sorted(
-        (int(p.name.split("-")[1]), p) for p in root.glob("step-*") if p.name.split("-")[1].isdigit()
-    )
-    for _, old in kept[: -s.recipe.train.keep_checkpoints]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _save_tokenizer(tokenizer, directory: Path) -> None:
-    tmp = directory / ".tokenizer.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer.save_pretrained(tmp)
-    for f in tmp.iterdir():
-        f.replace(directory / f.name)
-    tmp.rmdir()
-
-
-def _clear_previous_run(output_dir: Path) -> None:
-    for marker in RUN_MARKERS + ("report.md", "loss.png", checkpoint.WEIGHTS_NAME, checkpoint.LABELS_NAME):
-        path = output_dir / marker
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
 
 
 def run(
@@ -500,26 +422,17 @@ def run(
     s = setup(recipe, resume=resume, overwrite=overwrite, console=console)
     main = s.accelerator.is_main_process
     out = s.output_dir
-    metrics_path = out / "metrics.jsonl"
+    metrics = None
     if main:
         out.mkdir(parents=True, exist_ok=True)
         if overwrite and not resume:
-            _clear_previous_run(out)
+            rundir.clear_previous_run(out)
         fileio.write_text(out / "recipe.yaml", dump_recipe(recipe))
-        kept = (
-            [json.loads(line) for line in metrics_path.read_text().splitlines()]
-            if resume and metrics_path.exists()
-            else []
-        )
-        kept = [r for r in kept if r["step"] <= s.start_step]
-        fileio.write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
-    records: list[dict] = []
+        metrics = rundir.MetricsLog(out / "metrics.jsonl", keep_until_step=s.start_step if resume else None)
 
     def log(record: dict) -> None:
-        records.append(record)
-        if main:
-            with metrics_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+        if metrics is not None:
+            metrics.append(record)
 
     summary = fit(s, log)
     final_eval = evaluate(s) if summary["stopped"] is None else None
@@ -531,8 +444,8 @@ def run(
     disable_chunked_loss(s.accelerator.unwrap_model(s.model))
     if main and not summary.get("interrupted"):
         save_adapter_files(s, out)
-        _save_tokenizer(s.tokenizer, out)
-        all_metrics = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+        rundir.save_tokenizer(s.tokenizer, out)
+        all_metrics = metrics.read()
         evals = [r for r in all_metrics if r["type"] == "eval"]
         result = {
             "method": recipe.method.name,
@@ -540,7 +453,7 @@ def run(
             "task": recipe.model.task,
             "params": s.params,
             "steps": summary["steps"],
-            "train_loss": summary["train_loss"],
+            "train_loss": {"first": None, "last": None, **summary["train_loss"]},
             "eval": {
                 "before": _strip(evals[0]) if evals and evals[0]["step"] == 0 else None,
                 "after": _strip(final_eval) if final_eval else None,
@@ -552,6 +465,7 @@ def run(
             "wall_seconds": time.perf_counter() - started,
             "stopped": summary["stopped"],
             "adapter_dir": str(out),
+            "recipe": recipe_path,
         }
         report.write_report(out, result, all_metrics)
     if summary.get("interrupted"):

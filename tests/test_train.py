@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from tiny import batch, save_tiny
 from typer.testing import CliRunner
 
-from peftcli import checkpoint, train
+from peftcli import checkpoint, rundir, train
 from peftcli.errors import UserError
 from peftcli.generate import run_generate, run_predict
 from peftcli.models import load_model
@@ -242,7 +242,7 @@ def test_ctrl_c_checkpoints_then_resume_finishes(tmp_path, bases):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "--resume" in stderr and "Traceback" not in stderr
-    saved = train.latest_checkpoint(out)
+    saved = rundir.latest_checkpoint(out)
     assert saved is not None
     step = int(saved.name.split("-")[1])
     assert 2 <= step < 400
