@@ -29,18 +29,19 @@ merged model is loaded. The check still loads the model once in float32; ``verif
 
 Nothing appears at ``output`` unless every step passed: the files are written to a temp dir next to it,
 which is renamed at the very end.
+
+This module is the orchestration, the in-memory path, the tokenizer output and the check; the streaming
+plan and writer live in `peftcli.merge_stream`.
 """
 
 from __future__ import annotations
 
 import gc
 import json
-import math
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -50,11 +51,11 @@ from rich.console import Console
 from torch import Tensor, nn
 
 from peftcli import checkpoint, models
-from peftcli import shards as st
 from peftcli.errors import CheckFailed, UserError
 from peftcli.generate import TOKENIZER_FILES, num_labels_from_head
+from peftcli.merge_stream import GENERATION_CONFIG as GENERATION_CONFIG  # re-exported: part of the API
+from peftcli.merge_stream import INDEX_NAME, SINGLE_NAME, stream_plan, write_streamed
 from peftcli.methods import bitfit, lora
-from peftcli.methods.common import KEY_PREFIX
 from peftcli.recipe import MethodSection
 
 OUTPUT_DTYPES = {
@@ -70,9 +71,6 @@ STREAMABLE: tuple[ModuleType, ...] = (lora, bitfit)
 # The check's tolerances, times max(1, max |reference logit|) (module docstring).
 TOLERANCES = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-2}
 PROBE_SHAPE = (2, 16)  # (sequences, tokens) of the check's fixed random token ids
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-GENERATION_CONFIG = "generation_config.json"
 
 
 @dataclass(frozen=True)
@@ -131,7 +129,7 @@ def merge_to_dir(
     if job.module in STREAMABLE:
         shards = _safetensors_shards(source)
         if shards:
-            plan, reason = _stream_plan(job, source, shards)
+            plan, reason = stream_plan(job, _base_config(job, source), shards, Path(source.path))
             if plan is None:
                 say(f"note: loading the whole base model instead of streaming it: {reason}")
     out_dtype = out_dtype or (plan.base_dtype if plan else _config_dtype(job, source))
@@ -142,7 +140,7 @@ def merge_to_dir(
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
     try:
         if plan:
-            _write_streamed(plan, tmp, out_dtype)
+            write_streamed(plan, tmp, out_dtype)
             probe = probe_batch(plan.config)
             reference = _reference_logits(job, probe) if verify else None
         else:
@@ -280,20 +278,8 @@ def _load_with_adapter(job: _Job) -> nn.Module:
 
 
 # --------------------------------------------------------------------------------------------------
-# Streaming: the plan, made from headers and a meta-device model before any tensor is read
-
-
-@dataclass
-class _Plan:
-    config: object  # the merged model's transformers config
-    # Output shards in order; each entry is (output key, (base shard, checkpoint key) or None: adapter only).
-    shards: list[list[tuple[str, tuple[Path, str] | None]]]
-    shapes: dict[str, tuple[int, ...]]  # output key -> shape
-    dtypes: dict[str, torch.dtype]  # output key -> dtype before the cast
-    deltas: dict[str, tuple[Tensor, Tensor, float, bool]]  # weight key -> LoRA (A, B, scale, fan_in_fan_out)
-    replaced: dict[str, Tensor]  # key -> the adapter's tensor (BitFit biases, modules_to_save)
-    base_dtype: torch.dtype  # the floating dtype most of the base's elements have
-    base_dir: Path
+# Which base streams: kept here, not in merge_stream, because tests and scripts/bench_merge.py patch
+# `merge._safetensors_shards` to force the in-memory path.
 
 
 def _safetensors_shards(source: models.ModelSource) -> list[Path] | None:
@@ -312,152 +298,6 @@ def _safetensors_shards(source: models.ModelSource) -> list[Path] | None:
             raise UserError(f"base model {source.name}: shard {missing[0]} listed in {INDEX_NAME} is missing")
         return [root / n for n in names]
     return [root / SINGLE_NAME] if (root / SINGLE_NAME).is_file() else None
-
-
-def _stream_plan(job: _Job, source: models.ModelSource, shard_paths: list[Path]) -> tuple[_Plan | None, str]:
-    """(plan, "") or (None, why streaming does not apply). Raises when the adapter does not fit the base."""
-    import transformers
-
-    config = _base_config(job, source)
-    with torch.device("meta"):
-        meta = getattr(transformers, models.TASK_AUTO_CLASSES[job.task]).from_config(config)
-    config.architectures = [type(meta).__name__]
-    expected = {key: tuple(t.shape) for key, t in meta.state_dict().items()}
-    ties = _tie_groups(meta)
-    prefix = getattr(meta, "base_model_prefix", "")
-    # The method's own inject + load on the meta model: the same key and shape checks as a real load.
-    meta = job.module.inject(meta, job.method, job.task)
-    job.module.load_adapter_state(meta, job.state)
-    deltas, factor_keys = {}, set()
-    for name, layer in lora.lora_layers(meta):
-        a_key, b_key = f"{KEY_PREFIX}{name}.lora_A.weight", f"{KEY_PREFIX}{name}.lora_B.weight"
-        deltas[f"{name}.weight"] = (job.state[a_key], job.state[b_key], layer.scale, layer.fan_in_fan_out)
-        factor_keys |= {a_key, b_key}
-    # Every other adapter tensor (BitFit's biases, modules_to_save) is the new value of a base tensor.
-    replaced = {key.removeprefix(KEY_PREFIX): t for key, t in job.state.items() if key not in factor_keys}
-    del meta
-    unknown = sorted(set(deltas).union(replaced) - set(expected))
-    if unknown:
-        return None, f"the adapter's `{unknown[0]}` is no tensor of the plain model"
-
-    shards, sources, dtypes, elements = [], {}, {}, {}
-    for path in shard_paths:
-        entries = []
-        for ckpt_key, info in st.read_header(path).items():
-            key = _model_key(ckpt_key, expected, prefix)
-            if key is None:
-                continue  # a tensor the task's model has no place for (e.g. lm_head for a classifier)
-            if key in sources:
-                return None, f"two checkpoint tensors map to `{key}`"
-            if info.dtype is None:
-                return None, f"`{ckpt_key}` in {path.name} has dtype {info.code}, which peftcli cannot stream"
-            if info.shape != expected[key] and key not in replaced:
-                return None, f"`{ckpt_key}` has shape {info.shape}, the model expects {expected[key]}"
-            sources[key], dtypes[key] = (path, ckpt_key), info.dtype
-            if info.dtype.is_floating_point:
-                elements[info.dtype] = elements.get(info.dtype, 0) + math.prod(info.shape)
-            entries.append((key, sources[key]))
-        shards.append(entries)
-
-    # Tied tensors (lm_head = embed_tokens) are written once and tied again on load, unless the adapter
-    # replaces one of them: then each is written with its own value and the config unties them.
-    extra, split = [], False
-    for group in ties:
-        tied_lora = [key for key in group if key in deltas]
-        if tied_lora:
-            layer = tied_lora[0].removesuffix(".weight")
-            raise UserError(
-                f"cannot merge LoRA into `{layer}`: its weight is "
-                "shared with another layer (tied embeddings), which the merge would change too"
-            )
-        if any(key in replaced for key in group):
-            split = True
-            base_key = next((key for key in group if key in sources), None)
-            for key in group:
-                if key not in sources and key not in replaced and base_key is not None:
-                    extra.append((key, sources[base_key]))
-                    dtypes[key] = dtypes[base_key]
-    tied = {key for group in ties for key in group}
-    for key in expected:
-        if key in replaced and key not in sources:
-            extra.append((key, None))
-            dtypes[key] = replaced[key].dtype
-        elif key not in sources and key not in tied:
-            return None, f"the base checkpoint has no tensor for `{key}`"
-    if split:
-        config.get_text_config().tie_word_embeddings = False
-        config.tie_word_embeddings = False
-    base_dtype = max(elements, key=elements.get) if elements else torch.float32
-    shards = [entries for entries in [*shards, extra] if entries]
-    return _Plan(config, shards, expected, dtypes, deltas, replaced, base_dtype, Path(source.path)), ""
-
-
-def _tie_groups(model: nn.Module) -> list[list[str]]:
-    """Names of parameters that are one tensor (tied embeddings), one list per tensor."""
-    names: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-    return [group for group in names.values() if len(group) > 1]
-
-
-def _model_key(ckpt_key: str, expected: dict, prefix: str) -> str | None:
-    """The model's name for a checkpoint tensor: the same, or under the base model's prefix (a checkpoint
-    of LlamaModel stores `layers.0...`, LlamaForCausalLM `model.layers.0...`)."""
-    if ckpt_key in expected:
-        return ckpt_key
-    if prefix and f"{prefix}.{ckpt_key}" in expected:
-        return f"{prefix}.{ckpt_key}"
-    return None
-
-
-def _write_streamed(plan: _Plan, directory: Path, out_dtype: torch.dtype) -> None:
-    """The merged weights as safetensors shards (+ index when more than one), and config.json."""
-    count = len(plan.shards)
-    names = (
-        [SINGLE_NAME]
-        if count == 1
-        else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
-    )
-    weight_map, total = {}, 0
-    for name, entries in zip(names, plan.shards, strict=True):
-        specs = [(key, _cast_dtype(plan.dtypes[key], out_dtype), plan.shapes[key]) for key, _ in entries]
-        total += st.write_safetensors(directory / name, specs, _merged_tensors(plan, entries, out_dtype))
-        weight_map.update(dict.fromkeys((key for key, _ in entries), name))
-    if count > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    plan.config.dtype = out_dtype
-    plan.config.save_pretrained(directory)
-    if (plan.base_dir / GENERATION_CONFIG).is_file():
-        shutil.copyfile(plan.base_dir / GENERATION_CONFIG, directory / GENERATION_CONFIG)
-
-
-def _cast_dtype(dtype: torch.dtype, out_dtype: torch.dtype) -> torch.dtype:
-    return out_dtype if dtype.is_floating_point else dtype
-
-
-def _merged_tensors(plan: _Plan, entries: list, out_dtype: torch.dtype) -> Iterator[Tensor]:
-    """Each entry's merged tensor in turn: base (or the adapter's replacement) + LoRA delta, cast."""
-    files = {}
-    try:
-        for key, source in entries:
-            if key in plan.replaced:
-                tensor = plan.replaced[key]
-            else:
-                path, ckpt_key = source
-                if path not in files:
-                    files[path] = (path.open("rb"), st.read_header(path))
-                f, header = files[path]
-                tensor = st.read_tensor(f, header[ckpt_key])
-            if key in plan.deltas:
-                lora_a, lora_b, scale, fan_in_fan_out = plan.deltas[key]
-                delta = lora.delta_weight(lora_a, lora_b, scale, fan_in_fan_out)
-                # lora.merge's arithmetic, so both paths write the same bits: add in float32, round once.
-                tensor = tensor.to(delta.dtype) + delta
-            yield tensor.to(out_dtype) if tensor.is_floating_point() else tensor
-    finally:
-        for f, _ in files.values():
-            f.close()
 
 
 # --------------------------------------------------------------------------------------------------
