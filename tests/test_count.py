@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
-from tiny import tiny_config
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config, LlamaConfig
+from tiny import llama_2_7b_config, tiny_config
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config
 from typer.testing import CliRunner
 
 from peftcli.cli import app
@@ -52,13 +52,7 @@ def test_counts_equal_hf_peft(tmp_path, arch):
 
 
 def test_llama_7b_lora_count_from_cli(tmp_path):
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-    )
+    config = llama_2_7b_config()
     path = _config_dir(tmp_path, config)
     result = runner.invoke(
         app, ["count", path, "--method", "lora", "--rank", "8", "--target-modules", "q_proj,v_proj", "--json"]

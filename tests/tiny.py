@@ -43,6 +43,18 @@ ENCODERS = ["bert", "roberta"]
 HF_TASK = {"causal-lm": "CAUSAL_LM", "sequence-classification": "SEQ_CLS"}
 
 
+def llama_2_7b_config() -> LlamaConfig:
+    """Llama-2-7B's shape (Touvron et al. 2023), for counting on the meta device: 6,738,415,616 parameters."""
+    return LlamaConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+    )
+
+
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """Every byte is a token (ids 0..255), plus chat/special tokens."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()

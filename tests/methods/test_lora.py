@@ -12,6 +12,7 @@ from tiny import (
     ARCHS,
     HF_TASK,
     batch,
+    llama_2_7b_config,
     logits,
     one_step_changes,
     randomise,
@@ -20,7 +21,7 @@ from tiny import (
     trainable_names,
 )
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from peftcli import checkpoint
@@ -79,14 +80,7 @@ def test_counts_equal_hf(arch):
 
 
 def test_meta_device_count_llama_7b():
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-    )
+    config = llama_2_7b_config()
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     model = lora.inject(model, method(rank=8, target_modules=["q_proj", "v_proj"]), "causal-lm")
