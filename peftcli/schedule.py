@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -17,15 +18,21 @@ def global_batch_indices(n_examples: int, global_batch: int, step: int, seed: in
     """
     steps_per_epoch = math.ceil(n_examples / global_batch)
     epoch, position = divmod(step, steps_per_epoch)
-    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    order = _epoch_order(n_examples, seed + epoch)
     start = position * global_batch
     return [order[(start + i) % n_examples] for i in range(global_batch)]
 
 
+@functools.lru_cache(maxsize=2)
+def _epoch_order(n_examples: int, seed: int) -> tuple[int, ...]:
+    """One epoch's permutation, made once per epoch rather than once per step."""
+    return tuple(torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed)).tolist())
+
+
 def learning_rate(train: TrainSection, step: int, total_steps: int) -> float:
-    """Linear warmup, then constant / linear / cosine decay to 0."""
+    """Linear warmup reaching the peak on the last warmup step, then constant / linear / cosine decay to 0."""
     if step < train.warmup_steps:
-        return train.learning_rate * (step + 1) / (train.warmup_steps + 1)
+        return train.learning_rate * (step + 1) / train.warmup_steps
     if train.scheduler == "constant":
         return train.learning_rate
     progress = (step - train.warmup_steps) / max(1, total_steps - train.warmup_steps)

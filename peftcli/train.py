@@ -34,6 +34,7 @@ from peftcli.loss import (
 )
 from peftcli.methods import METHODS
 from peftcli.methods.common import count_parameters
+from peftcli.methods.lora import LoRALinear
 from peftcli.models import enable_activation_checkpointing, load_model, load_tokenizer, portable_name
 from peftcli.recipe import Recipe, dump_recipe
 
@@ -91,6 +92,20 @@ def _inject(model, recipe: Recipe, tokenizer):
     return inject(model, recipe.method, recipe.model.task)
 
 
+def _upcast_trainable(model, autocast: bool) -> None:
+    """Keep what trains in fp32 on a half-precision base: a bf16 weight cannot hold AdamW's small updates
+    (at lr 1e-4 most round away), and fp16 gradients cannot be unscaled. LoRA's forward takes fp32
+    factors on any base; other trainable modules (heads, prompts, adapters) rely on autocast for that."""
+    if autocast:
+        params = list(model.parameters())
+    else:
+        params = [m.lora_A.weight for m in model.modules() if isinstance(m, LoRALinear)]
+        params += [m.lora_B.weight for m in model.modules() if isinstance(m, LoRALinear)]
+    for param in params:
+        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
 def _optimizer(model, recipe: Recipe) -> torch.optim.Optimizer:
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
@@ -143,6 +158,7 @@ def setup(
     )
     set_seed(train.seed)  # the adapter's init does not depend on how much randomness loading used
     model = _inject(model, recipe, tokenizer)
+    _upcast_trainable(model, autocast=accelerator.mixed_precision != "no")
     if train.gradient_checkpointing:
         enable_activation_checkpointing(model)
     trainable, total = count_parameters(model)
@@ -205,13 +221,18 @@ def micro_batches(s: Setup, step: int) -> list[dict[str, torch.Tensor]]:
 
 def loss_sum(s: Setup, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed loss over the batch's targets (tokens for causal LM, examples for classification)."""
+    return loss_and_logits(s, model, batch)[0]
+
+
+def loss_and_logits(s: Setup, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed loss, the model's logits); with the chunked loss on, "logits" are final hidden states."""
     labels = batch["labels"]
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     if s.recipe.model.task == "sequence-classification":
-        return classification_loss_sum(out.logits, labels)
+        return classification_loss_sum(logits, labels), logits
     if s.head is not None:
-        return chunked_causal_lm_loss_sum(out.logits, s.head.weight, s.head.bias, labels)
-    return causal_lm_loss_sum(out.logits, labels)
+        return chunked_causal_lm_loss_sum(logits, s.head.weight, s.head.bias, labels), logits
+    return causal_lm_loss_sum(logits, labels), logits
 
 
 def num_targets(s: Setup, batch: dict[str, torch.Tensor]) -> int:
@@ -244,10 +265,10 @@ def evaluate(s: Setup) -> dict[str, float] | None:
         rows = [s.eval_examples[i] for i in shard[start : start + size]]
         batch = _to(collate(rows, s.pad_id), s.accelerator.device)
         with s.accelerator.autocast():
-            totals[0] += float(loss_sum(s, model, batch))
+            loss, logits = loss_and_logits(s, model, batch)
+        totals[0] += float(loss)
         totals[1] += num_targets(s, batch)
         if s.recipe.model.task == "sequence-classification":
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             totals[2] += int((logits.argmax(-1) == batch["labels"]).sum())
     totals = s.accelerator.reduce(totals, "sum")
     model.train(was_training)
@@ -284,7 +305,7 @@ class _Interrupt:
 def fit(s: Setup, log) -> dict:
     """Train from s.start_step to s.total_steps. `log(record)` receives every metrics line."""
     t, acc = s.recipe.train, s.accelerator
-    summary = {"train_loss": {}, "tokens": 0, "train_seconds": 0.0, "stopped": None, "steps": s.start_step}
+    summary = {"tokens": 0, "train_seconds": 0.0, "stopped": None, "steps": s.start_step}
     if s.start_step == 0 and s.eval_examples:
         record = {"type": "eval", "step": 0, **evaluate(s)}
         log(record)
@@ -329,16 +350,19 @@ def fit(s: Setup, log) -> dict:
                 s.optimizer.zero_grad(set_to_none=True)
                 summary["stopped"] = f"non-finite loss ({step_loss}) at step {step + 1}"
                 break
-            if t.max_grad_norm is not None:
-                acc.clip_grad_norm_([p for p in s.model.parameters() if p.requires_grad], t.max_grad_norm)
+            # With no clipping asked for, an infinite max norm still measures the norm without scaling.
+            max_norm = t.max_grad_norm if t.max_grad_norm is not None else math.inf
+            norm = acc.clip_grad_norm_([p for p in s.model.parameters() if p.requires_grad], max_norm)
+            if not math.isfinite(float(norm)):  # a finite loss can still overflow in backward
+                s.optimizer.zero_grad(set_to_none=True)
+                summary["stopped"] = f"non-finite gradient norm ({float(norm)}) at step {step + 1}"
+                break
             s.optimizer.step()
             s.optimizer.zero_grad(set_to_none=True)
 
             seconds = time.perf_counter() - started
             summary["tokens"] += global_tokens
             summary["train_seconds"] += seconds
-            summary["train_loss"].setdefault("first", step_loss)
-            summary["train_loss"]["last"] = step_loss
             done = step + 1
             if done % t.log_every == 0 or done == s.total_steps:
                 log(
@@ -447,13 +471,17 @@ def run(
         rundir.save_tokenizer(s.tokenizer, out)
         all_metrics = metrics.read()
         evals = [r for r in all_metrics if r["type"] == "eval"]
+        train_losses = [r["loss"] for r in all_metrics if r["type"] == "train"]  # resumed runs too
         result = {
             "method": recipe.method.name,
             "model": recipe.model.name,
             "task": recipe.model.task,
             "params": s.params,
             "steps": summary["steps"],
-            "train_loss": {"first": None, "last": None, **summary["train_loss"]},
+            "train_loss": {
+                "first": train_losses[0] if train_losses else None,
+                "last": train_losses[-1] if train_losses else None,
+            },
             "eval": {
                 "before": _strip(evals[0]) if evals and evals[0]["step"] == 0 else None,
                 "after": _strip(final_eval) if final_eval else None,

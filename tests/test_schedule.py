@@ -21,7 +21,7 @@ def test_each_epoch_sees_every_example_once_and_the_last_batch_wraps():
 def test_learning_rate_warms_up_then_decays(scheduler):
     train = TrainSection(learning_rate=1.0, warmup_steps=4, scheduler=scheduler)
     warm = [learning_rate(train, step, total_steps=20) for step in range(4)]
-    assert warm == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert warm == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert learning_rate(train, 4, 20) == pytest.approx(1.0)
     middle = learning_rate(train, 12, 20)  # halfway through the decay
     expected = {"constant": 1.0, "linear": 0.5, "cosine": 0.5 * (1 + math.cos(math.pi / 2))}[scheduler]

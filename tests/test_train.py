@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny import batch, save_tiny
+from tiny import batch, save_tiny, tiny_tokenizer
 from typer.testing import CliRunner
 
 from peftcli import checkpoint, rundir, train
@@ -318,3 +318,45 @@ def test_gradient_checkpointing_trains_lora_and_is_refused_for_prefix_tuning(tmp
     )
     with pytest.raises(UserError, match="gradient checkpointing"):
         train.run(load_recipe(prefix))
+
+
+def test_a_bf16_base_trains_fp32_lora_factors(tmp_path, bases):
+    base = tmp_path / "bf16"
+    load_model(bases["llama"]).to(torch.bfloat16).save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    recipe = load_recipe(write_recipe(tmp_path, str(base), CHAT, "chat", max_steps=2, learning_rate=1e-4))
+    s = train.setup(recipe)
+    factors = {n: p for n, p in s.model.named_parameters() if p.requires_grad}
+    assert factors and all(p.dtype == torch.float32 for p in factors.values())
+    before = {n: p.detach().clone() for n, p in factors.items()}
+    train.fit(s, log=lambda record: None)
+    changed = [n for n, p in factors.items() if "lora_A" in n and not torch.equal(p, before[n])]
+    assert changed  # in bf16, updates of ~lr would round away
+
+
+def test_a_non_finite_gradient_stops_before_the_update(tmp_path, bases, monkeypatch):
+    recipe = load_recipe(write_recipe(tmp_path, bases["llama"], CHAT, "chat", max_steps=4))
+    s = train.setup(recipe)
+    param = next(p for p in s.model.parameters() if p.requires_grad)
+    steps = {"n": 0}
+
+    def poison(grad):
+        steps["n"] += 1
+        return grad * float("inf") if steps["n"] == 2 else grad
+
+    param.register_hook(poison)
+    before = None
+    real_step = s.optimizer.step
+
+    def step_and_snapshot(*args, **kwargs):
+        nonlocal before
+        result = real_step(*args, **kwargs)
+        before = {n: p.detach().clone() for n, p in s.model.named_parameters() if p.requires_grad}
+        return result
+
+    monkeypatch.setattr(s.optimizer, "step", step_and_snapshot)
+    summary = train.fit(s, log=lambda record: None)
+    assert "non-finite gradient norm" in summary["stopped"] and summary["steps"] == 1
+    for n, p in s.model.named_parameters():
+        if p.requires_grad:
+            assert torch.isfinite(p).all() and torch.equal(p, before[n])
