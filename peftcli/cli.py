@@ -121,8 +121,8 @@ def count(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
     """Compare trainable vs total parameters of methods, without loading weights."""
-    from peftcli.count import count_methods
-    from peftcli.recipe import METHOD_NAMES, TASKS, MethodSection, load_recipe
+    from peftcli.count import count_methods, method_sections
+    from peftcli.recipe import TASKS, MethodSection, load_recipe
 
     _quiet_libraries()
     if model_or_recipe.endswith((".yaml", ".yml")):
@@ -141,31 +141,14 @@ def count(
         methods = method or ["lora"]
     if task is not None and task not in TASKS:
         raise UserError(f"--task: unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    sections = []
-    for name in methods:
-        if name not in METHOD_NAMES:
-            from peftcli.errors import did_you_mean
-
-            raise UserError(
-                f"--method: unknown method {name!r}{did_you_mean(name, METHOD_NAMES)}; "
-                f"choose from {', '.join(METHOD_NAMES)}"
-            )
-        overrides = {
-            "rank": rank,
-            "alpha": alpha,
-            "num_virtual_tokens": num_virtual_tokens,
-            "bottleneck_size": bottleneck,
-        }
-        if target_modules:
-            parts = [t.strip() for t in target_modules.split(",") if t.strip()]
-            overrides["target_modules"] = "all-linear" if parts == ["all-linear"] else parts
-        section = MethodSection(**{**base_method.__dict__, "name": name})
-        for key, value in overrides.items():
-            if value is not None:
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
-                    raise UserError(f"--{key.replace('_', '-')}: must be > 0, got {value}")
-                setattr(section, key, value)
-        sections.append(section)
+    overrides = {
+        "rank": rank,
+        "alpha": alpha,
+        "num_virtual_tokens": num_virtual_tokens,
+        "bottleneck_size": bottleneck,
+        "target_modules": target_modules,
+    }
+    sections = method_sections(base_method, methods, overrides)
     counts = count_methods(model_name, sections, task)
     if as_json:
         print(json.dumps([c.to_dict() for c in counts], indent=2))

@@ -5,10 +5,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+from peftcli.errors import UserError, did_you_mean
 from peftcli.methods import METHODS
 from peftcli.methods.common import count_parameters
 from peftcli.models import meta_model
-from peftcli.recipe import MethodSection
+from peftcli.recipe import METHOD_NAMES, MethodSection
 
 
 @dataclasses.dataclass
@@ -52,3 +53,26 @@ def count_methods(
 def _task_of(model) -> str:
     name = type(model).__name__
     return "sequence-classification" if "SequenceClassification" in name else "causal-lm"
+
+
+def method_sections(base: MethodSection, names: list[str], overrides: dict) -> list[MethodSection]:
+    """One MethodSection per method name: `base` with the command line's flags (None: not given)."""
+    sections = []
+    for name in names:
+        if name not in METHOD_NAMES:
+            raise UserError(
+                f"--method: unknown method {name!r}{did_you_mean(name, METHOD_NAMES)}; "
+                f"choose from {', '.join(METHOD_NAMES)}"
+            )
+        section = dataclasses.replace(base, name=name)
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            if key == "target_modules":
+                parts = [t.strip() for t in value.split(",") if t.strip()]
+                value = "all-linear" if parts == ["all-linear"] else parts
+            elif value <= 0:
+                raise UserError(f"--{key.replace('_', '-').replace('-size', '')}: must be > 0, got {value}")
+            setattr(section, key, value)
+        sections.append(section)
+    return sections

@@ -99,8 +99,12 @@ def _upcast_trainable(model, autocast: bool) -> None:
     if autocast:
         params = list(model.parameters())
     else:
-        params = [m.lora_A.weight for m in model.modules() if isinstance(m, LoRALinear)]
-        params += [m.lora_B.weight for m in model.modules() if isinstance(m, LoRALinear)]
+        params = [
+            p
+            for m in model.modules()
+            if isinstance(m, LoRALinear)
+            for p in (m.lora_A.weight, m.lora_B.weight)
+        ]
     for param in params:
         if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
             param.data = param.data.float()

@@ -99,14 +99,14 @@ def match_targets(model: nn.Module, targets: list[str] | str, kinds=(nn.Linear, 
         found = [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
         missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in found)]
         if missing and found:
-            raise UserError(_no_match_message(missing[0], names, partial=True))
+            raise UserError(_no_match_message(missing[0], names))
     if not found:
         first = targets if isinstance(targets, str) else targets[0]
-        raise UserError(_no_match_message(first, names, partial=False))
+        raise UserError(_no_match_message(first, names))
     return found
 
 
-def _no_match_message(target: str, names: list[str], partial: bool) -> str:
+def _no_match_message(target: str, names: list[str]) -> str:
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
     lead = f"method.target_modules: `{target}` matches no layer"
     return f"{lead}{did_you_mean(target, leaves)}; layer names here: {', '.join(leaves)}"
