@@ -112,6 +112,8 @@ class TrainSection:
     gradient_checkpointing: bool = False
     # Cross-entropy over vocabulary chunks of rows, never holding every token's fp32 logits at once.
     chunked_loss: bool = True
+    # Llama-family SwiGLU MLPs and RMSNorms keep less for backward and recompute the rest (same math).
+    lean_layers: bool = True
 
 
 @dataclass

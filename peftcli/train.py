@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from peftcli import checkpoint, fileio, report, rundir, schedule
 from peftcli.data import TokenizedDataset, check_data_source, collate, prepare_data
 from peftcli.errors import UserError
+from peftcli.lean import enable_lean_layers
 from peftcli.loss import (
     causal_lm_loss_sum,
     chunked_causal_lm_loss_sum,
@@ -36,7 +37,7 @@ from peftcli.methods import METHODS
 from peftcli.methods.common import count_parameters
 from peftcli.methods.lora import LoRALinear
 from peftcli.models import enable_activation_checkpointing, load_model, load_tokenizer, portable_name
-from peftcli.recipe import Recipe, dump_recipe
+from peftcli.recipe import Recipe, TrainSection, dump_recipe
 
 
 class TrainingStopped(UserError):
@@ -90,6 +91,16 @@ def _inject(model, recipe: Recipe, tokenizer):
     if "tokenizer" in inspect.signature(inject).parameters:
         return inject(model, recipe.method, recipe.model.task, tokenizer=tokenizer)
     return inject(model, recipe.method, recipe.model.task)
+
+
+def enable_step_paths(model, train: TrainSection, task: str) -> torch.nn.Linear | None:
+    """The recipe's choices of how the step runs (same math): activation checkpointing, the lean MLP and
+    norm layers, the chunked loss. Returns the frozen output head when the chunked loss is on, else None."""
+    if train.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    if train.lean_layers:
+        enable_lean_layers(model)
+    return enable_chunked_loss(model) if train.chunked_loss and task == "causal-lm" else None
 
 
 def _upcast_trainable(model, autocast: bool) -> None:
@@ -163,15 +174,13 @@ def setup(
     set_seed(train.seed)  # the adapter's init does not depend on how much randomness loading used
     model = _inject(model, recipe, tokenizer)
     _upcast_trainable(model, autocast=accelerator.mixed_precision != "no")
-    if train.gradient_checkpointing:
-        enable_activation_checkpointing(model)
+    head = enable_step_paths(model, train, recipe.model.task)
     trainable, total = count_parameters(model)
     params = {"trainable": trainable, "total": total, "trainable_percent": round(100 * trainable / total, 6)}
     say(
         f"method: {recipe.method.name}: {trainable:,} trainable of {total:,} parameters "
         f"({params['trainable_percent']:.4f}%)"
     )
-    head = enable_chunked_loss(model) if train.chunked_loss and recipe.model.task == "causal-lm" else None
     model.train()
 
     optimizer = _optimizer(model, recipe)

@@ -14,8 +14,8 @@ sides start from the same adapter: the peftcli child injects LoRA with a fixed s
 peftcli.checkpoint.save_adapter; the HF child loads that file with PeftModel.from_pretrained. Both load
 the base model with peftcli.models.load_model (transformers' own from_pretrained underneath).
 
-peftcli's step is built from peftcli.train's own pieces (LoRA inject, AdamW groups, loss_sum with the
-chunked loss when on, num_targets), so the bench measures what `peft train` runs. HF's step is
+peftcli's step is built from peftcli.train's own pieces (LoRA inject, AdamW groups, enable_step_paths,
+loss_sum, num_targets), so the bench measures what `peft train` runs. HF's step is
 `model(input_ids, attention_mask=..., labels=...).loss`.
 
 Memory: "peak_memory_bytes" is the process's peak resident set during training. Loading the GGUF
@@ -23,6 +23,10 @@ dequantizes every tensor and leaves a high-water mark of its own that says nothi
 each child, after loading and setting up, returns freed heap to the OS (malloc_trim) and resets the
 kernel's high-water mark (/proc/self/clear_refs, "5"); VmHWM afterwards is the peak resident memory
 while training, model weights included. The whole-process peak (load included) is reported too.
+That resident set includes what glibc's heap holds free between tensors (on this workload ~0.6 GiB for
+peftcli); `--live-memory` starts the children with MALLOC_MMAP_THRESHOLD_=262144, which maps every tensor
+of 256 KiB or more on its own and unmaps it when freed, so the peak is close to the tensors alive at once
+(the steps are then slower: every such allocation faults in fresh pages; compare memory, not time).
 
 FLOPs counted per step (T = batch x length tokens; frozen weights get no weight gradient):
 - each frozen Linear (in, out): forward 2*T*in*out, input gradient 2*T*in*out;
@@ -50,9 +54,10 @@ ROOT = Path(__file__).resolve().parent.parent
 LEARNING_RATE = 1e-4
 MAX_GRAD_NORM = 1.0
 SEED = 0
-# A side is a name plus options: "peftcli", "hf", "peftcli:gc", "peftcli:plain" (chunked loss off),
-# "peftcli:compile", "hf:gc"; options combine with "+": "peftcli:gc+plain".
-SIDE_OPTIONS = {"gc", "plain", "compile"}
+# A side is a name plus options: "peftcli", "hf", "peftcli:gc", "peftcli:plain" (chunked loss and lean
+# layers off), "peftcli:nolean" (lean layers off), "peftcli:compile", "hf:gc"; options combine with "+":
+# "peftcli:gc+plain".
+SIDE_OPTIONS = {"gc", "plain", "nolean", "compile"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -98,10 +103,9 @@ def _peftcli_side(args, options: set[str], batch: dict):
     import torch
 
     from peftcli import checkpoint
-    from peftcli.loss import enable_chunked_loss
-    from peftcli.models import enable_activation_checkpointing, load_model
+    from peftcli.models import load_model
     from peftcli.recipe import MethodSection, Recipe, TrainSection
-    from peftcli.train import _inject, _optimizer, loss_sum, num_targets
+    from peftcli.train import _inject, _optimizer, enable_step_paths, loss_sum, num_targets
 
     recipe = Recipe(
         method=MethodSection(name="lora", rank=args.rank, alpha=2.0 * args.rank, target_modules="all-linear"),
@@ -109,17 +113,16 @@ def _peftcli_side(args, options: set[str], batch: dict):
             learning_rate=LEARNING_RATE,
             max_grad_norm=MAX_GRAD_NORM,
             chunked_loss="plain" not in options,
+            lean_layers="plain" not in options and "nolean" not in options,
             gradient_checkpointing="gc" in options,
         ),
     )
     model = load_model(args.model, dtype="float32")
     torch.manual_seed(SEED)
     model = _inject(model, recipe, tokenizer=None)
-    if recipe.train.gradient_checkpointing:
-        enable_activation_checkpointing(model)
     if args.adapter_out:
         checkpoint.save_adapter(model, recipe.method, "causal-lm", args.model, args.adapter_out)
-    head = enable_chunked_loss(model) if recipe.train.chunked_loss else None
+    head = enable_step_paths(model, recipe.train, "causal-lm")
     model.train()
     optimizer = _optimizer(model, recipe)
     s = SimpleNamespace(recipe=recipe, head=head)
@@ -325,6 +328,8 @@ class Child:
             "TRANSFORMERS_VERBOSITY": "error",
             "TQDM_DISABLE": "1",
         }
+        if args.live_memory:
+            env["MALLOC_MMAP_THRESHOLD_"] = "262144"
         self.side = side
         self.process = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT
@@ -438,6 +443,7 @@ def parent(args) -> dict:
         "batch": args.batch,
         "length": args.length,
         "rank": args.rank,
+        "live_memory": args.live_memory,
         "threads": torch.get_num_threads() if not args.threads else args.threads,
         "flops_per_step": flops,
         "matmul_peak_flops": peak_rate,
@@ -494,6 +500,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--threads", type=int, default=0, help="torch threads in each child (0: torch's default)")
     p.add_argument("--sides", nargs="+", default=["peftcli", "hf"])
     p.add_argument("--matmul-seconds", type=float, default=1.0)
+    p.add_argument("--live-memory", action="store_true", help="no heap slack in the memory figures (slower)")
     p.add_argument("--quick", action="store_true", help="a tiny random Llama, a few short rounds")
     p.add_argument("--json", type=Path, help="write the results here")
     # internal: the child processes

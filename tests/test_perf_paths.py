@@ -11,18 +11,16 @@ import copy
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny import VOCAB_SIZE, batch, tiny_model
+from tiny import VOCAB_SIZE, batch, lora_model, loss_and_grads, saved_bytes, tiny_model
 from torch import nn
 
 from peftcli import loss
 from peftcli.methods import METHODS, lora
 from peftcli.models import enable_activation_checkpointing
-from peftcli.recipe import MethodSection, Recipe
-from peftcli.train import loss_sum, num_targets
+from peftcli.recipe import MethodSection
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,34 +62,16 @@ def test_chunked_loss_equals_the_plain_loss_and_gradients(monkeypatch, chunk_row
         assert close(loss.chunked_causal_lm_loss_sum(hidden, weight, bias, labels), plain)
 
 
-def _lora_model(arch: str, **fields) -> nn.Module:
-    method = MethodSection(name="lora", rank=4, alpha=8.0, target_modules="all-linear", **fields)
-    model = lora.inject(tiny_model(arch, "causal-lm"), method, "causal-lm")
-    with torch.no_grad():  # B = 0 at init would hide every LoRA term from the comparison
-        for _, layer in lora.lora_layers(model):
-            layer.lora_B.weight.normal_(0, 0.1)
-    return model.eval()  # eval: GPT-2's and OPT's dropout would make two passes differ (gradients still flow)
-
-
-def _loss_and_grads(model: nn.Module, head: nn.Linear | None, b: dict) -> tuple[torch.Tensor, dict]:
-    s = SimpleNamespace(recipe=Recipe(), head=head)
-    value = loss_sum(s, model, b) / num_targets(s, b)
-    value.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return value.detach(), grads
-
-
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
 def test_chunked_loss_engages_on_a_lora_model_and_matches_the_plain_step(monkeypatch, arch):
     monkeypatch.setattr(loss, "CHUNK_ROWS", 5)  # several chunks and a ragged last one
-    model, b = _lora_model(arch), labelled()
-    plain_value, plain_grads = _loss_and_grads(model, None, b)
+    model, b = lora_model(arch), labelled()
+    plain_value, plain_grads = loss_and_grads(model, b)
     head = loss.enable_chunked_loss(model)
     # LoRA changes the transformers model in place: its own head must be found (not its backbone's).
     assert head is not None and head.weight.shape[0] == VOCAB_SIZE
     assert isinstance(model.get_output_embeddings(), loss.HiddenStatesHead)
-    chunked_value, chunked_grads = _loss_and_grads(model, head, b)
+    chunked_value, chunked_grads = loss_and_grads(model, b, head)
     assert close(chunked_value, plain_value)
     assert plain_grads.keys() == chunked_grads.keys() and plain_grads
     for name, grad in plain_grads.items():
@@ -104,10 +84,10 @@ def test_chunked_loss_engages_through_a_virtual_token_wrapper():
     method = MethodSection(name="prefix-tuning", num_virtual_tokens=3)
     model = METHODS["prefix-tuning"].inject(tiny_model("llama", "causal-lm"), method, "causal-lm")
     b = labelled()
-    plain_value, plain_grads = _loss_and_grads(model, None, b)
+    plain_value, plain_grads = loss_and_grads(model, b)
     head = loss.enable_chunked_loss(model)
     assert head is not None
-    chunked_value, chunked_grads = _loss_and_grads(model, head, b)
+    chunked_value, chunked_grads = loss_and_grads(model, b, head)
     assert close(chunked_value, plain_value)
     for name, grad in plain_grads.items():
         assert close(chunked_grads[name], grad), name
@@ -157,12 +137,12 @@ def test_lora_forward_in_place_equals_the_textbook_form(make_input):
 
 def test_lora_model_step_equals_the_textbook_lora():
     """The whole model: LoRALinear.forward against the textbook forward, same loss and LoRA gradients."""
-    model, b = _lora_model("llama"), labelled()
-    fast_value, fast_grads = _loss_and_grads(model, None, b)
+    model, b = lora_model("llama"), labelled()
+    fast_value, fast_grads = loss_and_grads(model, b)
     textbook = copy.deepcopy(model)
     for _, layer in lora.lora_layers(textbook):
         layer.forward = (lambda m: lambda x: _reference_lora(m, x))(layer)
-    plain_value, plain_grads = _loss_and_grads(textbook, None, b)
+    plain_value, plain_grads = loss_and_grads(textbook, b)
     assert close(fast_value, plain_value)
     for name, grad in plain_grads.items():
         assert close(fast_grads[name], grad), name
@@ -173,11 +153,13 @@ def test_lora_model_step_equals_the_textbook_lora():
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
-    model, b = _lora_model("llama"), labelled()
+    model, b = lora_model("llama").train(), labelled()  # transformers checkpoints only in train mode
     head = loss.enable_chunked_loss(model)
-    plain_value, plain_grads = _loss_and_grads(model, head, b)
+    plain_value, plain_grads = loss_and_grads(model, b, head)
+    plain_saved = saved_bytes(model, b, head)
     enable_activation_checkpointing(model)
-    ckpt_value, ckpt_grads = _loss_and_grads(model, head, b)
+    ckpt_value, ckpt_grads = loss_and_grads(model, b, head)
+    assert saved_bytes(model, b, head) < plain_saved / 2  # it engaged: each layer keeps only its input
     assert close(ckpt_value, plain_value)
     for name, grad in plain_grads.items():
         assert close(ckpt_grads[name], grad), name

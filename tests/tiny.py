@@ -2,8 +2,10 @@
 
 Also the few helpers the method tests (tests/methods/) share: the default task of an architecture, logits
 and loss on a batch, perturbing what trains, one optimizer step, copying trained heads into HF PEFT's model;
-and for the virtual-token methods (prefix and prompt tuning), a cache-free greedy reference, checks of
-`generate`, and the adapter_config.json fields HF PEFT writes for them.
+for the virtual-token methods (prefix and prompt tuning), a cache-free greedy reference, checks of
+`generate`, and the adapter_config.json fields HF PEFT writes for them; and for the tests of the step's
+fast paths (test_perf_paths.py, test_lean.py), a LoRA model, one step's loss and gradients, and the bytes
+autograd keeps for backward.
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ from transformers import (
 )
 
 from peftcli import checkpoint
+from peftcli.methods import lora
 from peftcli.methods.common import ModulesToSave
+from peftcli.recipe import MethodSection, Recipe
+from peftcli.train import loss_sum, num_targets
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -250,3 +255,49 @@ def check_generate_from_embeds_and_beams(model: nn.Module) -> torch.Tensor:
     beams = model.generate(**inputs, max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
     assert beams.shape == (4, inputs["input_ids"].shape[1] + 3)
     return by_ids
+
+
+# --------------------------------------------------------------------------------------------------
+# the step's fast paths
+
+
+def lora_model(arch: str = "llama", **fields) -> nn.Module:
+    """LoRA r=4 (all linear layers unless `fields` say otherwise) with a random B: B = 0 at init would
+    hide every LoRA term from a comparison. In eval mode like every tiny model (GPT-2's and OPT's dropout
+    would make two passes differ); gradients still flow."""
+    fields = {"rank": 4, "alpha": 8.0, "target_modules": "all-linear", **fields}
+    method = MethodSection(name="lora", **fields)
+    model = lora.inject(tiny_model(arch, "causal-lm"), method, "causal-lm")
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(model):
+            layer.lora_B.weight.normal_(0, 0.1)
+    return model
+
+
+def loss_and_grads(model: nn.Module, b: dict, head: nn.Linear | None = None) -> tuple[torch.Tensor, dict]:
+    """The training step's normalised loss and the gradient of every trainable parameter."""
+    from types import SimpleNamespace
+
+    s = SimpleNamespace(recipe=Recipe(), head=head)
+    value = loss_sum(s, model, b) / num_targets(s, b)
+    value.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return value.detach(), grads
+
+
+def saved_bytes(model: nn.Module, b: dict, head: nn.Linear | None = None) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward in one forward, parameters excluded."""
+    from types import SimpleNamespace
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_sum(SimpleNamespace(recipe=Recipe(), head=head), model, b)
+    return sum(storages.values())

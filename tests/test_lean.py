@@ -1,0 +1,174 @@
+"""The lean SwiGLU MLP gives the plain MLP's loss and gradients and keeps less for backward."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny import lora_model, loss_and_grads, saved_bytes, tiny_config, tiny_model
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from peftcli import lean, loss
+from peftcli.methods import METHODS
+from peftcli.models import enable_activation_checkpointing
+from peftcli.recipe import MethodSection
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
+    return torch.allclose(a, b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize(
+    "with_lora, with_bias, inputs_grad",
+    [(True, True, True), (True, False, True), (False, True, True), (True, True, False)],
+)
+def test_function_gradients_match_numerical_differentiation(with_lora, with_bias, inputs_grad):
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, grad=False):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(grad)
+
+    gate, up = rand(5, 6, grad=inputs_grad), rand(5, 6, grad=inputs_grad)
+    weight, bias = rand(4, 6), rand(4) if with_bias else None
+    lora_a, lora_b = (rand(3, 6, grad=True), rand(4, 3, grad=True)) if with_lora else (None, None)
+    inputs = (gate, up, weight, bias, lora_a, lora_b, 0.7)
+    assert torch.autograd.gradcheck(lean._SiluMulDown.apply, inputs)
+
+
+def test_function_equals_the_textbook_forward_and_backward():
+    torch.manual_seed(0)
+    gate, up = torch.randn(7, 12, requires_grad=True), torch.randn(7, 12, requires_grad=True)
+    weight, bias = torch.randn(5, 12), torch.randn(5)
+    lora_a, lora_b = torch.randn(2, 12, requires_grad=True), torch.randn(5, 2, requires_grad=True)
+    upstream = torch.randn(7, 5)
+    results = []
+    for fn in (
+        lambda: lean._SiluMulDown.apply(gate, up, weight, bias, lora_a, lora_b, 1.5),
+        lambda: (
+            F.linear(F.silu(gate) * up, weight, bias) + 1.5 * (F.silu(gate) * up) @ lora_a.t() @ lora_b.t()
+        ),
+    ):
+        out = fn()
+        grads = torch.autograd.grad((out * upstream).sum(), (gate, up, lora_a, lora_b))
+        results.append((out, *grads))
+    for fast, plain in zip(*results, strict=True):
+        assert close(fast, plain)
+
+
+def _labelled():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 200, (2, 12), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def _lora(targets="all-linear", dropout=0.0) -> nn.Module:
+    return lora_model(target_modules=targets, dropout=dropout)
+
+
+def _prefix() -> nn.Module:
+    method = MethodSection(name="prefix-tuning", num_virtual_tokens=3)
+    return METHODS["prefix-tuning"].inject(tiny_model("llama", "causal-lm"), method, "causal-lm")
+
+
+# What the lean forms stop keeping, in (tokens, intermediate) and (tokens, hidden) fp32 tensors over the
+# tiny Llama's two layers. MLP: silu's output wherever gate needs a gradient, and the product where LoRA
+# on down_proj needs it (with LoRA on down_proj alone, the first layer's gate sees no trainable input and
+# the product is kept on both paths). RMSNorm: its input, wherever its output is kept anyway because a
+# LoRA factor reads it (all-linear: every norm but the first, which sees no trainable input; q, v: the
+# second layer's input norm); elsewhere the norm keeps its output instead of its input, same bytes.
+@pytest.mark.parametrize(
+    "build, mlp_dropped, norm_dropped",
+    [
+        (_lora, 4, 3),
+        (lambda: _lora(targets=["q_proj", "v_proj"]), 2, 1),
+        (lambda: _lora(targets=["down_proj"]), 2, 0),
+        (_prefix, 2, 0),
+    ],
+    ids=["lora-all-linear", "lora-q-v", "lora-down-only", "prefix"],
+)
+def test_model_step_matches_the_plain_layers(build, mlp_dropped, norm_dropped):
+    model, b = build(), _labelled()
+    plain_value, plain_grads = loss_and_grads(model, b)
+    plain_saved = saved_bytes(model, b)
+    assert lean.enable_lean_layers(model) == 2 + 5  # two MLPs, two norms per layer and the final one
+    lean_value, lean_grads = loss_and_grads(model, b)
+    assert close(lean_value, plain_value)
+    assert plain_grads.keys() == lean_grads.keys() and plain_grads
+    for name, grad in plain_grads.items():
+        assert close(lean_grads[name], grad), name
+    config = model.config if hasattr(model, "config") else model.base_model.config
+    tokens = b["input_ids"].numel()
+    dropped = 4 * tokens * (mlp_dropped * config.intermediate_size + norm_dropped * config.hidden_size)
+    assert plain_saved - saved_bytes(model, b) == dropped
+
+
+def test_falls_back_where_it_cannot_apply():
+    b = _labelled()
+    model = _lora(dropout=0.1)  # down_proj's dropout mask would have to be stored: plain path
+    assert lean._down_parts(model.model.layers[0].mlp.down_proj) is None
+    lean.enable_lean_layers(model)
+    torch.manual_seed(0)
+    fast = loss_and_grads(model, b)[0]
+    lean.disable_lean_layers(model)
+    torch.manual_seed(0)
+    assert close(fast, loss_and_grads(model, b)[0])
+
+    model = _lora()
+    model.model.layers[0].mlp.down_proj.base.weight.requires_grad_(True)  # trained in full: plain path
+    assert lean._down_parts(model.model.layers[0].mlp.down_proj) is None
+    assert lean._down_parts(model.model.layers[1].mlp.down_proj) is not None
+
+    lean.enable_lean_layers(model)
+    with torch.no_grad():  # evaluation: the module's own math, same output
+        out = model(**{k: v for k, v in b.items() if k != "labels"}).logits
+        lean.disable_lean_layers(model)
+        assert torch.equal(out, model(**{k: v for k, v in b.items() if k != "labels"}).logits)
+
+
+def test_only_silu_mlps_and_dividable_norms_are_routed():
+    assert lean.enable_lean_layers(tiny_model("gpt2", "causal-lm")) == 0
+    config = tiny_config("llama")
+    config.hidden_act = "gelu"
+    gelu = AutoModelForCausalLM.from_config(config).requires_grad_(False)
+    assert lean.enable_lean_layers(gelu) == 5  # the norms only
+    model = tiny_model("llama", "causal-lm").requires_grad_(False)
+    with torch.no_grad():
+        model.model.norm.weight[3] = 0.0  # x * r = y / w would divide by zero
+    model.model.layers[0].input_layernorm.weight.requires_grad_(True)  # trained: its own forward
+    assert lean.enable_lean_layers(model) == 2 + 5 - 2
+
+
+def test_disable_restores_the_class_forward_and_copies_survive():
+    model = _lora()
+    lean.enable_lean_layers(model)
+    twin = copy.deepcopy(model)
+    b = _labelled()
+    assert close(loss_and_grads(twin, b)[0], loss_and_grads(model, b)[0])
+    lean.disable_lean_layers(model)
+    assert all("forward" not in vars(m) for m in model.modules())
+    head = loss.enable_chunked_loss(model)  # unrelated swaps still find the model intact
+    assert head is not None
+
+
+@pytest.mark.parametrize("inputs_grad", [True, False])
+def test_norm_gradients_match_numerical_differentiation(inputs_grad):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.rand(8, generator=g, dtype=torch.float64) + 0.5
+    assert torch.autograd.gradcheck(lean._RMSNorm.apply, (x, weight, 1e-6))
+    reference = lambda t: weight * (t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6))  # noqa: E731
+    assert torch.equal(lean._RMSNorm.apply(x, weight, 1e-6), reference(x))
+
+
+def test_lean_layers_under_activation_checkpointing_match_the_plainloss_and_grads():
+    model, b = _lora(), _labelled()
+    plain_value, plain_grads = loss_and_grads(model, b)
+    enable_activation_checkpointing(model)
+    lean.enable_lean_layers(model)
+    value, grads = loss_and_grads(model, b)
+    assert close(value, plain_value)
+    for name, grad in plain_grads.items():
+        assert close(grads[name], grad), name
