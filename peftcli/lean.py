@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from peftcli.methods.lora import LoRALinear
@@ -97,6 +98,14 @@ class _SiluMulDown(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_gate = torch.ops.aten.silu_backward(grad_hidden.mul_(up), gate)
         return grad_gate, grad_up, None, None, grad_a, grad_b, None
+
+
+def _recomputed_forward(mlp: nn.Module, x: Tensor) -> Tensor:
+    """The lean MLP, its own activations dropped after forward and recomputed in backward: only its input
+    is kept, which the RMSNorm before it keeps anyway (costs gate's and up's products once more)."""
+    if not torch.is_grad_enabled():
+        return _lean_forward(mlp, x)
+    return torch.utils.checkpoint.checkpoint(_lean_forward, mlp, x, use_reentrant=False)
 
 
 def _down_parts(down: nn.Module):
@@ -177,23 +186,28 @@ def is_rms_norm(module: nn.Module) -> bool:
     )
 
 
-def enable_lean_layers(model: nn.Module) -> int:
-    """Route the SwiGLU MLPs and RMSNorms of `model` through the lean forms; returns how many modules.
+def enable_lean_layers(model: nn.Module, recompute_mlp: bool = False) -> tuple[int, int]:
+    """Route the SwiGLU MLPs and RMSNorms of `model` through the lean forms; returns (MLPs, norms) routed.
 
+    With `recompute_mlp` the MLPs also recompute their activations in backward (see _recomputed_forward).
     Per call a lean form falls back to the module's own forward where it cannot apply: no gradient
     being recorded, autocast on, half precision (the norm), a trainable or dropout-wrapped ``down_proj``
     or mixed dtypes (the MLP). Undo with disable_lean_layers.
     """
-    count = 0
+    mlp_forward = _recomputed_forward if recompute_mlp else _lean_forward
+    mlps = norms = 0
     for module in model.modules():
-        lean = _lean_forward if is_swiglu(module) else _lean_norm_forward if is_rms_norm(module) else None
-        if lean is not None:
-            module.forward = lean.__get__(module)  # an instance attribute shadows the class's
-            count += 1
-    return count
+        if is_swiglu(module):
+            module.forward = mlp_forward.__get__(module)  # an instance attribute shadows the class's
+            mlps += 1
+        elif is_rms_norm(module):
+            module.forward = _lean_norm_forward.__get__(module)
+            norms += 1
+    return mlps, norms
 
 
 def disable_lean_layers(model: nn.Module) -> None:
+    lean = (_lean_forward, _recomputed_forward, _lean_norm_forward)
     for module in model.modules():
-        if getattr(vars(module).get("forward"), "__func__", None) in (_lean_forward, _lean_norm_forward):
+        if getattr(vars(module).get("forward"), "__func__", None) in lean:
             del module.forward

@@ -54,10 +54,10 @@ ROOT = Path(__file__).resolve().parent.parent
 LEARNING_RATE = 1e-4
 MAX_GRAD_NORM = 1.0
 SEED = 0
-# A side is a name plus options: "peftcli", "hf", "peftcli:gc", "peftcli:plain" (chunked loss and lean
-# layers off), "peftcli:nolean" (lean layers off), "peftcli:compile", "hf:gc"; options combine with "+":
-# "peftcli:gc+plain".
-SIDE_OPTIONS = {"gc", "plain", "nolean", "compile"}
+# A side is a name plus options: "peftcli", "hf", "peftcli:gc" (activation checkpointing), "peftcli:mlpgc"
+# (the MLPs only), "peftcli:plain" (chunked loss and lean layers off), "peftcli:nolean" (lean layers off),
+# "peftcli:compile", "hf:gc"; options combine with "+": "peftcli:gc+plain".
+SIDE_OPTIONS = {"gc", "mlpgc", "plain", "nolean", "compile"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,7 +114,7 @@ def _peftcli_side(args, options: set[str], batch: dict):
             max_grad_norm=MAX_GRAD_NORM,
             chunked_loss="plain" not in options,
             lean_layers="plain" not in options and "nolean" not in options,
-            gradient_checkpointing="gc" in options,
+            gradient_checkpointing=True if "gc" in options else "mlp" if "mlpgc" in options else False,
         ),
     )
     model = load_model(args.model, dtype="float32")

@@ -93,7 +93,7 @@ def test_model_step_matches_the_plain_layers(build, mlp_dropped, norm_dropped):
     model, b = build(), _labelled()
     plain_value, plain_grads = loss_and_grads(model, b)
     plain_saved = saved_bytes(model, b)
-    assert lean.enable_lean_layers(model) == 2 + 5  # two MLPs, two norms per layer and the final one
+    assert lean.enable_lean_layers(model) == (2, 5)  # two MLPs; two norms per layer and the final one
     lean_value, lean_grads = loss_and_grads(model, b)
     assert close(lean_value, plain_value)
     assert plain_grads.keys() == lean_grads.keys() and plain_grads
@@ -129,16 +129,16 @@ def test_falls_back_where_it_cannot_apply():
 
 
 def test_only_silu_mlps_and_dividable_norms_are_routed():
-    assert lean.enable_lean_layers(tiny_model("gpt2", "causal-lm")) == 0
+    assert lean.enable_lean_layers(tiny_model("gpt2", "causal-lm")) == (0, 0)
     config = tiny_config("llama")
     config.hidden_act = "gelu"
     gelu = AutoModelForCausalLM.from_config(config).requires_grad_(False)
-    assert lean.enable_lean_layers(gelu) == 5  # the norms only
+    assert lean.enable_lean_layers(gelu) == (0, 5)  # the norms only
     model = tiny_model("llama", "causal-lm").requires_grad_(False)
     with torch.no_grad():
         model.model.norm.weight[3] = 0.0  # x * r = y / w would divide by zero
     model.model.layers[0].input_layernorm.weight.requires_grad_(True)  # trained: its own forward
-    assert lean.enable_lean_layers(model) == 2 + 5 - 2
+    assert lean.enable_lean_layers(model) == (2, 3)
 
 
 def test_disable_restores_the_class_forward_and_copies_survive():
@@ -172,3 +172,33 @@ def test_lean_layers_under_activation_checkpointing_match_the_plainloss_and_grad
     assert close(value, plain_value)
     for name, grad in plain_grads.items():
         assert close(grads[name], grad), name
+
+
+def test_recomputed_mlp_matches_the_plain_step_and_keeps_no_mlp_activations():
+    model, b = _lora(), _labelled()
+    plain_value, plain_grads = loss_and_grads(model, b)
+    plain_saved = saved_bytes(model, b)
+    assert lean.enable_lean_layers(model, recompute_mlp=True) == (2, 5)
+    value, grads = loss_and_grads(model, b)
+    assert close(value, plain_value)
+    for name, grad in plain_grads.items():
+        assert close(grads[name], grad), name
+    # per layer, gate's, silu's and up's outputs, the product, and the (tokens, rank) products of LoRA's
+    # A factors on gate, up and down are no longer kept; the MLP's input is the norm's output, kept anyway.
+    # The norms drop their inputs as in the lean test above (all-linear: 3).
+    config, tokens = model.config, b["input_ids"].numel()
+    dropped = 4 * tokens * (2 * (4 * config.intermediate_size + 3 * 4) + 3 * config.hidden_size)
+    assert plain_saved - saved_bytes(model, b) == dropped
+
+
+def test_mlp_checkpointing_needs_a_swiglu_model():
+    from peftcli.errors import UserError
+    from peftcli.recipe import TrainSection
+    from peftcli.train import enable_step_paths
+
+    train = TrainSection(gradient_checkpointing="mlp")
+    with pytest.raises(UserError, match="train.gradient_checkpointing: mlp .* use true"):
+        enable_step_paths(tiny_model("gpt2", "causal-lm").requires_grad_(False), train, "causal-lm")
+    model = _lora()
+    enable_step_paths(model, train, "causal-lm")
+    assert vars(model.model.layers[0].mlp)["forward"].__func__ is lean._recomputed_forward

@@ -214,6 +214,18 @@ BROKEN = [
         ["recipe.yaml:6: train.betas: must be two numbers", "[0.9]"],
     ),
     (
+        "checkpointing-word",
+        GOOD + "train:\n  gradient_checkpointing: attention\n",
+        [],
+        ["recipe.yaml:6: train.gradient_checkpointing: expected true, false, or mlp, got 'attention'"],
+    ),
+    (
+        "mlp-checkpointing-without-lean-layers",
+        GOOD + "train:\n  gradient_checkpointing: mlp\n  lean_layers: false\n",
+        [],
+        ["train.gradient_checkpointing: mlp needs train.lean_layers: true"],
+    ),
+    (
         "betas-range",
         GOOD + "train:\n  betas: [0.9, 1.0]\n",
         [],
@@ -587,6 +599,9 @@ def test_overrides_are_applied_and_typed(workdir):
             "method.dropout=0.05",
             "train.gradient_checkpointing=true",
         ],
+    )
+    assert (
+        load_recipe(_write(GOOD), ["train.gradient_checkpointing=mlp"]).train.gradient_checkpointing == "mlp"
     )
     assert recipe.train.max_steps == 10 and type(recipe.train.max_steps) is int
     assert recipe.method.target_modules == ["q_proj", "k_proj"]
