@@ -178,9 +178,14 @@ def load_adapter(model: nn.Module, directory: str | Path) -> tuple[nn.Module, Me
     config, state = read_adapter(directory)
     module = method_module(config, str(Path(directory) / CONFIG_NAME))
     method = method_from_config(config, str(Path(directory) / CONFIG_NAME))
-    model = module.inject(model, method, task_of(config))
+    return apply_adapter(model, module, method, task_of(config), state), method
+
+
+def apply_adapter(model: nn.Module, module, method: MethodSection, task: str, state: dict) -> nn.Module:
+    """Inject `method` (of method module `module`) into `model` and load the adapter weights `state`."""
+    model = module.inject(model, method, task)
     module.load_adapter_state(model, state)
-    return model, method
+    return model
 
 
 # --------------------------------------------------------------------------------------------------

@@ -121,6 +121,7 @@ def count(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
     """Compare trainable vs total parameters of methods, without loading weights."""
+    from peftcli.checkpoint import CONFIG_NAME, adapter_method
     from peftcli.count import count_methods, method_sections
     from peftcli.recipe import TASKS, MethodSection, load_recipe
 
@@ -130,9 +131,7 @@ def count(
         model_name, base_method = recipe.model.name, recipe.method
         task = task or recipe.model.task
         methods = method or [recipe.method.name]
-    elif (Path(model_or_recipe) / "adapter_config.json").is_file():  # an adapter dir, ours or HF PEFT's
-        from peftcli.checkpoint import adapter_method
-
+    elif (Path(model_or_recipe) / CONFIG_NAME).is_file():  # an adapter dir, ours or HF PEFT's
         model_name, base_method, adapter_task = adapter_method(model_or_recipe)
         task = task or adapter_task
         methods = method or [base_method.name]

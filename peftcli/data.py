@@ -197,6 +197,7 @@ def _build(
         columns.append(data.input_column)
     label_ids = {name: i for i, name in enumerate(label_names or [])}
     texts, spans, class_ids = [], [], []
+    feature = dataset.features[data.label_column] if label_names is not None else None
     for number, row in _rows(dataset, columns, numbers):
         where = f"{source.where}: row {number}"
         if label_names is None:
@@ -205,15 +206,15 @@ def _build(
                 texts.append(rendered[0])
                 spans.append(rendered[1])
             continue
-        feature = dataset.features[data.label_column]
         key = str(_label_key(row[data.label_column], feature, f"{where}: column `{data.label_column}`"))
         if key not in label_ids:
             raise UserError(
                 f"{source.where}: label `{key}` (row {number}) never appears in the training data; "
                 f"training labels: {', '.join(label_names)}"
             )
-        if as_text(row[data.text_column]).strip():
-            texts.append(as_text(row[data.text_column]))
+        text = as_text(row[data.text_column])
+        if text.strip():
+            texts.append(text)
             class_ids.append(label_ids[key])
     if label_names is None:
         examples, num_truncated = causal_examples(texts, spans, data, tokenizer)

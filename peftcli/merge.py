@@ -273,7 +273,7 @@ def _load_with_adapter(job: _Job) -> nn.Module:
         )
     except UserError as e:
         raise _base_error(job, e) from e
-    model, _ = checkpoint.load_adapter(model, job.adapter_dir)
+    model = checkpoint.apply_adapter(model, job.module, job.method, job.task, job.state)
     return model.eval()
 
 
@@ -362,9 +362,7 @@ def _check(
     directory: Path, task: str, probe: dict, reference: Tensor, out_dtype: torch.dtype
 ) -> tuple[float, float]:
     """Load the written dir with plain transformers; (max |logit difference|, tolerance) or CheckFailed."""
-    import transformers
-
-    cls = getattr(transformers, models.TASK_AUTO_CLASSES[task])
+    cls = models.auto_class(task)
     try:
         model, info = cls.from_pretrained(str(directory), dtype=torch.float32, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as e:

@@ -9,7 +9,6 @@ output shard through `peftcli.shards`; nothing else is held. `peftcli.merge` dec
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from peftcli import models
+from peftcli import checkpoint, fileio, models
 from peftcli import shards as st
 from peftcli.errors import UserError
 from peftcli.methods import lora
@@ -37,8 +36,9 @@ GENERATION_CONFIG = "generation_config.json"
 @dataclass
 class Plan:
     config: object  # the merged model's transformers config
-    # Output shards in order; each entry is (output key, (base shard, checkpoint key) or None: adapter only).
-    shards: list[list[tuple[str, tuple[Path, str] | None]]]
+    # Output shards in order; each entry is (output key, (base shard, its header entry), or None: adapter
+    # only).
+    shards: list[list[tuple[str, tuple[Path, st.TensorInfo] | None]]]
     shapes: dict[str, tuple[int, ...]]  # output key -> shape
     dtypes: dict[str, torch.dtype]  # output key -> dtype before the cast
     deltas: dict[str, tuple[Tensor, Tensor, float, bool]]  # weight key -> LoRA (A, B, scale, fan_in_fan_out)
@@ -52,17 +52,14 @@ def stream_plan(job: _Job, config, shard_paths: list[Path], base_dir: Path) -> t
 
     `config`: the base's transformers config for the job's task; the plan's merged config is this one.
     """
-    import transformers
-
     with torch.device("meta"):
-        meta = getattr(transformers, models.TASK_AUTO_CLASSES[job.task]).from_config(config)
+        meta = models.auto_class(job.task).from_config(config)
     config.architectures = [type(meta).__name__]
     expected = {key: tuple(t.shape) for key, t in meta.state_dict().items()}
     ties = _tie_groups(meta)
     prefix = getattr(meta, "base_model_prefix", "")
     # The method's own inject + load on the meta model: the same key and shape checks as a real load.
-    meta = job.module.inject(meta, job.method, job.task)
-    job.module.load_adapter_state(meta, job.state)
+    meta = checkpoint.apply_adapter(meta, job.module, job.method, job.task, job.state)
     deltas, factor_keys = {}, set()
     for name, layer in lora.lora_layers(meta):
         a_key, b_key = f"{KEY_PREFIX}{name}.lora_A.weight", f"{KEY_PREFIX}{name}.lora_B.weight"
@@ -88,7 +85,7 @@ def stream_plan(job: _Job, config, shard_paths: list[Path], base_dir: Path) -> t
                 return None, f"`{ckpt_key}` in {path.name} has dtype {info.code}, which peftcli cannot stream"
             if info.shape != expected[key] and key not in replaced:
                 return None, f"`{ckpt_key}` has shape {info.shape}, the model expects {expected[key]}"
-            sources[key], dtypes[key] = (path, ckpt_key), info.dtype
+            sources[key], dtypes[key] = (path, info), info.dtype
             if info.dtype.is_floating_point:
                 elements[info.dtype] = elements.get(info.dtype, 0) + math.prod(info.shape)
             entries.append((key, sources[key]))
@@ -160,7 +157,7 @@ def write_streamed(plan: Plan, directory: Path, out_dtype: torch.dtype) -> None:
         weight_map.update(dict.fromkeys((key for key, _ in entries), name))
     if count > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        fileio.write_json(directory / INDEX_NAME, index)
     plan.config.dtype = out_dtype
     plan.config.save_pretrained(directory)
     if (plan.base_dir / GENERATION_CONFIG).is_file():
@@ -179,17 +176,16 @@ def _merged_tensors(plan: Plan, entries: list, out_dtype: torch.dtype) -> Iterat
             if key in plan.replaced:
                 tensor = plan.replaced[key]
             else:
-                path, ckpt_key = source
+                path, info = source
                 if path not in files:
-                    files[path] = (path.open("rb"), st.read_header(path))
-                f, header = files[path]
-                tensor = st.read_tensor(f, header[ckpt_key])
+                    files[path] = path.open("rb")
+                tensor = st.read_tensor(files[path], info)
             if key in plan.deltas:
                 lora_a, lora_b, scale, fan_in_fan_out = plan.deltas[key]
                 delta = lora.delta_weight(lora_a, lora_b, scale, fan_in_fan_out)
                 # lora.merge's arithmetic, so both paths write the same bits: add in float32, round once.
                 tensor = tensor.to(delta.dtype) + delta
-            yield tensor.to(out_dtype) if tensor.is_floating_point() else tensor
+            yield tensor.to(_cast_dtype(tensor.dtype, out_dtype))
     finally:
-        for f, _ in files.values():
+        for f in files.values():
             f.close()

@@ -92,7 +92,7 @@ def load_config(source: ModelSource, trust_remote_code: bool = False, revision: 
         raise UserError(f"model.name: cannot read the config of {source.name}: {_first_line(e)}") from e
 
 
-def _auto_class(task: str):
+def auto_class(task: str):
     import transformers
 
     return getattr(transformers, TASK_AUTO_CLASSES[task])
@@ -137,7 +137,7 @@ def load_model(
         kwargs["gguf_file"] = source.gguf_file
         kwargs["dtype"] = DTYPES.get(dtype, torch.float32)
     try:
-        model = _auto_class(task).from_pretrained(source.path, **kwargs)
+        model = auto_class(task).from_pretrained(source.path, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"model.name: cannot load {source.name} for {task}: {_first_line(e)}") from e
     if source.gguf_file:
@@ -205,7 +205,7 @@ def meta_model(name: str, task: str | None = None, trust_remote_code: bool = Fal
     if task is None and getattr(config, "architectures", None):
         cls = getattr(transformers, config.architectures[0], None)
     if cls is None:
-        cls = _auto_class(task or "causal-lm")
+        cls = auto_class(task or "causal-lm")
     with torch.device("meta"):
         if cls.__name__.startswith("Auto"):
             return cls.from_config(config, trust_remote_code=trust_remote_code)

@@ -35,7 +35,7 @@ from peftcli.loss import (
 )
 from peftcli.methods import METHODS
 from peftcli.methods.common import count_parameters
-from peftcli.methods.lora import LoRALinear
+from peftcli.methods.lora import lora_layers
 from peftcli.models import enable_activation_checkpointing, load_model, load_tokenizer, portable_name
 from peftcli.recipe import Recipe, TrainSection, dump_recipe
 
@@ -116,12 +116,7 @@ def _upcast_trainable(model, autocast: bool) -> None:
     if autocast:
         params = list(model.parameters())
     else:
-        params = [
-            p
-            for m in model.modules()
-            if isinstance(m, LoRALinear)
-            for p in (m.lora_A.weight, m.lora_B.weight)
-        ]
+        params = [p for _, m in lora_layers(model) for p in (m.lora_A.weight, m.lora_B.weight)]
     for param in params:
         if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
             param.data = param.data.float()

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny import batch, save_tiny
+from tiny import HF_TASK, logits, randomise, save_tiny
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 from typer.testing import CliRunner
 
@@ -29,7 +29,6 @@ from peftcli.recipe import load_recipe
 
 runner = CliRunner()
 CLASSIFY = "sequence-classification"
-HF_TASK = {"causal-lm": "CAUSAL_LM", CLASSIFY: "SEQ_CLS"}
 CHAT = [
     {
         "messages": [
@@ -65,19 +64,10 @@ def hf_adapter(directory: Path, base: Path, kind: str, task: str, **fields) -> p
     cls = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
     torch.manual_seed(0)  # HF's init (random B with init_lora_weights=False) draws from the global generator
     model = peft.get_peft_model(cls.from_pretrained(base), hf_config(kind, task, **fields))
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    randomise(model, scale=0.3, seed=5)
     model.save_pretrained(directory)
     assert (directory / checkpoint.WEIGHTS_NAME).is_file() and not (directory / "adapter_model.bin").exists()
     return model.eval()
-
-
-@torch.no_grad()
-def logits(model) -> torch.Tensor:
-    return model(**batch()).logits
 
 
 def edit_config(directory: Path, **fields) -> None:

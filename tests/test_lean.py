@@ -11,7 +11,7 @@ from tiny import lora_model, loss_and_grads, saved_bytes, tiny_config, tiny_mode
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from peftcli import lean, loss
+from peftcli import lean
 from peftcli.methods import METHODS
 from peftcli.models import enable_activation_checkpointing
 from peftcli.recipe import MethodSection
@@ -149,8 +149,6 @@ def test_disable_restores_the_class_forward_and_copies_survive():
     assert close(loss_and_grads(twin, b)[0], loss_and_grads(model, b)[0])
     lean.disable_lean_layers(model)
     assert all("forward" not in vars(m) for m in model.modules())
-    head = loss.enable_chunked_loss(model)  # unrelated swaps still find the model intact
-    assert head is not None
 
 
 @pytest.mark.parametrize("inputs_grad", [True, False])

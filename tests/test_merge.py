@@ -12,7 +12,7 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny import batch, save_tiny, tiny_config, tiny_model, tiny_tokenizer
+from tiny import HF_TASK, batch, logits, randomise, save_tiny, tiny_config, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from typer.testing import CliRunner
 
@@ -39,20 +39,11 @@ def bases(tmp_path_factory) -> dict[str, Path]:
     return {arch: root / arch for arch in ("llama", "gpt2", "bert")}
 
 
-def randomise(model: torch.nn.Module, seed: int = 3, scale: float = 0.1) -> None:
-    """Non-zero B and a perturbed head/bias, so that a delta or a replacement left out would show."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * scale)
-
-
 def make_adapter(directory: Path, base: Path, task: str, section: MethodSection, labels=None) -> torch.Tensor:
     """Save a random adapter of `section` on `base`; returns base + adapter's logits on tiny.batch()."""
     model = models.load_model(str(base), task, label_names=labels)
     model = METHODS[section.name].inject(model, section, task)
-    randomise(model)
+    randomise(model, scale=0.1)  # non-zero B, a perturbed head/bias: a delta or replacement left out shows
     checkpoint.save_adapter(model, section, task, str(base), directory, label_names=labels)
     with torch.no_grad():
         return model(**batch()).logits
@@ -61,11 +52,6 @@ def make_adapter(directory: Path, base: Path, task: str, section: MethodSection,
 def load_merged(directory: Path, task: str = "causal-lm"):
     cls = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
     return cls.from_pretrained(directory).eval()
-
-
-@torch.no_grad()
-def logits(model) -> torch.Tensor:
-    return model(**batch()).logits
 
 
 def written_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -171,7 +157,7 @@ def test_hf_adapter_merges_like_hf_merge_and_unload(tmp_path, bases, arch, task,
     """HF PEFT makes the adapter (random non-zero B); our merge writes HF's merged weights and logits."""
     cls = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
     config = peft.LoraConfig(
-        task_type={"causal-lm": "CAUSAL_LM", CLASSIFY: "SEQ_CLS"}[task],
+        task_type=HF_TASK[task],
         r=4,
         init_lora_weights=False,
         **{"lora_alpha": 8, **fields},

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -146,6 +147,7 @@ def loss_of(model: nn.Module, task: str, inputs: dict[str, torch.Tensor]) -> tor
 
 
 @torch.no_grad()
+@torch.no_grad()
 def logits(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """The model's logits on `inputs` (default `batch()`), without a graph."""
     return model(**(batch() if inputs is None else inputs)).logits
@@ -276,8 +278,6 @@ def lora_model(arch: str = "llama", **fields) -> nn.Module:
 
 def loss_and_grads(model: nn.Module, b: dict, head: nn.Linear | None = None) -> tuple[torch.Tensor, dict]:
     """The training step's normalised loss and the gradient of every trainable parameter."""
-    from types import SimpleNamespace
-
     s = SimpleNamespace(recipe=Recipe(), head=head)
     value = loss_sum(s, model, b) / num_targets(s, b)
     value.backward()
@@ -288,8 +288,6 @@ def loss_and_grads(model: nn.Module, b: dict, head: nn.Linear | None = None) -> 
 
 def saved_bytes(model: nn.Module, b: dict, head: nn.Linear | None = None) -> int:
     """Bytes of the distinct tensors autograd keeps for backward in one forward, parameters excluded."""
-    from types import SimpleNamespace
-
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
 

@@ -202,9 +202,10 @@ def adapter_state(model: nn.Module) -> dict[str, Tensor]:
 
 
 def load_adapter_state(model: nn.Module, state: dict[str, Tensor]) -> None:
-    if not _adapters(model):
+    params = _adapter_parameters(model)
+    if not params:
         raise AdapterError("the model holds no bottleneck adapters: inject them before loading their weights")
-    load_state_strict(model, _adapter_parameters(model), state)
+    load_state_strict(model, params, state)
 
 
 def adapter_config(model: nn.Module, method: MethodSection, task: str) -> dict:

@@ -181,22 +181,23 @@ def _covers(save_name: str, layer_name: str) -> bool:
     )
 
 
+def _factor_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every LoRA factor under its adapter-file key."""
+    return {
+        f"{KEY_PREFIX}{name}.{part}.weight": getattr(layer, part).weight
+        for name, layer in lora_layers(model)
+        for part in ("lora_A", "lora_B")
+    }
+
+
 def adapter_state(model: nn.Module) -> dict[str, Tensor]:
-    state = {}
-    for name, layer in lora_layers(model):
-        state[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach()
-        state[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach()
+    state = {key: p.detach() for key, p in _factor_parameters(model).items()}
     state.update(common.modules_to_save_state(model))
     return state
 
 
 def load_adapter_state(model: nn.Module, state: dict[str, Tensor]) -> None:
-    factors = {
-        f"{KEY_PREFIX}{name}.{part}.weight": getattr(layer, part).weight
-        for name, layer in lora_layers(model)
-        for part in ("lora_A", "lora_B")
-    }
-    common.load_state_strict(model, factors, state)
+    common.load_state_strict(model, _factor_parameters(model), state)
 
 
 def adapter_config(model: nn.Module, method: MethodSection, task: str) -> dict:
