@@ -18,6 +18,9 @@ rebuilds the normalised input from the output, ``x * r = y / w``, so only y and 
 
 On SmolLM2-135M (30 layers, hidden 576, intermediate 1536) at batch 4 x 256 in fp32 that is 16.5 MiB
 less per layer, ~500 MiB per step, for a few elementwise passes in backward (scripts/bench_train.py).
+With `train.gradient_checkpointing: up` (which `auto`, the default, picks) the MLP keeps gate's output
+only and backward runs up's projection again on the MLP's input, which the norm keeps anyway: 6 MiB
+less per layer there for one more (tokens, hidden) x (hidden, intermediate) product.
 Each falls back to the module's own forward where it cannot apply (see enable_lean_layers).
 """
 
@@ -61,7 +64,7 @@ class _SiluMulDown(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, gate, up, weight, bias, lora_a, lora_b, scale):
+    def forward(ctx, gate, up, weight, bias, lora_a, lora_b, scale, x=None, up_proj=None):
         hidden = F.silu(gate).mul_(up)  # (tokens, inter)
         out = F.linear(hidden, weight, bias)  # (tokens, out)
         down = None
@@ -70,7 +73,10 @@ class _SiluMulDown(torch.autograd.Function):
             out.addmm_(down, lora_b.t(), alpha=scale)
         ctx.scale = scale
         ctx.through = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        if ctx.through:
+        ctx.up_proj = up_proj if ctx.through else None
+        if ctx.up_proj is not None:  # up is recomputed from the MLP's input, which the norm keeps anyway
+            ctx.save_for_backward(gate, x, weight, lora_a, lora_b, down)
+        elif ctx.through:
             ctx.save_for_backward(gate, up, weight, lora_a, lora_b, down)
         else:
             ctx.save_for_backward(hidden if lora_a is not None else None, weight, lora_a, lora_b, down)
@@ -80,6 +86,9 @@ class _SiluMulDown(torch.autograd.Function):
     def backward(ctx, grad_out):
         if ctx.through:
             gate, up, weight, lora_a, lora_b, down = ctx.saved_tensors
+            if ctx.up_proj is not None:
+                with torch.no_grad():  # the forward's own code on the same input: the same values
+                    up = ctx.up_proj(up).reshape(gate.shape)
             act = F.silu(gate)
         else:
             hidden, weight, lora_a, lora_b, down = ctx.saved_tensors
@@ -97,7 +106,7 @@ class _SiluMulDown(torch.autograd.Function):
             grad_up = grad_hidden * act
         if ctx.needs_input_grad[0]:
             grad_gate = torch.ops.aten.silu_backward(grad_hidden.mul_(up), gate)
-        return grad_gate, grad_up, None, None, grad_a, grad_b, None
+        return grad_gate, grad_up, None, None, grad_a, grad_b, None, None, None
 
 
 def _recomputed_forward(mlp: nn.Module, x: Tensor) -> Tensor:
@@ -108,23 +117,23 @@ def _recomputed_forward(mlp: nn.Module, x: Tensor) -> Tensor:
     return torch.utils.checkpoint.checkpoint(_lean_forward, mlp, x, use_reentrant=False)
 
 
-def _down_parts(down: nn.Module):
+def _frozen_parts(proj: nn.Module):
     """(weight, bias, lora_A, lora_B, scale) of a frozen Linear or a dropout-free LoRALinear, else None."""
     lora_a = lora_b = None
     scale = 0.0
-    if isinstance(down, LoRALinear):
-        if down.dropout is not None or down.fan_in_fan_out:
+    if isinstance(proj, LoRALinear):
+        if proj.dropout is not None or proj.fan_in_fan_out:
             return None
-        lora_a, lora_b, scale = down.lora_A.weight, down.lora_B.weight, down.scale
-        down = down.base
-    if type(down) is not nn.Linear or any(p.requires_grad for p in down.parameters()):
+        lora_a, lora_b, scale = proj.lora_A.weight, proj.lora_B.weight, proj.scale
+        proj = proj.base
+    if type(proj) is not nn.Linear or any(p.requires_grad for p in proj.parameters()):
         return None
-    return down.weight, down.bias, lora_a, lora_b, scale
+    return proj.weight, proj.bias, lora_a, lora_b, scale
 
 
-def _lean_forward(mlp: nn.Module, x: Tensor) -> Tensor:
+def _lean_forward(mlp: nn.Module, x: Tensor, recompute_up: bool = False) -> Tensor:
     gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-    parts = _down_parts(mlp.down_proj)
+    parts = _frozen_parts(mlp.down_proj)
     usable = (
         parts is not None
         and torch.is_grad_enabled()
@@ -134,8 +143,15 @@ def _lean_forward(mlp: nn.Module, x: Tensor) -> Tensor:
     if not usable:  # the module's own math
         return mlp.down_proj(mlp.act_fn(gate) * up)
     inter = gate.shape[-1]
-    out = _SiluMulDown.apply(gate.reshape(-1, inter), up.reshape(-1, inter), *parts)
+    # up's forward runs again in backward only where it repeats exactly: no dropout, frozen base
+    up_proj = mlp.up_proj if recompute_up and _frozen_parts(mlp.up_proj) is not None else None
+    out = _SiluMulDown.apply(gate.reshape(-1, inter), up.reshape(-1, inter), *parts, x, up_proj)
     return out.view(*gate.shape[:-1], out.shape[-1])
+
+
+def _up_recomputed_forward(mlp: nn.Module, x: Tensor) -> Tensor:
+    """The lean MLP keeping gate's output only; backward runs up's projection again on the MLP's input."""
+    return _lean_forward(mlp, x, recompute_up=True)
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -188,15 +204,16 @@ def is_rms_norm(module: nn.Module) -> bool:
     )
 
 
-def enable_lean_layers(model: nn.Module, recompute_mlp: bool = False) -> tuple[int, int]:
+def enable_lean_layers(model: nn.Module, recompute: str | None = None) -> tuple[int, int]:
     """Route the SwiGLU MLPs and RMSNorms of `model` through the lean forms; returns (MLPs, norms) routed.
 
-    With `recompute_mlp` the MLPs also recompute their activations in backward (see _recomputed_forward).
+    `recompute` trades time for memory in backward: "up" runs up's projection again instead of keeping
+    its output (see _up_recomputed_forward), "mlp" the whole MLP (see _recomputed_forward).
     Per call a lean form falls back to the module's own forward where it cannot apply: no gradient
     being recorded, autocast on, half precision (the norm), a trainable or dropout-wrapped ``down_proj``
     or mixed dtypes (the MLP). Undo with disable_lean_layers.
     """
-    mlp_forward = _recomputed_forward if recompute_mlp else _lean_forward
+    mlp_forward = {None: _lean_forward, "up": _up_recomputed_forward, "mlp": _recomputed_forward}[recompute]
     mlps = norms = 0
     for module in model.modules():
         if is_swiglu(module):
@@ -209,7 +226,7 @@ def enable_lean_layers(model: nn.Module, recompute_mlp: bool = False) -> tuple[i
 
 
 def disable_lean_layers(model: nn.Module) -> None:
-    lean = (_lean_forward, _recomputed_forward, _lean_norm_forward)
+    lean = (_lean_forward, _up_recomputed_forward, _recomputed_forward, _lean_norm_forward)
     for module in model.modules():
         if getattr(vars(module).get("forward"), "__func__", None) in lean:
             del module.forward

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from peftcli import frozen_linear
+
 IGNORE_INDEX = -100
 CHUNK_ROWS = 256  # (256, vocab) fp32 logits: ~50 MB for a 49k vocabulary
 
@@ -41,7 +43,7 @@ def _chunked_cross_entropy(rows: Tensor, weight: Tensor, targets: Tensor, with_g
     w32 = weight.float()
     for start in range(0, rows.shape[0], CHUNK_ROWS):
         y = targets[start : start + CHUNK_ROWS]
-        logits = rows[start : start + CHUNK_ROWS].float() @ w32.t()  # (chunk, hidden) @ (hidden, vocab)
+        logits = frozen_linear.linear(rows[start : start + CHUNK_ROWS].float(), w32)  # (chunk, vocab)
         picked = logits.gather(1, y[:, None])  # (chunk, 1): the target's logit
         # log-sum-exp and softmax in place on the chunk's logits: no second (chunk, vocab) buffer
         peak = logits.amax(dim=-1, keepdim=True)

@@ -109,9 +109,10 @@ class TrainSection:
     seed: int = 42
     # auto: bf16 on a GPU that has it, else fp32
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    # true: recompute every layer in backward (least memory); mlp: only the SwiGLU MLPs' gate and up
-    # projections (needs lean_layers; Llama-family models)
-    gradient_checkpointing: bool | Literal["mlp"] = False
+    # Recompute activations in backward instead of keeping them. true: every layer (least memory);
+    # mlp: the SwiGLU MLPs' gate and up projections; up: up's only (mlp and up need lean_layers and a
+    # Llama-family model); auto: up where that applies, else nothing; false: nothing (fastest)
+    gradient_checkpointing: bool | Literal["auto", "up", "mlp"] = "auto"
     # Cross-entropy over vocabulary chunks of rows, never holding every token's fp32 logits at once.
     chunked_loss: bool = True
     # Llama-family SwiGLU MLPs and RMSNorms keep less for backward and recompute the rest (same math).
@@ -137,7 +138,7 @@ _ACCEPTS: Accepts = {
     ("method", "biases"): "all, or a list of bias groups / module names like [query, intermediate.dense]",
     ("method", "modules_to_save"): "a list of module names, or null",
     ("data", "validation"): "a fraction like 0.1, a file path, or null for no validation",
-    ("train", "gradient_checkpointing"): "true, false, or mlp",
+    ("train", "gradient_checkpointing"): "auto, true, false, up or mlp",
 }
 
 
@@ -213,8 +214,11 @@ def _check(recipe: Recipe, src: KeySource) -> None:
         fail("train.betas", f"must be two numbers in [0, 1) like [0.9, 0.999], got {t.betas}")
     if t.max_grad_norm is not None and t.max_grad_norm <= 0:
         fail("train.max_grad_norm", f"must be > 0, or null for no clipping; got {t.max_grad_norm}")
-    if t.gradient_checkpointing == "mlp" and not t.lean_layers:
-        fail("train.gradient_checkpointing", "mlp needs train.lean_layers: true (or use true)")
+    if t.gradient_checkpointing in ("up", "mlp") and not t.lean_layers:
+        fail(
+            "train.gradient_checkpointing",
+            f"{t.gradient_checkpointing} needs train.lean_layers: true (or use true)",
+        )
     if not recipe.output_dir:
         fail("output_dir", "must not be empty")
     if Path(recipe.output_dir).expanduser().is_file():

@@ -94,17 +94,19 @@ def _inject(model, recipe: Recipe, tokenizer):
 
 
 def enable_step_paths(model, train: TrainSection, task: str) -> torch.nn.Linear | None:
-    """The recipe's choices of how the step runs (same math): activation checkpointing (whole layers, or
-    the MLPs only), the lean MLP and norm layers, the chunked loss. Returns the frozen output head when
-    the chunked loss is on, else None."""
-    if train.gradient_checkpointing is True:
+    """The recipe's choices of how the step runs (same math): activation checkpointing (whole layers, the
+    MLPs, or up's projection), the lean MLP and norm layers, the chunked loss. Returns the frozen output
+    head when the chunked loss is on, else None."""
+    mode = train.gradient_checkpointing
+    if mode is True:
         enable_activation_checkpointing(model)
     if train.lean_layers:
-        mlps, _ = enable_lean_layers(model, recompute_mlp=train.gradient_checkpointing == "mlp")
-        if train.gradient_checkpointing == "mlp" and not mlps:
+        recompute = "up" if mode == "auto" else mode if mode in ("up", "mlp") else None
+        mlps, _ = enable_lean_layers(model, recompute=recompute)
+        if mode in ("up", "mlp") and not mlps:
             raise UserError(
-                "train.gradient_checkpointing: mlp recomputes Llama-family SwiGLU MLPs and this model has "
-                "none; use true to recompute whole layers"
+                f"train.gradient_checkpointing: {mode} recomputes parts of Llama-family SwiGLU MLPs "
+                "and this model has none; use true to recompute whole layers"
             )
     return enable_chunked_loss(model) if train.chunked_loss and task == "causal-lm" else None
 

@@ -55,9 +55,13 @@ LEARNING_RATE = 1e-4
 MAX_GRAD_NORM = 1.0
 SEED = 0
 # A side is a name plus options: "peftcli", "hf", "peftcli:gc" (activation checkpointing), "peftcli:mlpgc"
-# (the MLPs only), "peftcli:plain" (chunked loss and lean layers off), "peftcli:nolean" (lean layers off),
+# (the MLPs only), "peftcli:upgc" (up's projection only), "peftcli:nogc" (no recompute at all: the
+# default recomputes up's projection), "peftcli:plain" (chunked loss and lean layers off),
+# "peftcli:nolean" (lean layers off), "peftcli:mkl" (frozen products on MKL, not oneDNN),
 # "peftcli:compile", "hf:gc"; options combine with "+": "peftcli:gc+plain".
-SIDE_OPTIONS = {"gc", "mlpgc", "plain", "nolean", "compile"}
+SIDE_OPTIONS = {"gc", "mlpgc", "upgc", "nogc", "plain", "nolean", "mkl", "compile"}
+# side option -> train.gradient_checkpointing (else the recipe default, auto)
+RECOMPUTE = {"gc": True, "mlpgc": "mlp", "upgc": "up", "nogc": False}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,7 +118,7 @@ def _peftcli_side(args, options: set[str], batch: dict):
             max_grad_norm=MAX_GRAD_NORM,
             chunked_loss="plain" not in options,
             lean_layers="plain" not in options and "nolean" not in options,
-            gradient_checkpointing=True if "gc" in options else "mlp" if "mlpgc" in options else False,
+            gradient_checkpointing=next((v for k, v in RECOMPUTE.items() if k in options), "auto"),
         ),
     )
     model = load_model(args.model, dtype="float32")
@@ -123,6 +127,10 @@ def _peftcli_side(args, options: set[str], batch: dict):
     if args.adapter_out:
         checkpoint.save_adapter(model, recipe.method, "causal-lm", args.model, args.adapter_out)
     head = enable_step_paths(model, recipe.train, "causal-lm")
+    if "mkl" in options:
+        from peftcli import frozen_linear
+
+        frozen_linear.ENABLED = False
     model.train()
     optimizer = _optimizer(model, recipe)
     s = SimpleNamespace(recipe=recipe, head=head)

@@ -108,7 +108,7 @@ def test_model_step_matches_the_plain_layers(build, mlp_dropped, norm_dropped):
 def test_falls_back_where_it_cannot_apply():
     b = _labelled()
     model = _lora(dropout=0.1)  # down_proj's dropout mask would have to be stored: plain path
-    assert lean._down_parts(model.model.layers[0].mlp.down_proj) is None
+    assert lean._frozen_parts(model.model.layers[0].mlp.down_proj) is None
     lean.enable_lean_layers(model)
     torch.manual_seed(0)
     fast = loss_and_grads(model, b)[0]
@@ -118,8 +118,8 @@ def test_falls_back_where_it_cannot_apply():
 
     model = _lora()
     model.model.layers[0].mlp.down_proj.base.weight.requires_grad_(True)  # trained in full: plain path
-    assert lean._down_parts(model.model.layers[0].mlp.down_proj) is None
-    assert lean._down_parts(model.model.layers[1].mlp.down_proj) is not None
+    assert lean._frozen_parts(model.model.layers[0].mlp.down_proj) is None
+    assert lean._frozen_parts(model.model.layers[1].mlp.down_proj) is not None
 
     lean.enable_lean_layers(model)
     with torch.no_grad():  # evaluation: the module's own math, same output
@@ -176,7 +176,7 @@ def test_recomputed_mlp_matches_the_plain_step_and_keeps_no_mlp_activations():
     model, b = _lora(), _labelled()
     plain_value, plain_grads = loss_and_grads(model, b)
     plain_saved = saved_bytes(model, b)
-    assert lean.enable_lean_layers(model, recompute_mlp=True) == (2, 5)
+    assert lean.enable_lean_layers(model, recompute="mlp") == (2, 5)
     value, grads = loss_and_grads(model, b)
     assert close(value, plain_value)
     for name, grad in plain_grads.items():
@@ -189,14 +189,64 @@ def test_recomputed_mlp_matches_the_plain_step_and_keeps_no_mlp_activations():
     assert plain_saved - saved_bytes(model, b) == dropped
 
 
-def test_mlp_checkpointing_needs_a_swiglu_model():
+@pytest.mark.parametrize(
+    "targets, up_kept", [("all-linear", 0), (["q_proj", "v_proj"], 0), (["down_proj"], 1)], ids=str
+)
+def test_recomputed_up_matches_the_plain_step_and_keeps_no_up_output(targets, up_kept):
+    model, b = _lora(targets), _labelled()
+    plain_value, plain_grads = loss_and_grads(model, b)
+    lean.enable_lean_layers(model)
+    lean_saved = saved_bytes(model, b)
+    lean.disable_lean_layers(model)
+    assert lean.enable_lean_layers(model, recompute="up") == (2, 5)
+    value, grads = loss_and_grads(model, b)
+    assert torch.equal(value, plain_value) or close(value, plain_value)
+    for name, grad in plain_grads.items():
+        assert close(grads[name], grad), name
+    # up's output, one (tokens, intermediate) tensor per layer, is no longer kept where up needs a
+    # gradient; with LoRA on down_proj alone the first layer keeps the product, as the lean form does
+    config, tokens = model.config, b["input_ids"].numel()
+    assert lean_saved - saved_bytes(model, b) == 4 * tokens * config.intermediate_size * (2 - up_kept)
+
+
+def test_recomputed_up_repeats_the_forward_exactly():
+    # backward's up must be bit for bit the forward's, or gradients drift from the plain path
+    model = _lora()
+    mlp = model.model.layers[1].mlp
+    x = torch.randn(2, 12, model.config.hidden_size)
+    with torch.no_grad():
+        first = mlp.up_proj(x)
+    assert torch.equal(mlp.up_proj(x.requires_grad_()), first)
+    model = _lora(dropout=0.1)  # dropout draws a new mask each call: up is kept instead
+    assert lean._frozen_parts(model.model.layers[1].mlp.up_proj) is None
+
+
+@pytest.mark.parametrize("value, forward", [("up", "_up_recomputed_forward"), ("mlp", "_recomputed_forward")])
+def test_mlp_checkpointing_needs_a_swiglu_model(value, forward):
     from peftcli.errors import UserError
     from peftcli.recipe import TrainSection
     from peftcli.train import enable_step_paths
 
-    train = TrainSection(gradient_checkpointing="mlp")
-    with pytest.raises(UserError, match="train.gradient_checkpointing: mlp .* use true"):
+    train = TrainSection(gradient_checkpointing=value)
+    with pytest.raises(UserError, match=f"train.gradient_checkpointing: {value} .* use true"):
         enable_step_paths(tiny_model("gpt2", "causal-lm").requires_grad_(False), train, "causal-lm")
     model = _lora()
     enable_step_paths(model, train, "causal-lm")
-    assert vars(model.model.layers[0].mlp)["forward"].__func__ is lean._recomputed_forward
+    assert vars(model.model.layers[0].mlp)["forward"].__func__ is getattr(lean, forward)
+
+
+def test_auto_recomputes_up_where_it_applies_and_nothing_elsewhere():
+    from peftcli.recipe import TrainSection
+    from peftcli.train import enable_step_paths
+
+    train = TrainSection()
+    assert train.gradient_checkpointing == "auto"
+    model = _lora()
+    enable_step_paths(model, train, "causal-lm")
+    assert vars(model.model.layers[0].mlp)["forward"].__func__ is lean._up_recomputed_forward
+    gpt2 = tiny_model("gpt2", "causal-lm").requires_grad_(False)
+    enable_step_paths(gpt2, train, "causal-lm")  # no SwiGLU MLP: no error, nothing recomputed
+    assert not gpt2.is_activation_checkpointing
+    model = _lora()
+    enable_step_paths(model, TrainSection(gradient_checkpointing=False), "causal-lm")
+    assert vars(model.model.layers[0].mlp)["forward"].__func__ is lean._lean_forward

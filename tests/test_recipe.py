@@ -217,13 +217,22 @@ BROKEN = [
         "checkpointing-word",
         GOOD + "train:\n  gradient_checkpointing: attention\n",
         [],
-        ["recipe.yaml:6: train.gradient_checkpointing: expected true, false, or mlp, got 'attention'"],
+        [
+            "recipe.yaml:6: train.gradient_checkpointing: expected auto, true, false, up or mlp,",
+            "got 'attention'",
+        ],
     ),
     (
         "mlp-checkpointing-without-lean-layers",
         GOOD + "train:\n  gradient_checkpointing: mlp\n  lean_layers: false\n",
         [],
         ["train.gradient_checkpointing: mlp needs train.lean_layers: true"],
+    ),
+    (
+        "up-checkpointing-without-lean-layers",
+        GOOD + "train:\n  gradient_checkpointing: up\n  lean_layers: false\n",
+        [],
+        ["train.gradient_checkpointing: up needs train.lean_layers: true"],
     ),
     (
         "betas-range",
@@ -600,9 +609,10 @@ def test_overrides_are_applied_and_typed(workdir):
             "train.gradient_checkpointing=true",
         ],
     )
-    assert (
-        load_recipe(_write(GOOD), ["train.gradient_checkpointing=mlp"]).train.gradient_checkpointing == "mlp"
-    )
+    assert load_recipe(_write(GOOD)).train.gradient_checkpointing == "auto"
+    for value in ("up", "mlp", "auto"):
+        overrides = [f"train.gradient_checkpointing={value}"]
+        assert load_recipe(_write(GOOD), overrides).train.gradient_checkpointing == value
     assert recipe.train.max_steps == 10 and type(recipe.train.max_steps) is int
     assert recipe.method.target_modules == ["q_proj", "k_proj"]
     assert recipe.train.learning_rate == 1e-4 and type(recipe.train.learning_rate) is float

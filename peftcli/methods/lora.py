@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from peftcli import frozen_linear
 from peftcli.errors import UserError
 from peftcli.methods import common
 from peftcli.methods.common import KEY_PREFIX, AdapterError
@@ -101,6 +102,8 @@ class LoRALinear(nn.Module):
         """The frozen layer on (tokens, in)."""
         if self.fan_in_fan_out:  # Conv1D's own forward returns a view; its math, y = b + x @ W, directly
             return torch.addmm(self.base.bias, x, self.base.weight)
+        if type(self.base) is nn.Linear:
+            return frozen_linear.linear(x, self.base.weight, self.base.bias)
         return self.base(x)
 
     def extra_repr(self) -> str:
