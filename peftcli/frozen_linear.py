@@ -55,15 +55,26 @@ class _FrozenLinear(torch.autograd.Function):
 
 
 def usable(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
-    """Whether the oneDNN path applies: CPU, fp32, 2-D contiguous input, frozen weight and bias."""
+    """Whether the oneDNN path applies: CPU, fp32, 2-D input and weight, everything contiguous and on the
+    same device, frozen weight and bias."""
     return (
         x.device.type == "cpu"
-        and x.dim() == 2
+        and x.dim() == weight.dim() == 2
         and x.dtype == weight.dtype == torch.float32
         and x.is_contiguous()
         and weight.is_contiguous()
+        and weight.device == x.device
         and not weight.requires_grad
-        and (bias is None or (bias.dtype == torch.float32 and not bias.requires_grad))
+        and (
+            bias is None
+            or (
+                bias.dtype == torch.float32
+                and bias.dim() == 1
+                and bias.is_contiguous()
+                and bias.device == x.device
+                and not bias.requires_grad
+            )
+        )
         and not torch.is_autocast_enabled("cpu")
         and ENABLED
         and _onednn() is not None

@@ -19,8 +19,8 @@ rebuilds the normalised input from the output, ``x * r = y / w``, so only y and 
 On SmolLM2-135M (30 layers, hidden 576, intermediate 1536) at batch 4 x 256 in fp32 that is 16.5 MiB
 less per layer, ~500 MiB per step, for a few elementwise passes in backward (scripts/bench_train.py).
 With `train.gradient_checkpointing: up` (which `auto`, the default, picks) the MLP keeps gate's output
-only and backward runs up's projection again on the MLP's input, which the norm keeps anyway: 6 MiB
-less per layer there for one more (tokens, hidden) x (hidden, intermediate) product.
+only and backward runs up's projection again on the MLP's input, which the lean norm (and LoRA's A
+factors) keep anyway: 6 MiB less per layer there for one more (tokens, hidden) x (hidden, inter) product.
 Each falls back to the module's own forward where it cannot apply (see enable_lean_layers).
 """
 
@@ -60,7 +60,8 @@ class _SiluMulDown(torch.autograd.Function):
 
     Keeps gate and up when they need gradients (the product is recomputed from them), else only the
     product, and that only for LoRA's A factor (e.g. the first layer of a model with LoRA on down_proj
-    alone, whose gate and up see no trainable input).
+    alone, whose gate and up see no trainable input). Given the MLP's input `x` and `up_proj` (a module
+    whose forward repeats exactly), keeps x instead of up and runs ``up_proj(x)`` again in backward.
     """
 
     @staticmethod
@@ -74,7 +75,7 @@ class _SiluMulDown(torch.autograd.Function):
         ctx.scale = scale
         ctx.through = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         ctx.up_proj = up_proj if ctx.through else None
-        if ctx.up_proj is not None:  # up is recomputed from the MLP's input, which the norm keeps anyway
+        if ctx.up_proj is not None:  # up is recomputed from the MLP's input, the lean norm's kept output
             ctx.save_for_backward(gate, x, weight, lora_a, lora_b, down)
         elif ctx.through:
             ctx.save_for_backward(gate, up, weight, lora_a, lora_b, down)

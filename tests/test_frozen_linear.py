@@ -43,7 +43,7 @@ def test_value_and_input_gradient_equal_f_linear(bias):
 
 @pytest.mark.parametrize(
     "case",
-    ["trainable weight", "bfloat16", "non-contiguous", "3-d input", "autocast"],
+    ["trainable weight", "bfloat16", "non-contiguous", "3-d input", "strided bias", "autocast"],
 )
 def test_falls_back_to_f_linear_where_it_does_not_apply(case):
     x, weight, b = operands()
@@ -55,6 +55,8 @@ def test_falls_back_to_f_linear_where_it_does_not_apply(case):
         x = torch.randn(48, 37, requires_grad=True).t()
     elif case == "3-d input":
         x = x.detach().view(1, 37, 48).requires_grad_()
+    elif case == "strided bias":  # oneDNN reads a bias as dense: a strided one would give wrong sums
+        b = torch.randn(140)[::2]
     assert not frozen_linear.usable(x, weight, b) or case == "autocast"
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
         assert not frozen_linear.usable(x, weight, b)
@@ -62,3 +64,10 @@ def test_falls_back_to_f_linear_where_it_does_not_apply(case):
         reference = F.linear(x, weight, b)
     assert "FrozenLinear" not in type(out.grad_fn).__name__
     assert out.dtype == reference.dtype and torch.equal(out, reference)
+
+
+def test_a_weight_or_bias_elsewhere_than_the_input_is_not_taken():
+    # e.g. an offloaded layer's meta weight: oneDNN would read it as if it held numbers
+    x, weight, b = operands()
+    assert not frozen_linear.usable(x, weight.to("meta"), b)
+    assert not frozen_linear.usable(x, weight, b.to("meta"))

@@ -38,6 +38,23 @@ def test_function_gradients_match_numerical_differentiation(with_lora, with_bias
     assert torch.autograd.gradcheck(lean._SiluMulDown.apply, inputs)
 
 
+def test_function_with_up_recomputed_matches_numerical_differentiation():
+    g = torch.Generator().manual_seed(0)
+    up_proj = nn.Linear(4, 6, dtype=torch.float64).requires_grad_(False)
+    with torch.no_grad():
+        up_proj.weight.copy_(torch.randn(6, 4, generator=g, dtype=torch.float64))
+    x = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    gate = torch.randn(5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    lora_a = torch.randn(2, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    lora_b = torch.randn(3, 2, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def mlp(gate, x, lora_a, lora_b):  # backward sees x, not up, and must rebuild up from it
+        return lean._SiluMulDown.apply(gate, up_proj(x), weight, None, lora_a, lora_b, 0.7, x, up_proj)
+
+    assert torch.autograd.gradcheck(mlp, (gate, x, lora_a, lora_b))
+
+
 def test_function_equals_the_textbook_forward_and_backward():
     torch.manual_seed(0)
     gate, up = torch.randn(7, 12, requires_grad=True), torch.randn(7, 12, requires_grad=True)
