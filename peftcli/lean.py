@@ -86,10 +86,12 @@ class _SiluMulDown(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         if ctx.through:
-            gate, up, weight, lora_a, lora_b, down = ctx.saved_tensors
-            if ctx.up_proj is not None:
+            gate, up_or_x, weight, lora_a, lora_b, down = ctx.saved_tensors
+            if ctx.up_proj is None:
+                up = up_or_x
+            else:
                 with torch.no_grad():  # the forward's own code on the same input: the same values
-                    up = ctx.up_proj(up).reshape(gate.shape)
+                    up = ctx.up_proj(up_or_x).reshape(gate.shape)
             act = F.silu(gate)
         else:
             hidden, weight, lora_a, lora_b, down = ctx.saved_tensors
@@ -155,6 +157,10 @@ def _up_recomputed_forward(mlp: nn.Module, x: Tensor) -> Tensor:
     return _lean_forward(mlp, x, recompute_up=True)
 
 
+# enable_lean_layers' `recompute` -> the MLP forward it installs
+_MLP_FORWARDS = {None: _lean_forward, "up": _up_recomputed_forward, "mlp": _recomputed_forward}
+
+
 class _RMSNorm(torch.autograd.Function):
     """w * (x * rsqrt(mean(x^2) + eps)) over the last dim; keeps the output and rsqrt, not x."""
 
@@ -214,7 +220,7 @@ def enable_lean_layers(model: nn.Module, recompute: str | None = None) -> tuple[
     being recorded, autocast on, half precision (the norm), a trainable or dropout-wrapped ``down_proj``
     or mixed dtypes (the MLP). Undo with disable_lean_layers.
     """
-    mlp_forward = {None: _lean_forward, "up": _up_recomputed_forward, "mlp": _recomputed_forward}[recompute]
+    mlp_forward = _MLP_FORWARDS[recompute]
     mlps = norms = 0
     for module in model.modules():
         if is_swiglu(module):
@@ -227,7 +233,7 @@ def enable_lean_layers(model: nn.Module, recompute: str | None = None) -> tuple[
 
 
 def disable_lean_layers(model: nn.Module) -> None:
-    lean = (_lean_forward, _up_recomputed_forward, _recomputed_forward, _lean_norm_forward)
+    lean = (*_MLP_FORWARDS.values(), _lean_norm_forward)
     for module in model.modules():
         if getattr(vars(module).get("forward"), "__func__", None) in lean:
             del module.forward

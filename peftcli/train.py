@@ -101,7 +101,7 @@ def enable_step_paths(model, train: TrainSection, task: str) -> torch.nn.Linear 
     if mode is True:
         enable_activation_checkpointing(model)
     if train.lean_layers:
-        recompute = "up" if mode == "auto" else mode if mode in ("up", "mlp") else None
+        recompute = {"auto": "up", "up": "up", "mlp": "mlp"}.get(mode)  # true/false: None
         mlps, _ = enable_lean_layers(model, recompute=recompute)
         if mode in ("up", "mlp") and not mlps:
             raise UserError(

@@ -23,7 +23,7 @@ dequantizes every tensor and leaves a high-water mark of its own that says nothi
 each child, after loading and setting up, returns freed heap to the OS (malloc_trim) and resets the
 kernel's high-water mark (/proc/self/clear_refs, "5"); VmHWM afterwards is the peak resident memory
 while training, model weights included. The whole-process peak (load included) is reported too.
-That resident set includes what glibc's heap holds free between tensors (on this workload ~0.6 GiB for
+That resident set includes what glibc's heap holds free between tensors (on this workload ~0.5 GiB for
 peftcli); `--live-memory` starts the children with MALLOC_MMAP_THRESHOLD_=262144, which maps every tensor
 of 256 KiB or more on its own and unmaps it when freed, so the peak is close to the tensors alive at once
 (the steps are then slower: every such allocation faults in fresh pages; compare memory, not time).
@@ -60,7 +60,7 @@ SEED = 0
 # "peftcli:nolean" (lean layers off), "peftcli:mkl" (frozen products on MKL, not oneDNN),
 # "peftcli:compile", "hf:gc"; options combine with "+": "peftcli:gc+plain".
 SIDE_OPTIONS = {"gc", "mlpgc", "upgc", "nogc", "plain", "nolean", "mkl", "compile"}
-# side option -> train.gradient_checkpointing (else the recipe default, auto)
+# side option -> train.gradient_checkpointing (else the recipe's default)
 RECOMPUTE = {"gc": True, "mlpgc": "mlp", "upgc": "up", "nogc": False}
 
 
@@ -118,7 +118,9 @@ def _peftcli_side(args, options: set[str], batch: dict):
             max_grad_norm=MAX_GRAD_NORM,
             chunked_loss="plain" not in options,
             lean_layers="plain" not in options and "nolean" not in options,
-            gradient_checkpointing=next((v for k, v in RECOMPUTE.items() if k in options), "auto"),
+            gradient_checkpointing=next(
+                (v for k, v in RECOMPUTE.items() if k in options), TrainSection.gradient_checkpointing
+            ),
         ),
     )
     model = load_model(args.model, dtype="float32")

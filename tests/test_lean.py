@@ -217,7 +217,7 @@ def test_recomputed_up_matches_the_plain_step_and_keeps_no_up_output(targets, up
     lean.disable_lean_layers(model)
     assert lean.enable_lean_layers(model, recompute="up") == (2, 5)
     value, grads = loss_and_grads(model, b)
-    assert torch.equal(value, plain_value) or close(value, plain_value)
+    assert close(value, plain_value)
     for name, grad in plain_grads.items():
         assert close(grads[name], grad), name
     # up's output, one (tokens, intermediate) tensor per layer, is no longer kept where up needs a

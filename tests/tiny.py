@@ -147,7 +147,6 @@ def loss_of(model: nn.Module, task: str, inputs: dict[str, torch.Tensor]) -> tor
 
 
 @torch.no_grad()
-@torch.no_grad()
 def logits(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """The model's logits on `inputs` (default `batch()`), without a graph."""
     return model(**(batch() if inputs is None else inputs)).logits
