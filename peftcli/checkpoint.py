@@ -16,11 +16,12 @@ from peftcli import fileio
 from peftcli.errors import UserError
 from peftcli.methods import BY_PEFT_TYPE, METHODS, TASK_TYPES
 from peftcli.recipe import MethodSection
+from peftcli.sources import ADAPTER_CONFIG
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
-CONFIG_NAME = "adapter_config.json"
+CONFIG_NAME = ADAPTER_CONFIG
 LABELS_NAME = "labels.json"  # classification label names, in id order (ours; HF PEFT ignores it)
 
 

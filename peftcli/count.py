@@ -1,15 +1,18 @@
-"""`peft count`: trainable vs total parameters of methods, on the meta device (no weights, no download)."""
+"""`peft count`: trainable vs total parameters of methods, without weights or downloads.
+
+From the config's shapes alone where shapes.py models the architecture (no torch import: well under a
+second), else by injecting each method into the model built on the meta device. Both follow HF PEFT's
+convention: total = base + adapter parameters, each shared tensor once; tests hold the two equal.
+"""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
+from peftcli import layout
 from peftcli.errors import UserError, did_you_mean
-from peftcli.methods import METHODS
-from peftcli.methods.common import count_parameters
-from peftcli.models import meta_model
-from peftcli.recipe import METHOD_NAMES, MethodSection
+from peftcli.recipe import METHOD_NAMES, MethodSection, method_choices
+from peftcli.shapes import NotModelled, Shapes, config_shapes
 
 
 @dataclasses.dataclass
@@ -34,10 +37,26 @@ class Count:
 def count_methods(
     model_name: str, methods: list[MethodSection], task: str | None = None, trust_remote_code: bool = False
 ) -> list[Count]:
-    """One Count per method, each injected into its own copy of the meta model.
+    """One Count per method: from the config's shapes where they are modelled, else on the meta model."""
+    shapes = config_shapes(model_name, task, trust_remote_code)
+    if shapes is not None:
+        try:
+            return [shape_count(shapes, method) for method in methods]
+        except (NotModelled, UserError):  # the meta model tells the same, or says what is wrong
+            pass
+    return meta_counts(model_name, methods, task, trust_remote_code)
 
-    Follows HF PEFT's convention: total = base + adapter parameters, each shared tensor once.
-    """
+
+def meta_counts(
+    model_name: str, methods: list[MethodSection], task: str | None = None, trust_remote_code: bool = False
+) -> list[Count]:
+    """One Count per method, each injected into its own copy of the model built on the meta device."""
+    import copy
+
+    from peftcli.methods import METHODS
+    from peftcli.methods.common import count_parameters
+    from peftcli.models import meta_model
+
     base = meta_model(model_name, task, trust_remote_code)
     resolved_task = task or _task_of(base)
     counts = []
@@ -53,6 +72,116 @@ def count_methods(
 def _task_of(model) -> str:
     name = type(model).__name__
     return "sequence-classification" if "SequenceClassification" in name else "causal-lm"
+
+
+# --------------------------------------------------------------------------------------------------
+# From shapes: what each method's inject() adds, by the same rules (layout.py) on names and sizes
+
+
+def shape_count(shapes: Shapes, method: MethodSection) -> Count:
+    """The Count that injecting `method` into the model `shapes` describes would give.
+
+    Raises NotModelled, or the UserError inject() would raise, where it cannot tell exactly.
+    """
+    save = layout.default_modules_to_save(method.modules_to_save, shapes.task)
+    # LoRA and the virtual-token methods require a match only for names the recipe gave; the others for any.
+    required = bool(save) if method.name in ("adapter", "bitfit") else method.modules_to_save is not None
+    saved = _saved_modules(shapes, save, required)
+    trainable, added = _SHAPE_COUNTS[method.name](shapes, method, saved)
+    # modules_to_save: a trained copy of each module beside its original (a tied tensor: once per copy)
+    copies = sum(shapes.numel([name]) for name in saved)
+    return Count(method.name, trainable + copies, shapes.numel() + added + copies)
+
+
+def _saved_modules(shapes: Shapes, save: list[str], required: bool) -> list[str]:
+    found = layout.outermost([n for n in shapes.module_names() if any(layout.matches(n, t) for t in save)])
+    if required and save and not found:
+        raise NotModelled("modules_to_save matches nothing here (or only modules without parameters)")
+    return found
+
+
+def _lora_count(shapes: Shapes, method: MethodSection, saved: list[str]) -> tuple[int, int]:
+    targets = method.target_modules
+    if targets is None:
+        targets = layout.default_targets(shapes.model_type)
+    skip = {shapes.output_head} if targets == "all-linear" and shapes.output_head else set()
+    names = layout.select_targets(list(shapes.linears), targets, skip)
+    names = [n for n in names if not layout.inside(n, saved)]
+    layers = [shapes.linears[n] for n in names]
+    if not layers or any(method.rank > min(x.in_features, x.out_features) for x in layers):
+        raise NotModelled("inject() refuses this")
+    added = sum(method.rank * (x.in_features + x.out_features) for x in layers)
+    return added, added
+
+
+def _prompt_count(shapes: Shapes, method: MethodSection, saved: list[str]) -> tuple[int, int]:
+    added = method.num_virtual_tokens * shapes.embed_dim
+    return added, added
+
+
+def _prefix_count(shapes: Shapes, method: MethodSection, saved: list[str]) -> tuple[int, int]:
+    token_dim = shapes.num_kv_heads * shapes.head_dim
+    width = shapes.num_layers * 2 * token_dim  # a key and a value per layer
+    if not method.prefix_projection:
+        added = method.num_virtual_tokens * width
+    else:  # the table, then Linear(token_dim -> hidden), Tanh, Linear(hidden -> width)
+        hidden = method.encoder_hidden_size or token_dim
+        added = method.num_virtual_tokens * token_dim + (token_dim + 1) * hidden + (hidden + 1) * width
+    return added, added
+
+
+def _adapter_count(shapes: Shapes, method: MethodSection, saved: list[str]) -> tuple[int, int]:
+    if not all(getattr(method, f) in method_choices(f) for f in ("activation", "placement")):
+        raise NotModelled("inject() refuses this")
+    if method.target_modules is None:
+        free = [n for n in shapes.module_names() if not layout.inside(n, saved)]
+        sites = layout.adapter_sites(free, shapes.model_type, method.placement)
+    else:  # matched as inject() does: after the saved modules are wrapped, so inside them under new names
+        linears = [wrapped for n in shapes.linears for wrapped in _wrapped_names(n, saved)]
+        skip = {shapes.output_head} if method.target_modules == "all-linear" and shapes.output_head else set()
+        sites = layout.select_targets(linears, method.target_modules, skip)
+        sites = [n for n in sites if not layout.inside(n, saved)]
+    if not sites or any(n not in shapes.linears for n in sites):
+        raise NotModelled("adapter sites")
+    added = 0
+    for name in sites:
+        hidden = shapes.linears[name].out_features
+        size = layout.bottleneck_size(method, hidden)
+        added += (hidden + 1) * size + (size + 1) * hidden  # down: hidden -> size, up: size -> hidden
+    return added, added
+
+
+def _wrapped_names(name: str, saved: list[str]) -> list[str]:
+    """`name` as named_modules() shows it once the saved module holding it is wrapped (ModulesToSave)."""
+    for module in saved:
+        if layout.inside(name, [module]):
+            rest = name.removeprefix(module)
+            return [f"{module}.original_module{rest}", f"{module}.trained{rest}"]
+    return [name]
+
+
+def _bitfit_count(shapes: Shapes, method: MethodSection, saved: list[str]) -> tuple[int, int]:
+    owners = [n for n in shapes.bias_owners() if not layout.inside(n, saved)]
+    if method.biases == "all":
+        chosen = owners
+    elif isinstance(method.biases, list):
+        chosen = [n for n in owners if any(layout.matches(n, e) for e in method.biases)]
+        if any(not any(layout.matches(n, e) for n in owners) for e in method.biases):
+            raise NotModelled("an entry of method.biases matches nothing")
+    else:
+        chosen = []
+    if not chosen:
+        raise NotModelled("no biases to train")
+    return sum(shapes.params[f"{n}.bias"][1] for n in chosen), 0  # trains biases the model has
+
+
+_SHAPE_COUNTS = {
+    "lora": _lora_count,
+    "prefix-tuning": _prefix_count,
+    "prompt-tuning": _prompt_count,
+    "adapter": _adapter_count,
+    "bitfit": _bitfit_count,
+}
 
 
 def method_sections(base: MethodSection, names: list[str], overrides: dict) -> list[MethodSection]:

@@ -129,7 +129,7 @@ def num_labels_from_head(state: dict[str, torch.Tensor]) -> int | None:
     Keys look like ``base_model.model.score.weight`` (decoders), ``...classifier.weight`` (BERT) or
     ``...classifier.out_proj.weight`` (RoBERTa, whose ``classifier.dense`` comes first).
     """
-    from peftcli.methods.common import CLASSIFIER_HEADS
+    from peftcli.layout import CLASSIFIER_HEADS
 
     best = None
     for key, tensor in sorted(state.items()):

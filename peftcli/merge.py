@@ -50,7 +50,7 @@ import torch
 from rich.console import Console
 from torch import Tensor, nn
 
-from peftcli import checkpoint, models
+from peftcli import checkpoint, models, sources
 from peftcli.errors import CheckFailed, UserError
 from peftcli.generate import TOKENIZER_FILES, num_labels_from_head
 from peftcli.merge_stream import GENERATION_CONFIG as GENERATION_CONFIG  # re-exported: part of the API
@@ -234,14 +234,14 @@ def _base_error(job: _Job, error: UserError) -> UserError:
     return UserError(f"base model `{job.base}` (from {job.where}): {message}{hint}")
 
 
-def _resolve_base(job: _Job) -> models.ModelSource:
+def _resolve_base(job: _Job) -> sources.ModelSource:
     try:
-        return models.resolve(job.base)
+        return sources.resolve(job.base)
     except UserError as e:
         raise _base_error(job, e) from e
 
 
-def _base_config(job: _Job, source: models.ModelSource):
+def _base_config(job: _Job, source: sources.ModelSource):
     try:
         config = models.load_config(source, revision=job.revision)
     except UserError as e:
@@ -251,7 +251,7 @@ def _base_config(job: _Job, source: models.ModelSource):
     return config
 
 
-def _config_dtype(job: _Job, source: models.ModelSource) -> torch.dtype:
+def _config_dtype(job: _Job, source: sources.ModelSource) -> torch.dtype:
     """The base's dtype as its config states it; float32 when it states none (GGUF: dequantized)."""
     config = _base_config(job, source)
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -282,7 +282,7 @@ def _load_with_adapter(job: _Job) -> nn.Module:
 # `merge._safetensors_shards` to force the in-memory path.
 
 
-def _safetensors_shards(source: models.ModelSource) -> list[Path] | None:
+def _safetensors_shards(source: sources.ModelSource) -> list[Path] | None:
     """The base's safetensors files, when it is a local dir that has them."""
     if not source.is_local or source.gguf_file:
         return None

@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import itertools
 import re
+import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,11 @@ class MethodSection:
     biases: list[str] | str = "all"
     # --- start from an existing adapter (ours or one saved by HF PEFT) ---
     from_adapter: str | None = None
+
+
+def method_choices(field_name: str) -> tuple[str, ...]:
+    """The values a Literal field of MethodSection allows, e.g. ("houlsby", "pfeiffer") for placement."""
+    return typing.get_args(typing.get_type_hints(MethodSection)[field_name])
 
 
 @dataclass

@@ -36,8 +36,9 @@ from peftcli.loss import (
 from peftcli.methods import METHODS
 from peftcli.methods.common import count_parameters
 from peftcli.methods.lora import lora_layers
-from peftcli.models import enable_activation_checkpointing, load_model, load_tokenizer, portable_name
+from peftcli.models import enable_activation_checkpointing, load_model, load_tokenizer
 from peftcli.recipe import Recipe, TrainSection, dump_recipe
+from peftcli.sources import portable_name
 
 
 class TrainingStopped(UserError):

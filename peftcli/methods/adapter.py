@@ -17,17 +17,15 @@ HF PEFT has no bottleneck adapters; the files use its layout with a ``peft_type`
 
 from __future__ import annotations
 
-import re
-import typing
-
 from torch import Tensor, nn
 
 from peftcli.errors import UserError, did_you_mean
+from peftcli.layout import adapter_sites as sites_among
+from peftcli.layout import bottleneck_size, default_modules_to_save, inside
 from peftcli.methods.common import (
     KEY_PREFIX,
     AdapterError,
     ModulesToSave,
-    default_modules_to_save,
     freeze,
     layer_shape,
     load_state_strict,
@@ -36,7 +34,7 @@ from peftcli.methods.common import (
     set_submodule,
     wrap_modules_to_save,
 )
-from peftcli.recipe import MethodSection
+from peftcli.recipe import MethodSection, method_choices
 
 PEFT_TYPE = "BOTTLENECK_ADAPTER"
 MERGEABLE = False
@@ -44,25 +42,6 @@ WHY_NOT_MERGEABLE = (
     "a bottleneck adapter is non-linear (up(act(down(h)))), so it cannot be folded into the base weights; "
     "serve the base model with the adapter loaded instead"
 )
-
-# Where the adapters go, per model_type: (attention output projection, feed-forward output projection),
-# each a module path relative to one numbered transformer block (`...layers.<i>.`).
-SITES: dict[str, tuple[str, str]] = {
-    "llama": ("self_attn.o_proj", "mlp.down_proj"),
-    "mistral": ("self_attn.o_proj", "mlp.down_proj"),
-    "qwen2": ("self_attn.o_proj", "mlp.down_proj"),
-    "qwen3": ("self_attn.o_proj", "mlp.down_proj"),
-    "gemma": ("self_attn.o_proj", "mlp.down_proj"),
-    "gemma2": ("self_attn.o_proj", "mlp.down_proj"),
-    "gpt2": ("attn.c_proj", "mlp.c_proj"),  # Conv1D: the adapter only sees its output, so that is fine
-    "opt": ("self_attn.out_proj", "fc2"),
-    "gpt_neox": ("attention.dense", "mlp.dense_4h_to_h"),
-    "phi": ("self_attn.dense", "mlp.fc2"),
-    "bert": ("attention.output.dense", "output.dense"),
-    "roberta": ("attention.output.dense", "output.dense"),
-    "xlm-roberta": ("attention.output.dense", "output.dense"),
-    "electra": ("attention.output.dense", "output.dense"),
-}
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -97,23 +76,12 @@ class BottleneckAdapter(nn.Module):
         return h + self.adapter_up(self.activation(self.adapter_down(h)))
 
 
-def bottleneck_size(method: MethodSection, hidden: int) -> int:
-    """method.bottleneck_size, else hidden // reduction_factor, never below 1."""
-    if method.bottleneck_size is not None:
-        return method.bottleneck_size
-    return max(1, hidden // method.reduction_factor)
-
-
 # --------------------------------------------------------------------------------------------------
 # Finding where the adapters go
 
 
 def _saved_prefixes(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, ModulesToSave)]
-
-
-def _inside(name: str, prefixes: list[str]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
 def adapter_sites(model: nn.Module, method: MethodSection) -> list[str]:
@@ -126,7 +94,7 @@ def adapter_sites(model: nn.Module, method: MethodSection) -> list[str]:
     """
     skip = _saved_prefixes(model)
     if method.target_modules is not None:
-        names = [n for n in match_targets(model, method.target_modules) if not _inside(n, skip)]
+        names = [n for n in match_targets(model, method.target_modules) if not inside(n, skip)]
         if not names:
             raise UserError(
                 f"method.target_modules: {method.target_modules!r} matches only modules "
@@ -134,25 +102,8 @@ def adapter_sites(model: nn.Module, method: MethodSection) -> list[str]:
             )
         return names
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in SITES:
-        supported = ", ".join(sorted(SITES))
-        raise UserError(
-            f"method.name adapter: no adapter placement is known for model type `{model_type}`"
-            f"{did_you_mean(str(model_type), SITES)} (known: {supported}); set "
-            "method.target_modules to the output projections that should get an adapter"
-        )
-    attention, feed_forward = SITES[model_type]
-    sites = (attention, feed_forward) if method.placement == "houlsby" else (feed_forward,)
-    # A site is a path inside a numbered block: `...layer.3.output.dense` but not `...attention.output.dense`
-    # (BERT's attention output also ends in `output.dense`) nor the pooler's `dense`.
-    pattern = re.compile(r"(?:.+\.)?\d+\.(?:" + "|".join(re.escape(s) for s in sites) + ")")
-    names = [n for n, m in model.named_modules() if pattern.fullmatch(n) and not _inside(n, skip)]
-    if not names:
-        raise UserError(
-            f"method.placement {method.placement}: found none of {', '.join(sites)} in this "
-            f"{model_type} model; set method.target_modules to the layers to adapt"
-        )
-    return names
+    names = [n for n, _ in model.named_modules() if not inside(n, skip)]
+    return sites_among(names, model_type, method.placement)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,7 +118,7 @@ def inject(model: nn.Module, method: MethodSection, task: str) -> nn.Module:
             f"method.activation: expected one of {choices}, got {method.activation!r}"
             + did_you_mean(str(method.activation), ACTIVATIONS)
         )
-    if method.placement not in _choices("placement"):
+    if method.placement not in method_choices("placement"):
         raise UserError(f"method.placement: expected houlsby or pfeiffer, got {method.placement!r}")
     freeze(model)
     requested = default_modules_to_save(method.modules_to_save, task)
@@ -220,10 +171,6 @@ def adapter_config(model: nn.Module, method: MethodSection, task: str) -> dict:
     }
 
 
-def _choices(field: str) -> tuple[str, ...]:
-    return typing.get_args(typing.get_type_hints(MethodSection)[field])
-
-
 def method_from_config(config: dict) -> MethodSection:
     """The MethodSection that rebuilds a saved adapter; fields we do not know are ignored."""
 
@@ -231,8 +178,10 @@ def method_from_config(config: dict) -> MethodSection:
         return UserError(f"adapter_config.json: {field}: {message}")
 
     placement = config.get("placement", "pfeiffer")
-    if placement not in _choices("placement"):
-        raise fail("placement", f"expected one of {', '.join(_choices('placement'))}, got {placement!r}")
+    if placement not in method_choices("placement"):
+        raise fail(
+            "placement", f"expected one of {', '.join(method_choices('placement'))}, got {placement!r}"
+        )
     activation = config.get("activation", "relu")
     if activation not in ACTIVATIONS:
         raise fail("activation", f"expected one of {', '.join(ACTIVATIONS)}, got {activation!r}")

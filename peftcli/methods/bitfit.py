@@ -23,11 +23,11 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from peftcli.errors import UserError, did_you_mean
+from peftcli.layout import default_modules_to_save
 from peftcli.methods.common import (
     KEY_PREFIX,
     AdapterError,
     ModulesToSave,
-    default_modules_to_save,
     freeze,
     load_state_strict,
     modules_to_save_state,

@@ -6,48 +6,13 @@ Adapter state dict keys follow HF PEFT's on-disk layout: ``base_model.model.<mod
 from __future__ import annotations
 
 import copy
-import re
 
 import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from peftcli.errors import UserError, did_you_mean
-
-# The architecture's usual LoRA targets: the same facts HF PEFT ships as its default mapping.
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "mixtral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "gemma3_text": ["q_proj", "v_proj"],
-    "stablelm": ["q_proj", "v_proj"],
-    "opt": ["q_proj", "v_proj"],
-    "bart": ["q_proj", "v_proj"],
-    "gptj": ["q_proj", "v_proj"],
-    "gpt_neo": ["q_proj", "v_proj"],
-    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
-    "gpt2": ["c_attn"],
-    "gpt_bigcode": ["c_attn"],
-    "bloom": ["query_key_value"],
-    "gpt_neox": ["query_key_value"],
-    "falcon": ["query_key_value"],
-    "codegen": ["qkv_proj"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"],
-    "electra": ["query", "value"],
-    "layoutlm": ["query", "value"],
-    "deberta-v2": ["query_proj", "value_proj"],
-    "t5": ["q", "v"],
-    "mt5": ["q", "v"],
-}
-
-# Classification heads trained in full by default for sequence classification (HF PEFT's choice too).
-CLASSIFIER_HEADS = ["classifier", "score"]
+from peftcli.layout import matches, outermost, select_targets
 
 KEY_PREFIX = "base_model.model."
 
@@ -72,44 +37,10 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def match_targets(model: nn.Module, targets: list[str] | str, kinds=(nn.Linear, Conv1D)) -> list[str]:
-    """Names of modules of the given types matching `targets`, in model order.
-
-    A list matches a module whose full name equals an entry or ends with ``.`` + entry;
-    a string other than ``all-linear`` is a regular expression that must match the full name.
-    ``all-linear`` is every Linear/Conv1D except the output head and classification heads.
-    No match is an error that lists names that do exist.
-    """
+    """Names of modules of the given types that `targets` picks, in model order (`layout.select_targets`)."""
     names = [n for n, m in model.named_modules() if n and isinstance(m, kinds)]
-    if targets == "all-linear":
-        skip = output_head_names(model)
-        found = [
-            n
-            for n in names
-            if n not in skip
-            and n.rsplit(".", 1)[-1] not in CLASSIFIER_HEADS
-            and not any(n.startswith(h + ".") for h in CLASSIFIER_HEADS)
-        ]
-    elif isinstance(targets, str):
-        try:
-            pattern = re.compile(targets)
-        except re.error as e:
-            raise UserError(f"method.target_modules: bad regular expression {targets!r}: {e}") from e
-        found = [n for n in names if pattern.fullmatch(n)]
-    else:
-        found = [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
-        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in found)]
-        if missing and found:
-            raise UserError(_no_match_message(missing[0], names))
-    if not found:
-        first = targets if isinstance(targets, str) else targets[0]
-        raise UserError(_no_match_message(first, names))
-    return found
-
-
-def _no_match_message(target: str, names: list[str]) -> str:
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-    lead = f"method.target_modules: `{target}` matches no layer"
-    return f"{lead}{did_you_mean(target, leaves)}; layer names here: {', '.join(leaves)}"
+    skip = output_head_names(model) if targets == "all-linear" else set()
+    return select_targets(names, targets, skip)
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -148,23 +79,22 @@ class ModulesToSave(nn.Module):
         return self.trained(*args, **kwargs)
 
 
-def default_modules_to_save(requested: list[str] | None, task: str) -> list[str]:
-    if requested is not None:
-        return requested
-    return list(CLASSIFIER_HEADS) if task == "sequence-classification" else []
-
-
 def wrap_modules_to_save(model: nn.Module, names: list[str], required: bool = False) -> list[str]:
-    """Wrap every module whose name equals or ends with one of `names`; returns the wrapped names."""
-    found = [
-        n
-        for n, m in model.named_modules()
-        if n
-        and not isinstance(m, ModulesToSave)
-        and "original_module" not in n
-        and "trained" not in n
-        and any(n == t or n.endswith("." + t) for t in names)
-    ]
+    """Wrap every module whose name equals or ends with one of `names`; returns the wrapped names.
+
+    A match inside another match is left to it: the outer copy trains it.
+    """
+    found = outermost(
+        [
+            n
+            for n, m in model.named_modules()
+            if n
+            and not isinstance(m, ModulesToSave)
+            and "original_module" not in n
+            and "trained" not in n
+            and any(matches(n, t) for t in names)
+        ]
+    )
     for name in found:
         set_submodule(model, name, ModulesToSave(model.get_submodule(name)))
     if required and names and not found:

@@ -19,6 +19,7 @@ from transformers.pytorch_utils import Conv1D
 
 from peftcli import frozen_linear
 from peftcli.errors import UserError
+from peftcli.layout import covers, default_modules_to_save, default_targets
 from peftcli.methods import common
 from peftcli.methods.common import KEY_PREFIX, AdapterError
 from peftcli.recipe import MethodSection
@@ -133,13 +134,7 @@ def resolve_targets(model: nn.Module, method: MethodSection) -> list[str]:
     """Full names of the layers to wrap: the recipe's targets, else the architecture's usual ones."""
     targets = method.target_modules
     if targets is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in common.DEFAULT_TARGETS:
-            raise UserError(
-                f"method.target_modules: no default LoRA targets for model type {model_type!r}; "
-                "set method.target_modules (e.g. [q_proj, v_proj] or all-linear)"
-            )
-        targets = common.DEFAULT_TARGETS[model_type]
+        targets = default_targets(getattr(getattr(model, "config", None), "model_type", None))
     return common.match_targets(model, targets)
 
 
@@ -149,9 +144,9 @@ def inject(model: nn.Module, method: MethodSection, task: str) -> nn.Module:
         raise UserError("the model already holds LoRA layers: merge or reload the base model first")
     common.freeze(model)
     names = resolve_targets(model, method)
-    save_names = common.default_modules_to_save(method.modules_to_save, task)
+    save_names = default_modules_to_save(method.modules_to_save, task)
     # A layer inside a module trained in full (the classifier head) gets no LoRA: it trains anyway.
-    inside = [name for name in names if any(_covers(s, name) for s in save_names)]
+    inside = [name for name in names if any(covers(s, name) for s in save_names)]
     if inside:
         if len(inside) == len(names):
             raise UserError(
@@ -173,15 +168,6 @@ def inject(model: nn.Module, method: MethodSection, task: str) -> nn.Module:
         common.set_submodule(model, name, wrapper)
     common.wrap_modules_to_save(model, save_names, required=method.modules_to_save is not None)
     return model
-
-
-def _covers(save_name: str, layer_name: str) -> bool:
-    """Whether a modules_to_save entry matches `layer_name` itself or one of its parents."""
-    parts = layer_name.split(".")
-    return any(
-        p == save_name or p.endswith("." + save_name)
-        for p in (".".join(parts[: i + 1]) for i in range(len(parts)))
-    )
 
 
 def _factor_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -208,7 +194,7 @@ def adapter_config(model: nn.Module, method: MethodSection, task: str) -> dict:
     layers = lora_layers(model)
     if not layers:
         raise AdapterError("the model holds no LoRA layers: nothing to describe")
-    modules_to_save = common.default_modules_to_save(method.modules_to_save, task)
+    modules_to_save = default_modules_to_save(method.modules_to_save, task)
     alpha = int(method.alpha) if float(method.alpha).is_integer() else method.alpha
     return {
         "r": method.rank,

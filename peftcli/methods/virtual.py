@@ -13,10 +13,10 @@ import torch
 from torch import Tensor, nn
 
 from peftcli.errors import UserError
+from peftcli.layout import default_modules_to_save
 from peftcli.methods.common import (
     KEY_PREFIX,
     AdapterError,
-    default_modules_to_save,
     load_modules_to_save_state,
     modules_to_save_state,
     wrap_modules_to_save,

@@ -1,0 +1,254 @@
+"""Parameter shapes of common architectures, read from config.json alone: no torch, no transformers.
+
+`peft count` answers from these in well under a second, where building the model on the meta device
+first imports torch and transformers' model code (7-9 s here, whatever the model's size). Only what is
+modelled exactly is answered: Llama, Mistral, Qwen2 and GPT-2, as their causal-LM or
+sequence-classification class, from a local dir. Anything else (another architecture or class, a hub
+id, a GGUF file, remote code) gets None and the caller builds the real model.
+tests/test_shapes.py holds every name and shape here equal to the meta model's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peftcli.errors import UserError
+from peftcli.sources import resolve
+
+
+class NotModelled(Exception):
+    """What the shapes cannot tell exactly: the caller builds the real model instead."""
+
+
+@dataclass(frozen=True)
+class Linear:
+    """An nn.Linear or a GPT-2 Conv1D, by what it maps: in_features -> out_features."""
+
+    in_features: int
+    out_features: int
+    bias: bool
+
+
+@dataclass
+class Shapes:
+    model_type: str
+    task: str  # causal-lm | sequence-classification
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    embed_dim: int  # the input embedding's width
+    # Every parameter name, tied ones too (named_parameters(remove_duplicate=False)), in model order ->
+    # (the name of the tensor it is, its number of elements): a tied name points at its first owner.
+    params: dict[str, tuple[str, int]] = field(default_factory=dict)
+    linears: dict[str, Linear] = field(default_factory=dict)  # by module name, in model order
+    output_head: str | None = None  # the module get_output_embeddings() returns
+
+    def add(self, name: str, *shape: int, tied_to: str | None = None) -> None:
+        numel = 1
+        for size in shape:
+            numel *= size
+        self.params[name] = (tied_to or name, numel)
+
+    def add_linear(self, name: str, in_features: int, out_features: int, bias: bool, conv1d: bool = False):
+        self.linears[name] = Linear(in_features, out_features, bias)
+        self.add(f"{name}.weight", *((in_features, out_features) if conv1d else (out_features, in_features)))
+        if bias:
+            self.add(f"{name}.bias", out_features)
+
+    def numel(self, modules: list[str] | None = None) -> int:
+        """Parameters of the whole model, or of the named modules, each tensor once."""
+        tensors = {
+            tensor: numel
+            for name, (tensor, numel) in self.params.items()
+            if modules is None or any(name.startswith(m + ".") for m in modules)
+        }
+        return sum(tensors.values())
+
+    def module_names(self) -> list[str]:
+        """Every module that holds a parameter, and their parents, in model order."""
+        names: dict[str, None] = {}
+        for param in self.params:
+            parts = param.split(".")[:-1]
+            for i in range(1, len(parts) + 1):
+                names.setdefault(".".join(parts[:i]))
+        return list(names)
+
+    def bias_owners(self) -> list[str]:
+        """Modules that own a bias, in model order, a tied bias under its first owner."""
+        return [
+            p.removesuffix(".bias")
+            for p, (tensor, _) in self.params.items()
+            if p.endswith(".bias") and p == tensor
+        ]
+
+
+# model_type -> (causal-LM class, sequence-classification class, config defaults)
+_LLAMA_DEFAULTS = {"tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False}
+ARCHITECTURES: dict[str, tuple[str, str, dict]] = {
+    "llama": (
+        "LlamaForCausalLM",
+        "LlamaForSequenceClassification",
+        {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+         "num_attention_heads": 32, **_LLAMA_DEFAULTS},
+    ),
+    "mistral": (
+        "MistralForCausalLM",
+        "MistralForSequenceClassification",
+        {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+         "num_attention_heads": 32, "num_key_value_heads": 8, **_LLAMA_DEFAULTS},
+    ),
+    "qwen2": (
+        "Qwen2ForCausalLM",
+        "Qwen2ForSequenceClassification",
+        {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+         "num_attention_heads": 32, "num_key_value_heads": 32, **_LLAMA_DEFAULTS},
+    ),
+    "gpt2": (
+        "GPT2LMHeadModel",
+        "GPT2ForSequenceClassification",
+        {"vocab_size": 50257, "n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024,
+         "n_inner": None, "tie_word_embeddings": True, "add_cross_attention": False},
+    ),
+}  # fmt: skip
+
+
+# GPT2Config's other names for its fields: where config.json uses one, it wins (as in transformers).
+_GPT2_ALIASES = {
+    "hidden_size": "n_embd",
+    "max_position_embeddings": "n_positions",
+    "num_attention_heads": "n_head",
+    "num_hidden_layers": "n_layer",
+}
+
+
+def config_shapes(name: str, task: str | None = None, trust_remote_code: bool = False) -> Shapes | None:
+    """The shapes of the model `name` names, built as `models.meta_model` builds it; None: not modelled."""
+    try:
+        source = resolve(name)
+    except UserError:  # a bad name: the real path says what is wrong
+        return None
+    config_file = Path(source.path) / "config.json"
+    if not source.is_local or source.gguf_file or not config_file.is_file():
+        return None
+    try:
+        config = json.loads(config_file.read_text())
+        return _from_config(config, task, trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, NotModelled):
+        return None
+
+
+def _from_config(config: dict, task: str | None, trust_remote_code: bool) -> Shapes:
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
+        raise NotModelled(f"model_type {model_type!r}")
+    if trust_remote_code and config.get("auto_map"):
+        raise NotModelled("remote code")
+    causal, classifier, defaults = ARCHITECTURES[model_type]
+    if task is None and config.get("architectures"):
+        # the class meta_model builds: another one (a bare model, another head) is not modelled
+        task = {causal: "causal-lm", classifier: "sequence-classification"}[config["architectures"][0]]
+    config = {**defaults, **config}
+    if model_type == "gpt2":
+        config.update({field: config[alias] for alias, field in _GPT2_ALIASES.items() if alias in config})
+        return _gpt2(config, task or "causal-lm")
+    return _llama_like(config, task or "causal-lm")
+
+
+def _int(c: dict, key: str, default: int | None = None) -> int:
+    """A positive integer field; a missing or null one takes `default`. Anything else: not modelled
+    (transformers' strict config fields refuse it, or the model cannot be built)."""
+    value = c.get(key)
+    if value is None and default is not None:
+        return default
+    if type(value) is not int or value <= 0:
+        raise NotModelled(f"{key}: {value!r}")
+    return value
+
+
+def _flag(c: dict, key: str) -> bool:
+    if type(c[key]) is not bool:
+        raise NotModelled(f"{key}: {c[key]!r}")
+    return c[key]
+
+
+def _num_labels(config: dict) -> int:
+    id2label, num_labels = config.get("id2label"), config.get("num_labels")
+    if id2label is not None and num_labels is not None and len(id2label) != num_labels:
+        raise NotModelled("num_labels and id2label disagree")
+    return len(id2label) if id2label is not None else _int(config, "num_labels", 2)
+
+
+def _llama_like(c: dict, task: str) -> Shapes:
+    hidden, heads = _int(c, "hidden_size"), _int(c, "num_attention_heads")
+    if hidden % heads:  # transformers' config validation refuses it, head_dim or not
+        raise NotModelled("hidden_size not a multiple of num_attention_heads")
+    if c["model_type"] == "qwen2" and "head_dim" in c and c["head_dim"] is None:
+        raise NotModelled("qwen2 with head_dim null")  # its attention reads the null and fails
+    kv_heads = _int(c, "num_key_value_heads", heads)
+    head_dim = _int(c, "head_dim", hidden // heads)
+    # Only Llama reads the bias flags; Mistral has none, Qwen2 biases q, k and v.
+    attention_bias = c["model_type"] == "llama" and _flag(c, "attention_bias")
+    qkv_bias = c["model_type"] == "qwen2" or attention_bias
+    mlp_bias = c["model_type"] == "llama" and _flag(c, "mlp_bias")
+    inter = _int(c, "intermediate_size")
+    s = Shapes(c["model_type"], task, _int(c, "num_hidden_layers"), kv_heads, head_dim, hidden)
+    s.add("model.embed_tokens.weight", _int(c, "vocab_size"), hidden)
+    for i in range(s.num_layers):
+        layer = f"model.layers.{i}"
+        s.add_linear(f"{layer}.self_attn.q_proj", hidden, heads * head_dim, qkv_bias)
+        s.add_linear(f"{layer}.self_attn.k_proj", hidden, kv_heads * head_dim, qkv_bias)
+        s.add_linear(f"{layer}.self_attn.v_proj", hidden, kv_heads * head_dim, qkv_bias)
+        s.add_linear(f"{layer}.self_attn.o_proj", heads * head_dim, hidden, attention_bias)
+        s.add_linear(f"{layer}.mlp.gate_proj", hidden, inter, mlp_bias)
+        s.add_linear(f"{layer}.mlp.up_proj", hidden, inter, mlp_bias)
+        s.add_linear(f"{layer}.mlp.down_proj", inter, hidden, mlp_bias)
+        s.add(f"{layer}.input_layernorm.weight", hidden)
+        s.add(f"{layer}.post_attention_layernorm.weight", hidden)
+    s.add("model.norm.weight", hidden)
+    _head(s, c, "model.embed_tokens.weight", hidden)
+    return s
+
+
+def _gpt2(c: dict, task: str) -> Shapes:
+    if _flag(c, "add_cross_attention"):
+        raise NotModelled("cross-attention blocks")
+    if "head_dim" in c or "num_key_value_heads" in c:  # prefix tuning would read these; GPT-2 does not
+        raise NotModelled("GPT-2 config with head_dim or num_key_value_heads")
+    width, heads, positions = _int(c, "n_embd"), _int(c, "n_head"), _int(c, "n_positions")
+    if width % heads:
+        raise NotModelled("n_embd not a multiple of n_head")
+    inner = _int(c, "n_inner", 4 * width)
+    s = Shapes("gpt2", task, _int(c, "n_layer"), heads, width // heads, width)
+    s.add("transformer.wte.weight", _int(c, "vocab_size"), width)
+    s.add("transformer.wpe.weight", positions, width)
+    for i in range(s.num_layers):
+        block = f"transformer.h.{i}"
+        s.add(f"{block}.ln_1.weight", width)
+        s.add(f"{block}.ln_1.bias", width)
+        s.add_linear(f"{block}.attn.c_attn", width, 3 * width, True, conv1d=True)
+        s.add_linear(f"{block}.attn.c_proj", width, width, True, conv1d=True)
+        s.add(f"{block}.ln_2.weight", width)
+        s.add(f"{block}.ln_2.bias", width)
+        s.add_linear(f"{block}.mlp.c_fc", width, inner, True, conv1d=True)
+        s.add_linear(f"{block}.mlp.c_proj", inner, width, True, conv1d=True)
+    s.add("transformer.ln_f.weight", width)
+    s.add("transformer.ln_f.bias", width)
+    _head(s, c, "transformer.wte.weight", width)
+    return s
+
+
+def _head(s: Shapes, c: dict, embedding: str, hidden: int) -> None:
+    """lm_head (tied to the input embedding where the config says so) or the classifier `score`."""
+    if s.task == "sequence-classification":
+        s.add_linear("score", hidden, _num_labels(c), False)
+        return
+    s.linears["lm_head"] = Linear(hidden, int(c["vocab_size"]), False)
+    s.add(
+        "lm_head.weight",
+        int(c["vocab_size"]),
+        hidden,
+        tied_to=embedding if c["tie_word_embeddings"] else None,
+    )
+    s.output_head = "lm_head"

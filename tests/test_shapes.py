@@ -1,0 +1,266 @@
+"""shapes.py and the count from shapes: equal to the model transformers builds, and to injecting for real."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from tiny import tiny_config
+from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+from transformers.pytorch_utils import Conv1D
+
+from peftcli.count import meta_counts, shape_count
+from peftcli.errors import UserError
+from peftcli.models import meta_model
+from peftcli.recipe import METHOD_NAMES, MethodSection
+from peftcli.shapes import NotModelled, config_shapes
+
+TASKS = [None, "sequence-classification"]
+
+SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+
+# Configs that set what shapes.py reads, some away from the defaults (ties, biases, head_dim, GQA).
+CONFIGS = {
+    "gpt2": GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=100),
+    "gpt2-untied-inner": GPT2Config(n_embd=32, n_layer=2, n_head=4, n_inner=48, tie_word_embeddings=False),
+    "llama-gqa": tiny_config("llama"),
+    "llama-biases-tied": LlamaConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        head_dim=16,
+        attention_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=True,
+        vocab_size=100,
+        num_labels=5,
+    ),
+    "mistral": MistralConfig(**SMALL, num_key_value_heads=2),
+    "qwen2": Qwen2Config(**SMALL, num_key_value_heads=2),
+}
+
+# What each method can be asked, options that change its count included.
+METHODS = [
+    MethodSection(name="lora", rank=4),
+    MethodSection(name="lora", rank=2, target_modules="all-linear"),
+    MethodSection(name="lora", target_modules=r".*\.1\..*(proj|c_fc)"),
+    MethodSection(name="lora", rank=2, target_modules="all-linear", modules_to_save=["embed_tokens", "wte"]),
+    MethodSection(name="prefix-tuning", num_virtual_tokens=5),
+    MethodSection(name="prefix-tuning", num_virtual_tokens=3, prefix_projection=True),
+    MethodSection(name="prefix-tuning", num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=7),
+    MethodSection(name="prompt-tuning", num_virtual_tokens=6),
+    MethodSection(name="adapter"),
+    MethodSection(name="adapter", placement="houlsby", bottleneck_size=3),
+    MethodSection(name="adapter", reduction_factor=4, target_modules=["k_proj", "c_attn"]),
+    MethodSection(name="bitfit"),
+    MethodSection(name="bitfit", biases=["q_proj", "c_fc"]),
+]
+
+
+def _write(tmp_path, config) -> str:
+    config.save_pretrained(tmp_path)
+    return str(tmp_path)
+
+
+def _meta_inventory(model):
+    """named_parameters with ties (name -> (first owner's name, numel)) and the linear layers' shapes."""
+    first, params = {}, {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        params[name] = (first.setdefault(id(p), name), p.numel())
+    linears = {}
+    for name, m in model.named_modules():
+        if isinstance(m, Conv1D):
+            linears[name] = tuple(m.weight.shape)
+        elif isinstance(m, torch.nn.Linear):
+            linears[name] = (m.in_features, m.out_features)
+    return params, linears
+
+
+def _assert_same_model(shapes, model):
+    params, linears = _meta_inventory(model)
+    assert list(shapes.params.items()) == list(params.items())  # names, ties, sizes and model order
+    assert {n: (x.in_features, x.out_features) for n, x in shapes.linears.items()} == linears
+    head = model.get_output_embeddings()
+    head_names = [n for n, m in model.named_modules() if head is not None and m is head]
+    assert [shapes.output_head] == (head_names or [None])
+    assert shapes.numel() == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("key", list(CONFIGS))
+def test_shapes_equal_the_meta_model(tmp_path, key, task):
+    path = _write(tmp_path, CONFIGS[key])
+    _assert_same_model(config_shapes(path, task), meta_model(path, task))
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "mistral", "qwen2"])
+def test_config_defaults_equal_transformers(tmp_path, model_type):
+    # A config.json naming only the type: every size comes from shapes.py's defaults, which must be the
+    # config class's (Llama's are a 6.7B model: cheap on the meta device).
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    _assert_same_model(config_shapes(str(tmp_path)), meta_model(str(tmp_path)))
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("key", list(CONFIGS))
+def test_shape_counts_equal_injecting(tmp_path, key, task):
+    path = _write(tmp_path, CONFIGS[key])
+    shapes = config_shapes(path, task)
+    checked = 0
+    for method in METHODS:
+        try:
+            expected = meta_counts(path, [method], task)[0]
+        except Exception as e:  # a method this model refuses: the shape path must not answer either
+            with pytest.raises((NotModelled, UserError)):
+                shape_count(shapes, method)
+            assert "matches no" in str(e) or "no bias" in str(e), e
+            continue
+        assert shape_count(shapes, method) == expected, method
+        checked += 1
+    assert checked >= len(METHODS) - 3
+
+
+def test_every_method_has_a_shape_count():
+    from peftcli.count import _SHAPE_COUNTS
+
+    assert set(_SHAPE_COUNTS) == set(METHOD_NAMES)
+
+
+def test_architectures_class_decides_the_task(tmp_path):
+    config = CONFIGS["llama-gqa"]
+    config.architectures = ["LlamaForSequenceClassification"]
+    path = _write(tmp_path, config)
+    config.architectures = None
+    assert config_shapes(path).task == "sequence-classification"
+    assert config_shapes(path, "causal-lm").task == "causal-lm"
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        tiny_config("opt"),
+        tiny_config("bert"),
+        GPT2Config(n_embd=32, n_layer=2, n_head=4, add_cross_attention=True),
+        LlamaConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=1, architectures=["LlamaModel"]),
+    ],
+    ids=["opt", "bert", "gpt2-cross-attention", "bare-llama-model"],
+)
+def test_what_is_not_modelled_gets_none(tmp_path, config):
+    assert config_shapes(_write(tmp_path, config)) is None
+
+
+def test_remote_code_and_non_dirs_get_none(tmp_path):
+    config = json.loads(CONFIGS["llama-gqa"].to_json_string())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "x.Y"}}))
+    assert config_shapes(str(tmp_path), trust_remote_code=True) is None
+    assert config_shapes(str(tmp_path)) is not None  # remote code not asked for: transformers' own class
+    assert config_shapes("some-org/some-model") is None  # a hub id: the real path fetches the config
+    assert config_shapes(str(tmp_path / "missing")) is None
+    (tmp_path / "config.json").write_text("{not json")
+    assert config_shapes(str(tmp_path)) is None
+
+
+def test_count_from_config_dir_imports_no_torch(tmp_path):
+    # What makes `peft count` fast: the whole command, table included, without torch or transformers.
+    path = _write(tmp_path, CONFIGS["gpt2"])
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from peftcli.cli import app\n"
+        f"r = CliRunner().invoke(app, ['count', {path!r}, '-m', 'lora', '-m', 'adapter', '--json'])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "print(r.stdout)\n"
+        "print([m for m in ('torch', 'transformers') if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    rows_text, imported = out.rstrip().rsplit("\n", 1)
+    assert imported == "[]"
+    rows = json.loads(rows_text)
+    expected = meta_counts(path, [MethodSection(name="lora"), MethodSection(name="adapter")])
+    assert [(r["trainable"], r["total"]) for r in rows] == [(c.trainable, c.total) for c in expected]
+
+
+# Hand-written config.json files, as found in the wild: aliases, nulls, missing keys, ties, labels.
+LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2}
+LLAMA = {**LLAMA, "num_attention_heads": 4, "vocab_size": 100}
+GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64, "vocab_size": 100}
+CLS = "sequence-classification"
+M = MethodSection
+
+ANSWERED = {  # the shapes answer, and equal injecting for real
+    "qwen2 kv default is 32": ({**LLAMA, "model_type": "qwen2"}, None, M(target_modules=["k_proj"])),
+    "qwen2 kv default, prefix": ({**LLAMA, "model_type": "qwen2"}, None, M(name="prefix-tuning")),
+    "llama kv null": ({**LLAMA, "num_key_value_heads": None}, None, M(name="prefix-tuning")),
+    "gpt2 aliases": (
+        {"model_type": "gpt2", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4},
+        None,
+        M(name="adapter"),
+    ),
+    "gpt2 alias wins": ({**GPT2, "hidden_size": 64, "max_position_embeddings": 16}, None, M()),
+    "gpt2 tied, both saved": ({**GPT2}, None, M(modules_to_save=["wte", "lm_head"])),
+    "llama tied, both saved": (
+        {**LLAMA, "tie_word_embeddings": True},
+        None,
+        M(modules_to_save=["embed_tokens", "lm_head"]),
+    ),
+    "num_labels": ({**LLAMA, "num_labels": 5}, CLS, M()),
+    "id2label": ({**LLAMA, "id2label": {"0": "a", "1": "b", "2": "c"}}, CLS, M(name="prompt-tuning")),
+    "empty modules_to_save": (LLAMA, None, M(modules_to_save=[])),
+    "nested modules_to_save": (LLAMA, None, M(modules_to_save=["mlp", "act_fn"])),
+    "adapter all-linear, head saved": (
+        GPT2,
+        None,
+        M(name="adapter", target_modules="all-linear", modules_to_save=["lm_head"]),
+    ),
+}
+
+DEFERRED = {  # the shapes must not answer: transformers refuses, or reads what they do not model
+    "gpt2 head_dim (prefix reads it)": ({**GPT2, "head_dim": 4}, None, M(name="prefix-tuning")),
+    "labels disagree": ({**LLAMA, "num_labels": 5, "id2label": {"0": "a", "1": "b"}}, CLS, M()),
+    "heads do not divide": ({**LLAMA, "num_attention_heads": 5, "head_dim": 8}, None, M()),
+    "qwen2 head_dim null": ({**LLAMA, "model_type": "qwen2", "head_dim": None}, None, M()),
+    "float size": ({**LLAMA, "hidden_size": 32.0}, None, M()),
+    "string flag": ({**LLAMA, "attention_bias": "false"}, None, M()),
+    "gpt2 n_inner 0": ({**GPT2, "n_inner": 0}, None, M()),
+    "unknown class": ({**LLAMA, "architectures": ["LlamaForTokenClassification"]}, None, M()),
+    "malformed architectures": ({**LLAMA, "architectures": {"x": 1}}, None, M()),
+    "adapter target saved": (
+        {**LLAMA, "attention_bias": True},
+        CLS,
+        M(name="adapter", target_modules=["score", "o_proj"]),
+    ),
+}
+
+
+def _shape_answer(tmp_path, config, task, method):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    shapes = config_shapes(str(tmp_path), task)
+    if shapes is None:
+        return None
+    try:
+        return shape_count(shapes, method)
+    except (NotModelled, UserError):
+        return None
+
+
+@pytest.mark.parametrize("case", list(ANSWERED))
+def test_hand_written_configs_count_as_injecting(tmp_path, case):
+    config, task, method = ANSWERED[case]
+    answer = _shape_answer(tmp_path, config, task, method)
+    assert answer is not None
+    assert answer == meta_counts(str(tmp_path), [method], task)[0]
+
+
+@pytest.mark.parametrize("case", list(DEFERRED))
+def test_what_transformers_would_refuse_or_read_differently_is_deferred(tmp_path, case):
+    assert _shape_answer(tmp_path, *DEFERRED[case]) is None
+
+
+def test_adapter_activations_are_the_recipe_choices():
+    # the shape count checks the recipe's choices where inject() checks its table: they must be one list
+    from peftcli.methods.adapter import ACTIVATIONS
+    from peftcli.recipe import method_choices
+
+    assert set(ACTIVATIONS) == set(method_choices("activation"))
