@@ -51,13 +51,18 @@ def meta_counts(
     model_name: str, methods: list[MethodSection], task: str | None = None, trust_remote_code: bool = False
 ) -> list[Count]:
     """One Count per method, each injected into its own copy of the model built on the meta device."""
+    from peftcli.models import meta_model
+
+    return injected_counts(meta_model(model_name, task, trust_remote_code), methods, task)
+
+
+def injected_counts(base, methods: list[MethodSection], task: str | None = None) -> list[Count]:
+    """One Count per method, each injected into its own copy of `base` (the last into `base` itself)."""
     import copy
 
     from peftcli.methods import METHODS
     from peftcli.methods.common import count_parameters
-    from peftcli.models import meta_model
 
-    base = meta_model(model_name, task, trust_remote_code)
     resolved_task = task or _task_of(base)
     counts = []
     for i, method in enumerate(methods):

@@ -3,8 +3,9 @@
 `peft count` answers from these in well under a second, where building the model on the meta device
 first imports torch and transformers' model code (7-9 s here, whatever the model's size). Only what is
 modelled exactly is answered: Llama, Mistral, Qwen2 and GPT-2, as their causal-LM or
-sequence-classification class, from a local dir. Anything else (another architecture or class, a hub
-id, a GGUF file, remote code) gets None and the caller builds the real model.
+sequence-classification class, from a local dir's config.json or a llama-architecture GGUF file (the
+packaged SmolLM2 among them). Anything else (another architecture or class, a hub id, remote code, a
+config transformers would refuse) gets None and the caller builds the real model.
 tests/test_shapes.py holds every name and shape here equal to the meta model's.
 """
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peftcli.errors import UserError
+from peftcli.gguf_header import Array, read_header
 from peftcli.sources import resolve
 
 
@@ -129,14 +131,43 @@ def config_shapes(name: str, task: str | None = None, trust_remote_code: bool = 
         source = resolve(name)
     except UserError:  # a bad name: the real path says what is wrong
         return None
-    config_file = Path(source.path) / "config.json"
-    if not source.is_local or source.gguf_file or not config_file.is_file():
+    config_file = Path(source.path) / (source.gguf_file or "config.json")
+    if not source.is_local or not config_file.is_file():
         return None
     try:
-        config = json.loads(config_file.read_text())
+        config = _gguf_config(str(config_file)) if source.gguf_file else json.loads(config_file.read_text())
         return _from_config(config, task, trust_remote_code)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, NotModelled):
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        NotModelled,
+    ):  # GGUFError is a ValueError
         return None
+
+
+def _gguf_config(path: str) -> dict:
+    """The config transformers makes of a llama-architecture GGUF file's metadata (shape keys only)."""
+    metadata, tensors = read_header(path)
+    name = metadata.get("general.name")
+    if metadata.get("general.architecture") != "llama" or "mistral" in str(name).lower():
+        raise NotModelled("GGUF architecture")  # transformers reads a llama.cpp "mistral" as Mistral
+    vocab = metadata.get("llama.vocab_size")
+    if vocab is None and isinstance(metadata.get("tokenizer.ggml.tokens"), Array):
+        vocab = metadata["tokenizer.ggml.tokens"].length  # transformers' fallback: the vocabulary's length
+    return {
+        "model_type": "llama",
+        "num_hidden_layers": metadata["llama.block_count"],
+        "hidden_size": metadata["llama.embedding_length"],
+        "intermediate_size": metadata["llama.feed_forward_length"],
+        "num_attention_heads": metadata["llama.attention.head_count"],
+        "num_key_value_heads": metadata.get("llama.attention.head_count_kv"),
+        "head_dim": metadata.get("llama.rope.dimension_count"),
+        "vocab_size": vocab,
+        "tie_word_embeddings": "output.weight" not in tensors,  # no output tensor: the embedding serves
+    }
 
 
 def _from_config(config: dict, task: str | None, trust_remote_code: bool) -> Shapes:

@@ -1,8 +1,8 @@
-"""Wall time of `peft count` on a GPT-3-175B-shaped config, from shapes vs on the meta model.
+"""Wall time of `peft count` on a GPT-3-175B-shaped config (or --model), from shapes vs on the meta model.
 
 Writes the config (Brown et al. 2020: 96 layers, d_model 12288, 96 heads, 2048 positions, GPT-2's
-vocabulary) to a temp dir, then alternates, each round in fresh processes (imports included, as a user
-pays them):
+vocabulary) to a temp dir, unless --model names another model, then alternates, each round in fresh
+processes (imports included, as a user pays them):
 
 - cli: `python -m peftcli.cli count DIR -m ... --json`, the command as users run it (counts from the
   config's shapes: no torch import);
@@ -12,6 +12,7 @@ pays them):
 Prints each side's median and the ratio, and checks that both give the same numbers.
 
     python scripts/bench_count.py [--rounds 5] [--method lora --method adapter ...]
+    python scripts/bench_count.py --model smollm2-135m-instruct     # the packaged GGUF
 """
 
 from __future__ import annotations
@@ -53,14 +54,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--method", action="append", help="repeatable; default: lora")
+    parser.add_argument("--model", help="a model name as `peft count` takes it; default: the 175B config")
     args = parser.parse_args()
     methods = args.method or ["lora"]
     with tempfile.TemporaryDirectory() as work:
         (Path(work) / "config.json").write_text(json.dumps(GPT3_175B))
+        model = args.model or work
         flags = [x for m in methods for x in ("--method", m)]
         sides = {
-            "cli": [sys.executable, "-m", "peftcli.cli", "count", work, *flags, "--json"],
-            "meta": [sys.executable, "-c", META, work, *methods],
+            "cli": [sys.executable, "-m", "peftcli.cli", "count", model, *flags, "--json"],
+            "meta": [sys.executable, "-c", META, model, *methods],
         }
         times: dict[str, list[float]] = {side: [] for side in sides}
         rows = {}

@@ -1,5 +1,6 @@
 """shapes.py and the count from shapes: equal to the model transformers builds, and to injecting for real."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from tiny import tiny_config
 from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 from transformers.pytorch_utils import Conv1D
 
-from peftcli.count import meta_counts, shape_count
+from peftcli.count import injected_counts, meta_counts, shape_count
 from peftcli.errors import UserError
 from peftcli.models import meta_model
 from peftcli.recipe import METHOD_NAMES, MethodSection
@@ -103,15 +104,13 @@ def test_config_defaults_equal_transformers(tmp_path, model_type):
     _assert_same_model(config_shapes(str(tmp_path)), meta_model(str(tmp_path)))
 
 
-@pytest.mark.parametrize("task", TASKS)
-@pytest.mark.parametrize("key", list(CONFIGS))
-def test_shape_counts_equal_injecting(tmp_path, key, task):
-    path = _write(tmp_path, CONFIGS[key])
-    shapes = config_shapes(path, task)
+def _assert_counts_as_injecting(path: str, task: str | None) -> None:
+    shapes, base = config_shapes(path, task), meta_model(path, task)
+    _assert_same_model(shapes, base)
     checked = 0
     for method in METHODS:
         try:
-            expected = meta_counts(path, [method], task)[0]
+            expected = injected_counts(copy.deepcopy(base), [method], task)[0]
         except Exception as e:  # a method this model refuses: the shape path must not answer either
             with pytest.raises((NotModelled, UserError)):
                 shape_count(shapes, method)
@@ -120,6 +119,12 @@ def test_shape_counts_equal_injecting(tmp_path, key, task):
         assert shape_count(shapes, method) == expected, method
         checked += 1
     assert checked >= len(METHODS) - 3
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("key", list(CONFIGS))
+def test_shape_counts_equal_injecting(tmp_path, key, task):
+    _assert_counts_as_injecting(_write(tmp_path, CONFIGS[key]), task)
 
 
 def test_every_method_has_a_shape_count():
@@ -264,3 +269,50 @@ def test_adapter_activations_are_the_recipe_choices():
     from peftcli.recipe import method_choices
 
     assert set(ACTIVATIONS) == set(method_choices("activation"))
+
+
+# GGUF files: the metadata transformers turns into a config (gguf_header.py reads it without torch).
+
+
+def _gguf(tmp_path, arch="llama", name="tiny", tensors=("token_embd.weight",), **overrides):
+    from gguf import GGUFValueType as T
+    from test_gguf_header import _write
+
+    values = {
+        f"{arch}.block_count": (T.UINT32, 2),
+        f"{arch}.embedding_length": (T.UINT32, 32),
+        f"{arch}.feed_forward_length": (T.UINT32, 48),
+        f"{arch}.attention.head_count": (T.UINT32, 4),
+        f"{arch}.attention.head_count_kv": (T.UINT32, 2),
+        f"{arch}.context_length": (T.UINT32, 64),
+        "tokenizer.ggml.model": (T.STRING, "gpt2"),
+        "tokenizer.ggml.tokens": (T.ARRAY, [f"t{i}" for i in range(100)]),  # no vocab_size key: its length
+        "tokenizer.ggml.merges": (T.ARRAY, ["t 1"]),
+        "general.name": (T.STRING, name),
+        **overrides,
+    }
+    tmp_path.mkdir(exist_ok=True)
+    return _write(tmp_path / "model.gguf", values, arch=arch, tensors=tensors)
+
+
+@pytest.mark.parametrize("tensors", [("token_embd.weight",), ("token_embd.weight", "output.weight")])
+def test_gguf_shapes_equal_the_meta_model(tmp_path, tensors):
+    path = _gguf(tmp_path, tensors=tensors)  # without an output tensor the embedding serves as the head
+    shapes = config_shapes(path)
+    _assert_same_model(shapes, meta_model(path))
+    assert (shapes.params["lm_head.weight"][0] == "lm_head.weight") == ("output.weight" in tensors)
+
+
+def test_packaged_gguf_counts_as_injecting():
+    _assert_counts_as_injecting("smollm2-135m-instruct", None)
+
+
+def test_gguf_not_modelled_gets_none(tmp_path):
+    from gguf import GGUFValueType as T
+
+    assert config_shapes(_gguf(tmp_path / "a", arch="gpt2")) is None
+    assert config_shapes(_gguf(tmp_path / "b", name="Mistral 7B Instruct")) is None  # read as Mistral
+    per_layer = {"llama.attention.head_count_kv": (T.ARRAY, [2, 2])}
+    assert config_shapes(_gguf(tmp_path / "c", **per_layer)) is None
+    (tmp_path / "d.gguf").write_bytes(b"GGUF" + bytes(8))
+    assert config_shapes(str(tmp_path / "d.gguf")) is None

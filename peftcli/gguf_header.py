@@ -1,0 +1,95 @@
+"""A GGUF file's metadata and tensor names, read straight from its header (GGUF versions 2 and 3).
+
+Only what `peft count` needs to tell a model's shapes (shapes.py): no tensor data, no torch, and not the
+gguf package's reader, whose full parse of a 49k-token vocabulary takes ~5 s here. An array value comes
+back as an Array (its item type and length), never its items.
+
+Layout (little-endian): "GGUF", version u32, tensor count u64, metadata count u64; then each metadata
+entry as key (string), value type u32, value; then each tensor as name (string), dimension count u32,
+dimensions u64 each, data type u32, offset u64. A string is a u64 byte length and UTF-8 bytes.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass
+
+_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+_STRING, _ARRAY = 8, 9
+
+
+class GGUFError(ValueError):
+    """Not a GGUF file this reader understands."""
+
+
+@dataclass(frozen=True)
+class Array:
+    item_type: int
+    length: int
+
+
+def read_header(path: str) -> tuple[dict[str, object], list[str]]:
+    """(metadata by key, tensor names in file order)."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as blob:
+        try:
+            if blob[:4] != b"GGUF":
+                raise GGUFError("no GGUF magic")
+            version, tensor_count, kv_count = struct.unpack_from("<IQQ", blob, 4)
+            if version not in (2, 3):  # 1 had 32-bit lengths; a byte-swapped file reads as a huge version
+                raise GGUFError(f"GGUF version {version}")
+            pos, metadata = 24, {}
+            for _ in range(kv_count):
+                key, pos = _string(blob, pos)
+                (value_type,) = struct.unpack_from("<I", blob, pos)
+                metadata[key], pos = _value(blob, pos + 4, value_type)
+            names = []
+            for _ in range(tensor_count):
+                name, pos = _string(blob, pos)
+                (dims,) = struct.unpack_from("<I", blob, pos)
+                pos += 4 + 8 * dims + 4 + 8
+                names.append(name)
+        except struct.error as e:  # ran past the end
+            raise GGUFError(f"truncated header: {e}") from e
+    return metadata, names
+
+
+def _string(blob, pos: int) -> tuple[str, int]:
+    (length,) = struct.unpack_from("<Q", blob, pos)
+    end = pos + 8 + length
+    if end > len(blob):
+        raise GGUFError("a string runs past the end of the file")
+    return blob[pos + 8 : end].decode("utf-8", errors="replace"), end
+
+
+def _value(blob, pos: int, value_type: int) -> tuple[object, int]:
+    if value_type == _STRING:
+        return _string(blob, pos)
+    if value_type == _ARRAY:
+        item_type, length = struct.unpack_from("<IQ", blob, pos)
+        pos += 12
+        if item_type == _STRING:  # each item its own length: step over them
+            for _ in range(length):
+                (size,) = struct.unpack_from("<Q", blob, pos)
+                pos += 8 + size
+        elif item_type in _SCALARS:
+            pos += length * struct.calcsize(_SCALARS[item_type])
+        else:
+            raise GGUFError(f"array of type {item_type}")
+        return Array(item_type, length), pos
+    if value_type not in _SCALARS:
+        raise GGUFError(f"value type {value_type}")
+    fmt = _SCALARS[value_type]
+    return struct.unpack_from(fmt, blob, pos)[0], pos + struct.calcsize(fmt)

@@ -1,0 +1,87 @@
+"""gguf_header.read_header: the same metadata and tensor names as the gguf package's own reader."""
+
+import numpy as np
+import pytest
+from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+from peftcli.gguf_header import Array, GGUFError, read_header
+from peftcli.sources import resolve
+
+
+def _reference(path):
+    """(metadata, tensor names) as gguf.GGUFReader reads them, arrays as their item type and length."""
+    reader = GGUFReader(path)
+    metadata = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):  # the reader's own entries for the header's counts
+            continue
+        kind = field.types[0]
+        if kind == GGUFValueType.ARRAY:
+            metadata[key] = Array(int(field.types[1]) if len(field.types) > 1 else -1, len(field.data))
+        else:
+            metadata[key] = field.contents()
+    return metadata, [t.name for t in reader.tensors]
+
+
+def _write(path, values, arch="llama", tensors=("token_embd.weight", "blk.0.attn_q.weight")):
+    writer = GGUFWriter(str(path), arch)
+    for key, (kind, value) in values.items():
+        writer.add_key_value(key, value, kind)
+    for i, name in enumerate(tensors):
+        writer.add_tensor(name, np.full((2, 3 + i), i, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+ALL_TYPES = {
+    "t.u8": (GGUFValueType.UINT8, 7),
+    "t.i8": (GGUFValueType.INT8, -7),
+    "t.u16": (GGUFValueType.UINT16, 700),
+    "t.i16": (GGUFValueType.INT16, -700),
+    "t.u32": (GGUFValueType.UINT32, 70000),
+    "t.i32": (GGUFValueType.INT32, -70000),
+    "t.f32": (GGUFValueType.FLOAT32, 0.5),
+    "t.bool": (GGUFValueType.BOOL, True),
+    "t.str": (GGUFValueType.STRING, "héllo"),
+    "t.u64": (GGUFValueType.UINT64, 2**40),
+    "t.i64": (GGUFValueType.INT64, -(2**40)),
+    "t.f64": (GGUFValueType.FLOAT64, 0.25),
+    "t.strings": (GGUFValueType.ARRAY, ["a", "", "ccc", "ünï"]),
+    "t.ints": (GGUFValueType.ARRAY, [1, 2, 3]),
+}
+
+
+def test_every_value_type_as_the_gguf_package_reads_it(tmp_path):
+    path = _write(tmp_path / "all.gguf", ALL_TYPES)
+    metadata, names = read_header(path)
+    expected_metadata, expected_names = _reference(path)
+    assert names == expected_names == ["token_embd.weight", "blk.0.attn_q.weight"]
+    assert metadata == expected_metadata
+    assert metadata["t.strings"] == Array(int(GGUFValueType.STRING), 4)
+    assert metadata["t.str"] == "héllo" and metadata["t.i64"] == -(2**40)
+
+
+def test_the_packaged_smollm2_file():
+    source = resolve("smollm2-135m-instruct")
+    path = f"{source.path}/{source.gguf_file}"
+    metadata, names = read_header(path)
+    assert (metadata, names) == _reference(path)
+    assert metadata["tokenizer.ggml.tokens"].length == 49152  # stepped over, not read
+
+
+def test_bad_files_are_gguf_errors(tmp_path):
+    path = _write(tmp_path / "x.gguf", ALL_TYPES)
+    data = open(path, "rb").read()
+    cases = {
+        "magic": b"GGML" + data[4:],
+        "version 1": data[:4] + (1).to_bytes(4, "little") + data[8:],
+        "truncated": data[:60],
+    }
+    for label, blob in cases.items():
+        bad = tmp_path / f"{label}.gguf"
+        bad.write_bytes(blob)
+        with pytest.raises(GGUFError):
+            read_header(str(bad))
