@@ -2,7 +2,9 @@
 
 Only what `peft count` needs to tell a model's shapes (shapes.py): no tensor data, no torch, and not the
 gguf package's reader, whose full parse of a 49k-token vocabulary takes ~5 s here. An array value comes
-back as an Array (its item type and length), never its items.
+back as an Array (its item type and length), never its items. It checks what transformers'
+reader would refuse: strings that are not UTF-8, a key or a tensor given twice, an unknown tensor type,
+tensor data running past the end of the file (a partial download).
 
 Layout (little-endian): "GGUF", version u32, tensor count u64, metadata count u64; then each metadata
 entry as key (string), value type u32, value; then each tensor as name (string), dimension count u32,
@@ -28,7 +30,7 @@ _SCALARS = {
     11: "<q",
     12: "<d",
 }
-_STRING, _ARRAY = 8, 9
+STRING_TYPE, _ARRAY = 8, 9
 
 
 class GGUFError(ValueError):
@@ -54,16 +56,48 @@ def read_header(path: str) -> tuple[dict[str, object], list[str]]:
             for _ in range(kv_count):
                 key, pos = _string(blob, pos)
                 (value_type,) = struct.unpack_from("<I", blob, pos)
+                if key in metadata:
+                    raise GGUFError(f"metadata key {key} given twice")
+                if key == "general.alignment" and value_type != 4:
+                    raise GGUFError("general.alignment is not a u32")
                 metadata[key], pos = _value(blob, pos + 4, value_type)
-            names = []
+            alignment = metadata.get("general.alignment", 32)
+            if alignment <= 0 or alignment & (alignment - 1):
+                raise GGUFError(f"general.alignment {alignment} is not a power of two")
+            names, data_end = [], 0
             for _ in range(tensor_count):
                 name, pos = _string(blob, pos)
-                (dims,) = struct.unpack_from("<I", blob, pos)
-                pos += 4 + 8 * dims + 4 + 8
+                (ndims,) = struct.unpack_from("<I", blob, pos)
+                dims = struct.unpack_from(f"<{ndims}Q", blob, pos + 4)
+                ggml_type, offset = struct.unpack_from("<IQ", blob, pos + 4 + 8 * ndims)
+                pos += 4 + 8 * ndims + 12
+                data_end = max(data_end, offset + _tensor_bytes(name, dims, ggml_type))
                 names.append(name)
         except struct.error as e:  # ran past the end
             raise GGUFError(f"truncated header: {e}") from e
+        if len(set(names)) != len(names):
+            raise GGUFError("a tensor is named twice")
+        data_start = -(-pos // alignment) * alignment
+        if data_start + data_end > len(blob):  # what a partial download looks like
+            raise GGUFError("the tensor data runs past the end of the file")
     return metadata, names
+
+
+def _tensor_bytes(name: str, dims: tuple[int, ...], ggml_type: int) -> int:
+    """Bytes of one tensor's data, from its ggml type's block size (the gguf package's table)."""
+    try:
+        from gguf.constants import GGML_QUANT_SIZES
+    except ImportError as e:
+        raise GGUFError("the gguf package is not installed") from e
+    if ggml_type not in GGML_QUANT_SIZES:
+        raise GGUFError(f"tensor {name}: unknown ggml type {ggml_type}")
+    block, block_bytes = GGML_QUANT_SIZES[ggml_type]
+    elements = 1
+    for size in dims:
+        elements *= size
+    if elements % block:
+        raise GGUFError(f"tensor {name}: {elements} elements are not whole blocks of {block}")
+    return elements // block * block_bytes
 
 
 def _string(blob, pos: int) -> tuple[str, int]:
@@ -71,19 +105,18 @@ def _string(blob, pos: int) -> tuple[str, int]:
     end = pos + 8 + length
     if end > len(blob):
         raise GGUFError("a string runs past the end of the file")
-    return blob[pos + 8 : end].decode("utf-8", errors="replace"), end
+    return blob[pos + 8 : end].decode("utf-8"), end  # strict: a UnicodeDecodeError is a ValueError too
 
 
 def _value(blob, pos: int, value_type: int) -> tuple[object, int]:
-    if value_type == _STRING:
+    if value_type == STRING_TYPE:
         return _string(blob, pos)
     if value_type == _ARRAY:
         item_type, length = struct.unpack_from("<IQ", blob, pos)
         pos += 12
-        if item_type == _STRING:  # each item its own length: step over them
+        if item_type == STRING_TYPE:  # each item its own length: checked, not kept
             for _ in range(length):
-                (size,) = struct.unpack_from("<Q", blob, pos)
-                pos += 8 + size
+                _, pos = _string(blob, pos)
         elif item_type in _SCALARS:
             pos += length * struct.calcsize(_SCALARS[item_type])
         else:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peftcli.errors import UserError
-from peftcli.gguf_header import Array, read_header
+from peftcli.gguf_header import STRING_TYPE, Array, read_header
 from peftcli.sources import resolve
 
 
@@ -148,15 +148,30 @@ def config_shapes(name: str, task: str | None = None, trust_remote_code: bool = 
         return None
 
 
+_GGUF_PREFIXES = {"general", "llama", "tokenizer", "split", "quantize"}
+
+
 def _gguf_config(path: str) -> dict:
     """The config transformers makes of a llama-architecture GGUF file's metadata (shape keys only)."""
     metadata, tensors = read_header(path)
-    name = metadata.get("general.name")
-    if metadata.get("general.architecture") != "llama" or "mistral" in str(name).lower():
+    name = metadata.get("general.name", "")
+    if (
+        metadata.get("general.architecture") != "llama"
+        or not isinstance(name, str)
+        or "mistral" in name.lower()
+    ):
         raise NotModelled("GGUF architecture")  # transformers reads a llama.cpp "mistral" as Mistral
-    vocab = metadata.get("llama.vocab_size")
-    if vocab is None and isinstance(metadata.get("tokenizer.ggml.tokens"), Array):
-        vocab = metadata["tokenizer.ggml.tokens"].length  # transformers' fallback: the vocabulary's length
+    # transformers maps keys of every architecture it knows, whatever the file's: only llama's are modelled
+    if any(key.split(".", 1)[0] not in _GGUF_PREFIXES for key in metadata):
+        raise NotModelled("GGUF keys of another architecture")
+    for key in ("llama.context_length", "llama.rope.freq_base", "llama.attention.layer_norm_rms_epsilon"):
+        if key in metadata and type(metadata[key]) not in (int, float):  # strict config fields refuse them
+            raise NotModelled(f"GGUF {key}: {metadata[key]!r}")
+    vocab, tokens = metadata.get("llama.vocab_size"), metadata.get("tokenizer.ggml.tokens")
+    if vocab is None:  # transformers' fallback: the vocabulary's length (a 1-item array would be unwrapped)
+        if not (isinstance(tokens, Array) and tokens.item_type == STRING_TYPE and tokens.length > 1):
+            raise NotModelled("GGUF vocabulary")
+        vocab = tokens.length
     return {
         "model_type": "llama",
         "num_hidden_layers": metadata["llama.block_count"],
@@ -167,6 +182,7 @@ def _gguf_config(path: str) -> dict:
         "head_dim": metadata.get("llama.rope.dimension_count"),
         "vocab_size": vocab,
         "tie_word_embeddings": "output.weight" not in tensors,  # no output tensor: the embedding serves
+        "pad_token_id": metadata.get("tokenizer.ggml.padding_token_id"),
     }
 
 
@@ -225,7 +241,11 @@ def _llama_like(c: dict, task: str) -> Shapes:
     mlp_bias = c["model_type"] == "llama" and _flag(c, "mlp_bias")
     inter = _int(c, "intermediate_size")
     s = Shapes(c["model_type"], task, _int(c, "num_hidden_layers"), kv_heads, head_dim, hidden)
-    s.add("model.embed_tokens.weight", _int(c, "vocab_size"), hidden)
+    vocab = _int(c, "vocab_size")
+    pad = c.get("pad_token_id")
+    if pad is not None and (type(pad) is not int or not -vocab <= pad < vocab):
+        raise NotModelled(f"pad_token_id {pad!r}")  # nn.Embedding refuses a padding index outside the table
+    s.add("model.embed_tokens.weight", vocab, hidden)
     for i in range(s.num_layers):
         layer = f"model.layers.{i}"
         s.add_linear(f"{layer}.self_attn.q_proj", hidden, heads * head_dim, qkv_bias)

@@ -1,5 +1,7 @@
 """gguf_header.read_header: the same metadata and tensor names as the gguf package's own reader."""
 
+import struct
+
 import numpy as np
 import pytest
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
@@ -85,3 +87,43 @@ def test_bad_files_are_gguf_errors(tmp_path):
         bad.write_bytes(blob)
         with pytest.raises(GGUFError):
             read_header(str(bad))
+
+
+def _raw(entries: list[tuple[str, int, bytes]], tensors: list[str] = ()) -> bytes:
+    """A GGUF v3 header by hand: (key, value type, packed value) entries, then tensor infos."""
+
+    def string(text: bytes) -> bytes:
+        return struct.pack("<Q", len(text)) + text
+
+    out = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(entries))
+    for key, value_type, value in entries:
+        out += string(key.encode()) + struct.pack("<I", value_type) + value
+    for i, name in enumerate(tensors):  # 4 float32 each, one after the other
+        out += string(name.encode()) + struct.pack("<IQ", 1, 4) + struct.pack("<IQ", 0, 16 * i)
+    if not tensors:
+        return out
+    return out + bytes(-len(out) % 32) + bytes(16 * len(tensors))  # data aligned to 32
+
+
+def test_what_transformers_refuses_is_a_gguf_error(tmp_path):
+    u32 = lambda v: struct.pack("<I", v)  # noqa: E731
+    ok = ("general.architecture", 8, struct.pack("<Q", 5) + b"llama")
+    cases = {
+        "duplicate key": [ok, ("a.b", 4, u32(1)), ("a.b", 4, u32(2))],
+        "alignment not a power of two": [ok, ("general.alignment", 4, u32(24))],
+        "alignment not u32": [ok, ("general.alignment", 8, struct.pack("<Q", 2) + b"32")],
+        "invalid utf-8": [ok, ("general.name", 8, struct.pack("<Q", 2) + b"\xff\xfe")],
+        "array past the end": [ok, ("a.c", 9, struct.pack("<IQ", 4, 1000) + u32(1))],
+        "invalid utf-8 in an array": [ok, ("a.d", 9, struct.pack("<IQQ", 8, 1, 1) + b"\xff")],
+    }
+    good = tmp_path / "good.gguf"
+    good.write_bytes(_raw([ok], ["a", "b"]))
+    assert read_header(str(good)) == ({"general.architecture": "llama"}, ["a", "b"])
+    (tmp_path / "partial download.gguf").write_bytes(good.read_bytes()[:-1])  # a download cut short
+    cases["partial download"] = [ok]
+    for label, entries in {**cases, "tensor named twice": [ok]}.items():
+        path = tmp_path / f"{label}.gguf"
+        if label != "partial download":
+            path.write_bytes(_raw(entries, ["a", "a"] if label == "tensor named twice" else []))
+        with pytest.raises(ValueError):  # GGUFError, or UnicodeDecodeError: both ValueErrors
+            read_header(str(path))

@@ -231,6 +231,7 @@ DEFERRED = {  # the shapes must not answer: transformers refuses, or reads what 
     "gpt2 n_inner 0": ({**GPT2, "n_inner": 0}, None, M()),
     "unknown class": ({**LLAMA, "architectures": ["LlamaForTokenClassification"]}, None, M()),
     "malformed architectures": ({**LLAMA, "architectures": {"x": 1}}, None, M()),
+    "padding id outside the vocabulary": ({**LLAMA, "pad_token_id": 100}, None, M()),
     "adapter target saved": (
         {**LLAMA, "attention_bias": True},
         CLS,
@@ -316,3 +317,13 @@ def test_gguf_not_modelled_gets_none(tmp_path):
     assert config_shapes(_gguf(tmp_path / "c", **per_layer)) is None
     (tmp_path / "d.gguf").write_bytes(b"GGUF" + bytes(8))
     assert config_shapes(str(tmp_path / "d.gguf")) is None
+    refused_or_read_otherwise = {
+        "another architecture's key": {"qwen2.block_count": (T.UINT32, 1)},  # transformers maps it too
+        "one-token vocabulary": {"tokenizer.ggml.tokens": (T.ARRAY, ["abcdefg"])},  # unwrapped to a string
+        "name as an array": {"general.name": (T.ARRAY, ["mistral"])},  # transformers' Mistral patch
+        "padding id outside": {"tokenizer.ggml.padding_token_id": (T.UINT32, 100)},
+        "string context length": {"llama.context_length": (T.STRING, "64")},
+    }
+    for i, overrides in enumerate(refused_or_read_otherwise.values()):
+        assert config_shapes(_gguf(tmp_path / f"e{i}", **overrides)) is None, overrides
+    assert config_shapes(_gguf(tmp_path / "f", **{"tokenizer.ggml.padding_token_id": (T.UINT32, 99)}))
