@@ -2,8 +2,9 @@
 
 `peft count` answers from these in well under a second, where building the model on the meta device
 first imports torch and transformers' model code (7-9 s here, whatever the model's size). Only what is
-modelled exactly is answered: Llama, Mistral, Qwen2 and GPT-2, as their causal-LM or
-sequence-classification class, from a local dir's config.json or a llama-architecture GGUF file (the
+modelled exactly is answered: Llama, Mistral, Qwen2 and GPT-2 as their causal-LM or
+sequence-classification class, BERT and RoBERTa as the bare encoder or the sequence classifier, from a
+local dir's config.json or a llama-architecture GGUF file (the
 packaged SmolLM2 among them). Anything else (another architecture or class, a hub id, remote code, a
 config transformers would refuse) gets None and the caller builds the real model.
 tests/test_shapes.py holds every name and shape here equal to the meta model's.
@@ -86,32 +87,45 @@ class Shapes:
         ]
 
 
-# model_type -> (causal-LM class, sequence-classification class, config defaults)
+# model_type -> ({class meta_model may build: what it is}, config defaults). A "model" is the bare
+# encoder (BertModel), which `peft count` treats as the causal-lm task does: no head, nothing saved.
 _LLAMA_DEFAULTS = {"tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False}
-ARCHITECTURES: dict[str, tuple[str, str, dict]] = {
+_ENCODER_DEFAULTS = {
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "max_position_embeddings": 512,
+    "type_vocab_size": 2,
+}
+ARCHITECTURES: dict[str, tuple[dict[str, str], dict]] = {
     "llama": (
-        "LlamaForCausalLM",
-        "LlamaForSequenceClassification",
+        {"LlamaForCausalLM": "causal-lm", "LlamaForSequenceClassification": "sequence-classification"},
         {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
          "num_attention_heads": 32, **_LLAMA_DEFAULTS},
     ),
     "mistral": (
-        "MistralForCausalLM",
-        "MistralForSequenceClassification",
+        {"MistralForCausalLM": "causal-lm", "MistralForSequenceClassification": "sequence-classification"},
         {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
          "num_attention_heads": 32, "num_key_value_heads": 8, **_LLAMA_DEFAULTS},
     ),
     "qwen2": (
-        "Qwen2ForCausalLM",
-        "Qwen2ForSequenceClassification",
+        {"Qwen2ForCausalLM": "causal-lm", "Qwen2ForSequenceClassification": "sequence-classification"},
         {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
          "num_attention_heads": 32, "num_key_value_heads": 32, **_LLAMA_DEFAULTS},
     ),
     "gpt2": (
-        "GPT2LMHeadModel",
-        "GPT2ForSequenceClassification",
+        {"GPT2LMHeadModel": "causal-lm", "GPT2ForSequenceClassification": "sequence-classification"},
         {"vocab_size": 50257, "n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024,
          "n_inner": None, "tie_word_embeddings": True, "add_cross_attention": False},
+    ),
+    "bert": (
+        {"BertModel": "model", "BertForSequenceClassification": "sequence-classification"},
+        {"vocab_size": 30522, "pad_token_id": 0, **_ENCODER_DEFAULTS},
+    ),
+    "roberta": (
+        {"RobertaModel": "model", "RobertaForSequenceClassification": "sequence-classification"},
+        {"vocab_size": 50265, "pad_token_id": 1, **_ENCODER_DEFAULTS},
     ),
 }  # fmt: skip
 
@@ -192,15 +206,22 @@ def _from_config(config: dict, task: str | None, trust_remote_code: bool) -> Sha
         raise NotModelled(f"model_type {model_type!r}")
     if trust_remote_code and config.get("auto_map"):
         raise NotModelled("remote code")
-    causal, classifier, defaults = ARCHITECTURES[model_type]
+    classes, defaults = ARCHITECTURES[model_type]
+    # the class meta_model builds: the config's own unless a task is asked for; another class (a bare
+    # decoder, another head) is not modelled
     if task is None and config.get("architectures"):
-        # the class meta_model builds: another one (a bare model, another head) is not modelled
-        task = {causal: "causal-lm", classifier: "sequence-classification"}[config["architectures"][0]]
+        kind = classes[config["architectures"][0]]
+    elif (task or "causal-lm") in classes.values():
+        kind = task or "causal-lm"
+    else:  # e.g. BERT as a causal LM (BertLMHeadModel)
+        raise NotModelled(f"{model_type} as {task or 'causal-lm'}")
     config = {**defaults, **config}
     if model_type == "gpt2":
         config.update({field: config[alias] for alias, field in _GPT2_ALIASES.items() if alias in config})
-        return _gpt2(config, task or "causal-lm")
-    return _llama_like(config, task or "causal-lm")
+        return _gpt2(config, kind)
+    if model_type in ("bert", "roberta"):
+        return _encoder(config, kind)
+    return _llama_like(config, kind)
 
 
 def _int(c: dict, key: str, default: int | None = None) -> int:
@@ -242,9 +263,7 @@ def _llama_like(c: dict, task: str) -> Shapes:
     inter = _int(c, "intermediate_size")
     s = Shapes(c["model_type"], task, _int(c, "num_hidden_layers"), kv_heads, head_dim, hidden)
     vocab = _int(c, "vocab_size")
-    pad = c.get("pad_token_id")
-    if pad is not None and (type(pad) is not int or not -vocab <= pad < vocab):
-        raise NotModelled(f"pad_token_id {pad!r}")  # nn.Embedding refuses a padding index outside the table
+    _check_padding(c, vocab)
     s.add("model.embed_tokens.weight", vocab, hidden)
     for i in range(s.num_layers):
         layer = f"model.layers.{i}"
@@ -288,6 +307,68 @@ def _gpt2(c: dict, task: str) -> Shapes:
     s.add("transformer.ln_f.bias", width)
     _head(s, c, "transformer.wte.weight", width)
     return s
+
+
+def _encoder(c: dict, kind: str) -> Shapes:
+    """BERT or RoBERTa: the bare encoder (with its pooler), or the sequence classifier."""
+    roberta = c["model_type"] == "roberta"
+    if c.get("position_embedding_type", "absolute") != "absolute" or c.get("add_cross_attention"):
+        raise NotModelled("relative positions or cross-attention")
+    hidden, heads, inter = (
+        _int(c, "hidden_size"),
+        _int(c, "num_attention_heads"),
+        _int(c, "intermediate_size"),
+    )
+    vocab, positions, types = (
+        _int(c, "vocab_size"),
+        _int(c, "max_position_embeddings"),
+        _int(c, "type_vocab_size"),
+    )
+    if hidden % heads:
+        raise NotModelled("hidden_size not a multiple of num_attention_heads")
+    _check_padding(c, min(vocab, positions) if roberta else vocab)  # RoBERTa's positions pad too
+    task = "sequence-classification" if kind == "sequence-classification" else "causal-lm"
+    s = Shapes(c["model_type"], task, _int(c, "num_hidden_layers"), heads, hidden // heads, hidden)
+    base = "" if kind == "model" else ("roberta." if roberta else "bert.")
+    embeddings = {
+        "word_embeddings.weight": (vocab, hidden),
+        "position_embeddings.weight": (positions, hidden),
+        "token_type_embeddings.weight": (types, hidden),
+        "LayerNorm.weight": (hidden,),
+        "LayerNorm.bias": (hidden,),
+    }
+    order = list(embeddings)
+    if roberta:  # RoBERTa registers its position table last
+        order.append(order.pop(1))
+    for name in order:
+        s.add(f"{base}embeddings.{name}", *embeddings[name])
+    for i in range(s.num_layers):
+        layer = f"{base}encoder.layer.{i}"
+        for part in ("query", "key", "value"):
+            s.add_linear(f"{layer}.attention.self.{part}", hidden, hidden, True)
+        s.add_linear(f"{layer}.attention.output.dense", hidden, hidden, True)
+        s.add(f"{layer}.attention.output.LayerNorm.weight", hidden)
+        s.add(f"{layer}.attention.output.LayerNorm.bias", hidden)
+        s.add_linear(f"{layer}.intermediate.dense", hidden, inter, True)
+        s.add_linear(f"{layer}.output.dense", inter, hidden, True)
+        s.add(f"{layer}.output.LayerNorm.weight", hidden)
+        s.add(f"{layer}.output.LayerNorm.bias", hidden)
+    if kind == "model" or not roberta:  # RoBERTa's classifier reads the first token, not a pooler
+        s.add_linear(f"{base}pooler.dense", hidden, hidden, True)
+    if kind == "sequence-classification":
+        if roberta:
+            s.add_linear("classifier.dense", hidden, hidden, True)
+            s.add_linear("classifier.out_proj", hidden, _num_labels(c), True)
+        else:
+            s.add_linear("classifier", hidden, _num_labels(c), True)
+    return s
+
+
+def _check_padding(c: dict, size: int) -> None:
+    """nn.Embedding refuses a padding index outside its table."""
+    pad = c.get("pad_token_id")
+    if pad is not None and (type(pad) is not int or not -size <= pad < size):
+        raise NotModelled(f"pad_token_id {pad!r}")
 
 
 def _head(s: Shapes, c: dict, embedding: str, hidden: int) -> None:

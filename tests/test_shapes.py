@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from tiny import tiny_config
-from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import BertConfig, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, RobertaConfig
 from transformers.pytorch_utils import Conv1D
 
 from peftcli.count import injected_counts, meta_counts, shape_count
@@ -40,14 +40,21 @@ CONFIGS = {
     ),
     "mistral": MistralConfig(**SMALL, num_key_value_heads=2),
     "qwen2": Qwen2Config(**SMALL, num_key_value_heads=2),
+    "bert": BertConfig(**SMALL, vocab_size=100, architectures=["BertModel"]),  # task None: the bare encoder
+    "roberta": RobertaConfig(**SMALL, num_labels=4, type_vocab_size=1, architectures=["RobertaModel"]),
 }
 
 # What each method can be asked, options that change its count included.
 METHODS = [
     MethodSection(name="lora", rank=4),
     MethodSection(name="lora", rank=2, target_modules="all-linear"),
-    MethodSection(name="lora", target_modules=r".*\.1\..*(proj|c_fc)"),
-    MethodSection(name="lora", rank=2, target_modules="all-linear", modules_to_save=["embed_tokens", "wte"]),
+    MethodSection(name="lora", target_modules=r".*\.1\..*(proj|c_fc|query)"),
+    MethodSection(
+        name="lora",
+        rank=2,
+        target_modules="all-linear",
+        modules_to_save=["embed_tokens", "wte", "word_embeddings"],
+    ),
     MethodSection(name="prefix-tuning", num_virtual_tokens=5),
     MethodSection(name="prefix-tuning", num_virtual_tokens=3, prefix_projection=True),
     MethodSection(name="prefix-tuning", num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=7),
@@ -96,11 +103,14 @@ def test_shapes_equal_the_meta_model(tmp_path, key, task):
     _assert_same_model(config_shapes(path, task), meta_model(path, task))
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "mistral", "qwen2", "bert", "roberta"])
 def test_config_defaults_equal_transformers(tmp_path, model_type):
-    # A config.json naming only the type: every size comes from shapes.py's defaults, which must be the
-    # config class's (Llama's are a 6.7B model: cheap on the meta device).
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    # A config.json naming only the type (and an encoder's class): every size comes from shapes.py's
+    # defaults, which must be the config class's (Llama's are a 6.7B model: cheap on the meta device).
+    config = {"model_type": model_type}
+    if model_type in ("bert", "roberta"):
+        config["architectures"] = ["BertModel" if model_type == "bert" else "RobertaModel"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
     _assert_same_model(config_shapes(str(tmp_path)), meta_model(str(tmp_path)))
 
 
@@ -302,6 +312,11 @@ def test_gguf_shapes_equal_the_meta_model(tmp_path, tensors):
     shapes = config_shapes(path)
     _assert_same_model(shapes, meta_model(path))
     assert (shapes.params["lm_head.weight"][0] == "lm_head.weight") == ("output.weight" in tensors)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_packaged_encoder_counts_as_injecting(task):
+    _assert_counts_as_injecting("all-minilm-l6-v2", task)  # its config names BertModel
 
 
 def test_packaged_gguf_counts_as_injecting():
