@@ -94,7 +94,7 @@ def shape_count(shapes: Shapes, method: MethodSection) -> Count:
     saved = _saved_modules(shapes, save, required)
     trainable, added = _SHAPE_COUNTS[method.name](shapes, method, saved)
     # modules_to_save: a trained copy of each module beside its original (a tied tensor: once per copy)
-    copies = sum(shapes.numel([name]) for name in saved)
+    copies = sum(shapes.numel(name) for name in saved)
     return Count(method.name, trainable + copies, shapes.numel() + added + copies)
 
 
@@ -167,16 +167,7 @@ def _wrapped_names(name: str, saved: list[str]) -> list[str]:
 
 def _bitfit_count(shapes: Shapes, method: MethodSection, saved: list[str]) -> tuple[int, int]:
     owners = [n for n in shapes.bias_owners() if not layout.inside(n, saved)]
-    if method.biases == "all":
-        chosen = owners
-    elif isinstance(method.biases, list):
-        chosen = [n for n in owners if any(layout.matches(n, e) for e in method.biases)]
-        if any(not any(layout.matches(n, e) for n in owners) for e in method.biases):
-            raise NotModelled("an entry of method.biases matches nothing")
-    else:
-        chosen = []
-    if not chosen:
-        raise NotModelled("no biases to train")
+    chosen = layout.select_biases(owners, method.biases, shapes.model_type)
     return sum(shapes.params[f"{n}.bias"][1] for n in chosen), 0  # trains biases the model has
 
 

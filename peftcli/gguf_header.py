@@ -1,7 +1,8 @@
 """A GGUF file's metadata and tensor names, read straight from its header (GGUF versions 2 and 3).
 
 Only what `peft count` needs to tell a model's shapes (shapes.py): no tensor data, no torch, and not the
-gguf package's reader, whose full parse of a 49k-token vocabulary takes ~5 s here. An array value comes
+gguf package's reader (only its table of tensor type sizes), whose full parse of a 49k-token vocabulary
+takes ~5 s here. An array value comes
 back as an Array (its item type and length), never its items. It checks what transformers'
 reader would refuse: strings that are not UTF-8, a key or a tensor given twice, an unknown tensor type,
 tensor data running past the end of the file (a partial download).
@@ -13,10 +14,12 @@ dimensions u64 each, data type u32, offset u64. A string is a u64 byte length an
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
 
+# value type -> struct format of the scalar types; 8 is a string, 9 an array
 _SCALARS = {
     0: "<B",
     1: "<b",
@@ -92,9 +95,7 @@ def _tensor_bytes(name: str, dims: tuple[int, ...], ggml_type: int) -> int:
     if ggml_type not in GGML_QUANT_SIZES:
         raise GGUFError(f"tensor {name}: unknown ggml type {ggml_type}")
     block, block_bytes = GGML_QUANT_SIZES[ggml_type]
-    elements = 1
-    for size in dims:
-        elements *= size
+    elements = math.prod(dims)
     if elements % block:
         raise GGUFError(f"tensor {name}: {elements} elements are not whole blocks of {block}")
     return elements // block * block_bytes

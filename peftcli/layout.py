@@ -167,6 +167,45 @@ def adapter_sites(names: list[str], model_type: str | None, placement: str) -> l
     return found
 
 
+def select_biases(owners: list[str], biases: list[str] | str, model_type: str) -> list[str]:
+    """The entries of `owners` (modules that own a bias, in model order) that `biases` names for BitFit:
+    "all", or exact names / `.`-suffixes."""
+    if not owners:
+        raise UserError(
+            f"method.name bitfit: {model_type} has no bias terms (its layers are bias-free), so "
+            "BitFit would train nothing; use method.name: lora instead"
+        )
+    if biases == "all":
+        return owners
+    if isinstance(biases, str) or not biases:
+        raise UserError(f"method.biases: expected `all` or a non-empty list of module names, got {biases!r}")
+    for entry in biases:
+        if not any(matches(n, entry) for n in owners):
+            names = _short_names(owners)
+            raise UserError(
+                f"method.biases: `{entry}` matches no module with a bias{did_you_mean(entry, names)}; "
+                f"modules with biases here: {', '.join(names)}"
+            )
+    return [n for n in owners if any(matches(n, e) for e in biases)]
+
+
+def _short_names(names: list[str]) -> list[str]:
+    """Leaf names, with the parent's name where a leaf sits under several (`output.dense`, `pooler.dense`).
+
+    What a user would write in `method.biases`: `query`, `intermediate.dense`, `c_attn`. Layer indices
+    are not parents worth naming: a bare leaf already matches it in every layer.
+    """
+    parents: dict[str, set[str]] = {}
+    for name in names:
+        *path, leaf = name.split(".")
+        parent = path[-1] if path and not path[-1].isdigit() else ""
+        parents.setdefault(leaf, set()).add(parent)
+    short = set()
+    for leaf, above in parents.items():
+        short |= {leaf} if len(above) == 1 else {f"{p}.{leaf}" if p else leaf for p in above}
+    return sorted(short)
+
+
 def bottleneck_size(method: MethodSection, hidden: int) -> int:
     """method.bottleneck_size, else hidden // reduction_factor, never below 1."""
     if method.bottleneck_size is not None:

@@ -1,18 +1,19 @@
 """Parameter shapes of common architectures, read from config.json alone: no torch, no transformers.
 
 `peft count` answers from these in well under a second, where building the model on the meta device
-first imports torch and transformers' model code (7-9 s here, whatever the model's size). Only what is
+first imports torch and transformers' model code (8-18 s here, whatever the model's size). Only what is
 modelled exactly is answered: Llama, Mistral, Qwen2 and GPT-2 as their causal-LM or
 sequence-classification class, BERT and RoBERTa as the bare encoder or the sequence classifier, from a
-local dir's config.json or a llama-architecture GGUF file (the
-packaged SmolLM2 among them). Anything else (another architecture or class, a hub id, remote code, a
-config transformers would refuse) gets None and the caller builds the real model.
+local dir's config.json or a llama-architecture GGUF file (the packaged SmolLM2 among them). Anything
+else (another architecture or class, a hub id, remote code, a config transformers would refuse) gets
+None and the caller builds the real model.
 tests/test_shapes.py holds every name and shape here equal to the meta model's.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,6 @@ class Linear:
 
     in_features: int
     out_features: int
-    bias: bool
 
 
 @dataclass
@@ -49,23 +49,20 @@ class Shapes:
     output_head: str | None = None  # the module get_output_embeddings() returns
 
     def add(self, name: str, *shape: int, tied_to: str | None = None) -> None:
-        numel = 1
-        for size in shape:
-            numel *= size
-        self.params[name] = (tied_to or name, numel)
+        self.params[name] = (tied_to or name, math.prod(shape))
 
     def add_linear(self, name: str, in_features: int, out_features: int, bias: bool, conv1d: bool = False):
-        self.linears[name] = Linear(in_features, out_features, bias)
+        self.linears[name] = Linear(in_features, out_features)
         self.add(f"{name}.weight", *((in_features, out_features) if conv1d else (out_features, in_features)))
         if bias:
             self.add(f"{name}.bias", out_features)
 
-    def numel(self, modules: list[str] | None = None) -> int:
-        """Parameters of the whole model, or of the named modules, each tensor once."""
+    def numel(self, module: str | None = None) -> int:
+        """Parameters of the whole model, or of one module, each tensor once."""
         tensors = {
             tensor: numel
             for name, (tensor, numel) in self.params.items()
-            if modules is None or any(name.startswith(m + ".") for m in modules)
+            if module is None or name.startswith(module + ".")
         }
         return sum(tensors.values())
 
@@ -151,14 +148,8 @@ def config_shapes(name: str, task: str | None = None, trust_remote_code: bool = 
     try:
         config = _gguf_config(str(config_file)) if source.gguf_file else json.loads(config_file.read_text())
         return _from_config(config, task, trust_remote_code)
-    except (
-        OSError,
-        ValueError,
-        KeyError,
-        TypeError,
-        AttributeError,
-        NotModelled,
-    ):  # GGUFError is a ValueError
+    # GGUFError is a ValueError; the others: malformed configs (wrong types, missing keys)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, NotModelled):
         return None
 
 
@@ -376,11 +367,7 @@ def _head(s: Shapes, c: dict, embedding: str, hidden: int) -> None:
     if s.task == "sequence-classification":
         s.add_linear("score", hidden, _num_labels(c), False)
         return
-    s.linears["lm_head"] = Linear(hidden, int(c["vocab_size"]), False)
-    s.add(
-        "lm_head.weight",
-        int(c["vocab_size"]),
-        hidden,
-        tied_to=embedding if c["tie_word_embeddings"] else None,
-    )
+    vocab = _int(c, "vocab_size")
+    s.linears["lm_head"] = Linear(hidden, vocab)
+    s.add("lm_head.weight", vocab, hidden, tied_to=embedding if _flag(c, "tie_word_embeddings") else None)
     s.output_head = "lm_head"

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import lora_model, loss_and_grads, saved_bytes, tiny_config, tiny_model
+from tiny import assert_same_step, close, lora_model, loss_and_grads, saved_bytes, tiny_config, tiny_model
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -15,10 +15,6 @@ from peftcli import lean
 from peftcli.methods import METHODS
 from peftcli.models import enable_activation_checkpointing
 from peftcli.recipe import MethodSection
-
-
-def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
-    return torch.allclose(a, b, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize(
@@ -112,10 +108,8 @@ def test_model_step_matches_the_plain_layers(build, mlp_dropped, norm_dropped):
     plain_saved = saved_bytes(model, b)
     assert lean.enable_lean_layers(model) == (2, 5)  # two MLPs; two norms per layer and the final one
     lean_value, lean_grads = loss_and_grads(model, b)
-    assert close(lean_value, plain_value)
     assert plain_grads.keys() == lean_grads.keys() and plain_grads
-    for name, grad in plain_grads.items():
-        assert close(lean_grads[name], grad), name
+    assert_same_step((lean_value, lean_grads), (plain_value, plain_grads))
     config = model.config if hasattr(model, "config") else model.base_model.config
     tokens = b["input_ids"].numel()
     dropped = 4 * tokens * (mlp_dropped * config.intermediate_size + norm_dropped * config.hidden_size)
@@ -183,10 +177,7 @@ def test_lean_layers_under_activation_checkpointing_match_the_plainloss_and_grad
     plain_value, plain_grads = loss_and_grads(model, b)
     enable_activation_checkpointing(model)
     lean.enable_lean_layers(model)
-    value, grads = loss_and_grads(model, b)
-    assert close(value, plain_value)
-    for name, grad in plain_grads.items():
-        assert close(grads[name], grad), name
+    assert_same_step(loss_and_grads(model, b), (plain_value, plain_grads))
 
 
 def test_recomputed_mlp_matches_the_plain_step_and_keeps_no_mlp_activations():
@@ -194,10 +185,7 @@ def test_recomputed_mlp_matches_the_plain_step_and_keeps_no_mlp_activations():
     plain_value, plain_grads = loss_and_grads(model, b)
     plain_saved = saved_bytes(model, b)
     assert lean.enable_lean_layers(model, recompute="mlp") == (2, 5)
-    value, grads = loss_and_grads(model, b)
-    assert close(value, plain_value)
-    for name, grad in plain_grads.items():
-        assert close(grads[name], grad), name
+    assert_same_step(loss_and_grads(model, b), (plain_value, plain_grads))
     # per layer, gate's, silu's and up's outputs, the product, and the (tokens, rank) products of LoRA's
     # A factors on gate, up and down are no longer kept; the MLP's input is the norm's output, kept anyway.
     # The norms drop their inputs as in the lean test above (all-linear: 3).
@@ -216,10 +204,7 @@ def test_recomputed_up_matches_the_plain_step_and_keeps_no_up_output(targets, up
     lean_saved = saved_bytes(model, b)
     lean.disable_lean_layers(model)
     assert lean.enable_lean_layers(model, recompute="up") == (2, 5)
-    value, grads = loss_and_grads(model, b)
-    assert close(value, plain_value)
-    for name, grad in plain_grads.items():
-        assert close(grads[name], grad), name
+    assert_same_step(loss_and_grads(model, b), (plain_value, plain_grads))
     # up's output, one (tokens, intermediate) tensor per layer, is no longer kept where up needs a
     # gradient; with LoRA on down_proj alone the first layer keeps the product, as the lean form does
     config, tokens = model.config, b["input_ids"].numel()

@@ -14,7 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import VOCAB_SIZE, batch, lora_model, loss_and_grads, saved_bytes, tiny_model
+from tiny import (
+    VOCAB_SIZE,
+    assert_same_step,
+    batch,
+    close,
+    lora_model,
+    loss_and_grads,
+    saved_bytes,
+    tiny_model,
+)
 from torch import nn
 
 from peftcli import loss
@@ -23,10 +32,6 @@ from peftcli.models import enable_activation_checkpointing
 from peftcli.recipe import MethodSection
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
-    return torch.allclose(a, b, rtol=tol, atol=tol)
 
 
 def labelled(n: int = 2, length: int = 12, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -72,10 +77,8 @@ def test_chunked_loss_engages_on_a_lora_model_and_matches_the_plain_step(monkeyp
     assert head is not None and head.weight.shape[0] == VOCAB_SIZE
     assert isinstance(model.get_output_embeddings(), loss.HiddenStatesHead)
     chunked_value, chunked_grads = loss_and_grads(model, b, head)
-    assert close(chunked_value, plain_value)
     assert plain_grads.keys() == chunked_grads.keys() and plain_grads
-    for name, grad in plain_grads.items():
-        assert close(chunked_grads[name], grad), name
+    assert_same_step((chunked_value, chunked_grads), (plain_value, plain_grads))
     loss.disable_chunked_loss(model)
     assert model.get_output_embeddings() is head
 
@@ -87,10 +90,7 @@ def test_chunked_loss_engages_through_a_virtual_token_wrapper():
     plain_value, plain_grads = loss_and_grads(model, b)
     head = loss.enable_chunked_loss(model)
     assert head is not None
-    chunked_value, chunked_grads = loss_and_grads(model, b, head)
-    assert close(chunked_value, plain_value)
-    for name, grad in plain_grads.items():
-        assert close(chunked_grads[name], grad), name
+    assert_same_step(loss_and_grads(model, b, head), (plain_value, plain_grads))
     loss.disable_chunked_loss(model)
     assert model.base_model.get_output_embeddings() is head
 
@@ -142,10 +142,7 @@ def test_lora_model_step_equals_the_textbook_lora():
     textbook = copy.deepcopy(model)
     for _, layer in lora.lora_layers(textbook):
         layer.forward = (lambda m: lambda x: _reference_lora(m, x))(layer)
-    plain_value, plain_grads = loss_and_grads(textbook, b)
-    assert close(fast_value, plain_value)
-    for name, grad in plain_grads.items():
-        assert close(fast_grads[name], grad), name
+    assert_same_step((fast_value, fast_grads), loss_and_grads(textbook, b))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -158,11 +155,9 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     plain_value, plain_grads = loss_and_grads(model, b, head)
     plain_saved = saved_bytes(model, b, head)
     enable_activation_checkpointing(model)
-    ckpt_value, ckpt_grads = loss_and_grads(model, b, head)
+    ckpt = loss_and_grads(model, b, head)
     assert saved_bytes(model, b, head) < plain_saved / 2  # it engaged: each layer keeps only its input
-    assert close(ckpt_value, plain_value)
-    for name, grad in plain_grads.items():
-        assert close(ckpt_grads[name], grad), name
+    assert_same_step(ckpt, (plain_value, plain_grads))
 
 
 # --------------------------------------------------------------------------------------------------

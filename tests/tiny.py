@@ -285,6 +285,18 @@ def loss_and_grads(model: nn.Module, b: dict, head: nn.Linear | None = None) -> 
     return value.detach(), grads
 
 
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def assert_same_step(step: tuple[torch.Tensor, dict], plain: tuple[torch.Tensor, dict]) -> None:
+    """`step`'s loss and every gradient (loss_and_grads) close to the `plain` path's."""
+    (value, grads), (plain_value, plain_grads) = step, plain
+    assert close(value, plain_value)
+    for name, grad in plain_grads.items():
+        assert close(grads[name], grad), name
+
+
 def saved_bytes(model: nn.Module, b: dict, head: nn.Linear | None = None) -> int:
     """Bytes of the distinct tensors autograd keeps for backward in one forward, parameters excluded."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}

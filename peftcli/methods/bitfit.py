@@ -22,7 +22,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from peftcli.errors import UserError, did_you_mean
+from peftcli import layout
+from peftcli.errors import UserError
 from peftcli.layout import default_modules_to_save
 from peftcli.methods.common import (
     KEY_PREFIX,
@@ -62,42 +63,8 @@ def bias_modules(model: nn.Module) -> list[str]:
 
 def select_biases(model: nn.Module, biases: list[str] | str) -> list[str]:
     """The bias-owning modules that `biases` names: "all", or exact names / `.`-suffixes."""
-    owners = bias_modules(model)
-    if not owners:
-        model_type = getattr(getattr(model, "config", None), "model_type", "this model")
-        raise UserError(
-            f"method.name bitfit: {model_type} has no bias terms (its layers are bias-free), so "
-            "BitFit would train nothing; use method.name: lora instead"
-        )
-    if biases == "all":
-        return owners
-    if isinstance(biases, str) or not biases:
-        raise UserError(f"method.biases: expected `all` or a non-empty list of module names, got {biases!r}")
-    for entry in biases:
-        if not any(n == entry or n.endswith("." + entry) for n in owners):
-            names = _short_names(owners)
-            raise UserError(
-                f"method.biases: `{entry}` matches no module with a bias{did_you_mean(entry, names)}; "
-                f"modules with biases here: {', '.join(names)}"
-            )
-    return [n for n in owners if any(n == e or n.endswith("." + e) for e in biases)]
-
-
-def _short_names(names: list[str]) -> list[str]:
-    """Leaf names, with the parent's name where a leaf sits under several (`output.dense`, `pooler.dense`).
-
-    What a user would write in `method.biases`: `query`, `intermediate.dense`, `c_attn`. Layer indices
-    are not parents worth naming: a bare leaf already matches it in every layer.
-    """
-    parents: dict[str, set[str]] = {}
-    for name in names:
-        *path, leaf = name.split(".")
-        parent = path[-1] if path and not path[-1].isdigit() else ""
-        parents.setdefault(leaf, set()).add(parent)
-    short = set()
-    for leaf, above in parents.items():
-        short |= {leaf} if len(above) == 1 else {f"{p}.{leaf}" if p else leaf for p in above}
-    return sorted(short)
+    model_type = getattr(getattr(model, "config", None), "model_type", "this model")
+    return layout.select_biases(bias_modules(model), biases, model_type)
 
 
 # --------------------------------------------------------------------------------------------------
