@@ -17,7 +17,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from peftcli.errors import UserError
-from peftcli.sources import ADAPTER_CONFIG
 
 app = typer.Typer(
     help="Parameter-efficient fine-tuning of transformer models from one YAML recipe.",
@@ -102,7 +101,7 @@ def train(
 
     loaded = load_recipe(recipe, set_)
     _quiet_libraries()
-    from peftcli.train import run
+    from peftcli.train.run import run
 
     run(loaded, resume=resume, overwrite=overwrite, console=stdout, recipe_path=str(recipe))
 
@@ -127,26 +126,9 @@ def count(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
     """Compare trainable vs total parameters of methods, without loading weights."""
-    from peftcli.count import count_methods, method_sections
-    from peftcli.recipe import TASKS, MethodSection, load_recipe
+    from peftcli.count import count_target
 
     _quiet_libraries()
-    if model_or_recipe.endswith((".yaml", ".yml")):
-        recipe = load_recipe(model_or_recipe)
-        model_name, base_method = recipe.model.name, recipe.method
-        task = task or recipe.model.task
-        methods = method or [recipe.method.name]
-    elif (Path(model_or_recipe) / ADAPTER_CONFIG).is_file():  # an adapter dir, ours or HF PEFT's
-        from peftcli.checkpoint import adapter_method
-
-        model_name, base_method, adapter_task = adapter_method(model_or_recipe)
-        task = task or adapter_task
-        methods = method or [base_method.name]
-    else:
-        model_name, base_method = model_or_recipe, MethodSection()
-        methods = method or ["lora"]
-    if task is not None and task not in TASKS:
-        raise UserError(f"--task: unknown task {task!r}; choose one of {', '.join(TASKS)}")
     overrides = {
         "rank": rank,
         "alpha": alpha,
@@ -154,8 +136,7 @@ def count(
         "bottleneck_size": bottleneck,
         "target_modules": target_modules,
     }
-    sections = method_sections(base_method, methods, overrides)
-    counts = count_methods(model_name, sections, task)
+    model_name, counts = count_target(model_or_recipe, method, overrides, task)
     if as_json:
         print(json.dumps([c.to_dict() for c in counts], indent=2))
         return
@@ -184,7 +165,7 @@ def merge(
 ):
     """Fold a trained adapter into the base weights and write a standard transformers model."""
     _quiet_libraries()
-    from peftcli.merge import merge_to_dir
+    from peftcli.merge.to_dir import merge_to_dir
 
     merge_to_dir(adapter_dir, output, base=base, dtype=dtype, console=stdout, verify=not no_verify)
 
@@ -204,7 +185,7 @@ def generate(
 ):
     """Load base + adapter and print a completion (or the predicted label for a classifier)."""
     _quiet_libraries()
-    from peftcli.generate import run_generate
+    from peftcli.infer import run_generate
 
     text = run_generate(
         run_dir,
@@ -229,7 +210,7 @@ def predict(
 ):
     """Print the predicted label of a classification adapter, with its probability."""
     _quiet_libraries()
-    from peftcli.generate import run_predict
+    from peftcli.infer import run_predict
 
     print(run_predict(run_dir, text, base=base))
 

@@ -37,9 +37,9 @@ GPT3_175B = {
 
 META = """
 import json, sys
+from peftcli.methods import make_config
 from peftcli.count import meta_counts, method_sections
-from peftcli.recipe import MethodSection
-counts = meta_counts(sys.argv[1], method_sections(MethodSection(), sys.argv[2:], {}))
+counts = meta_counts(sys.argv[1], method_sections(make_config("lora"), sys.argv[2:], {}))
 print(json.dumps([c.to_dict() for c in counts]))
 """
 

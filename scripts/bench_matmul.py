@@ -1,12 +1,12 @@
-"""Frozen-weight products of a training step, MKL (F.linear) vs oneDNN (peftcli.frozen_linear), side by side.
+"""Frozen-weight products of a training step, MKL (F.linear) vs oneDNN (fast/frozen_linear.py), side by side.
 
     python scripts/bench_matmul.py                     # SmolLM2-135M's shapes at batch 4 x 256
     python scripts/bench_matmul.py --tokens 2048 --rounds 12
 
 For each distinct (in, out) of the model's Linear layers, and the output head on a loss chunk of
-peftcli.loss.CHUNK_ROWS rows, times the forward product `x @ W^T` both ways in alternating rounds and
-prints the median GFLOP/s of each and their ratio. The input gradient `g @ W` stays on MKL in peftcli
-and is timed too, for reference. Shapes are read from the model built on the meta device.
+CHUNK_ROWS rows (fast/chunked_loss.py), times the forward product `x @ W^T` both ways in alternating
+rounds and prints the median GFLOP/s of each and their ratio. The input gradient `g @ W` stays on MKL in
+peftcli and is timed too, for reference. Shapes are read from the model built on the meta device.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ def shapes(model_name: str, tokens: int) -> list[tuple[str, int, int, int]]:
     """(label, rows, in, out) for each distinct Linear shape, plus the output head on one loss chunk."""
     from torch import nn
 
-    from peftcli.loss import CHUNK_ROWS
-    from peftcli.models import meta_model
+    from peftcli.fast.chunked_loss import CHUNK_ROWS
+    from peftcli.models.load import meta_model
+    from peftcli.models.sources import resolve
 
-    model = meta_model(model_name, task="causal-lm")
+    model = meta_model(resolve(model_name), task="causal-lm")
     head = model.get_output_embeddings()
     found: dict[tuple[int, int], str] = {}
     for name, module in model.named_modules():
@@ -45,7 +46,7 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    from peftcli import frozen_linear
+    from peftcli.fast import frozen_linear
 
     if frozen_linear._onednn() is None:
         raise SystemExit("this torch build has no oneDNN linear; nothing to compare")

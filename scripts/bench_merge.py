@@ -33,12 +33,12 @@ def child(mode: str, work: Path) -> None:
     import transformers  # noqa: F401 -- the baseline pays for the same imports as a merge
     from transformers import LlamaForCausalLM  # noqa: F401
 
-    from peftcli import merge
+    from peftcli.merge import to_dir as merge
 
     started = time.perf_counter()
     if mode != "baseline":
         if mode == "in-memory":
-            merge._safetensors_shards = lambda source: None
+            merge.safetensors_shards = lambda source: None
         output = work / f"merged-{mode}"
         shutil.rmtree(output, ignore_errors=True)
         result = merge.merge_to_dir(work / "adapter", output, verify=mode == "streaming+check")
@@ -63,9 +63,8 @@ def build(work: Path, size_mb: int, shard_size: str) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from peftcli import checkpoint
-    from peftcli.methods import lora
-    from peftcli.recipe import MethodSection
+    from peftcli.methods import Context, lora, make_config
+    from peftcli.runs import adapter as checkpoint
 
     hidden, inter, vocab = 1024, 2816, 16000
     per_layer = 4 * (2 * hidden * hidden + 2 * hidden * 256 + 3 * hidden * inter) / 1e6  # MB, float32
@@ -83,8 +82,8 @@ def build(work: Path, size_mb: int, shard_size: str) -> dict:
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(work / "base", max_shard_size=shard_size)
-    section = MethodSection(name="lora", rank=16, alpha=32.0, target_modules="all-linear")
-    model = lora.inject(model, section, "causal-lm")
+    section = make_config("lora", rank=16, alpha=32.0, target_modules="all-linear")
+    model = lora.inject(model, section, Context("causal-lm"))
     with torch.no_grad():
         for _, layer in lora.lora_layers(model):
             layer.lora_B.weight.normal_(std=0.01)

@@ -11,11 +11,11 @@ concurrency corrupts the timing), and times a big fp32 matmul between rounds for
 The step is the same on every side: one forward + backward of a fixed batch of real text tokens (the
 README, tokenized), gradient clipping at 1.0, AdamW (lr 1e-4, betas 0.9/0.999, no weight decay). Both
 sides start from the same adapter: the peftcli child injects LoRA with a fixed seed and saves it with
-peftcli.checkpoint.save_adapter; the HF child loads that file with PeftModel.from_pretrained. Both load
-the base model with peftcli.models.load_model (transformers' own from_pretrained underneath).
+peftcli.runs.adapter.save_adapter; the HF child loads that file with PeftModel.from_pretrained. Both load
+the base model with peftcli.models.load.load_model (transformers' own from_pretrained underneath).
 
-peftcli's step is built from peftcli.train's own pieces (LoRA inject, AdamW groups, enable_step_paths,
-loss_sum, num_targets), so the bench measures what `peft train` runs. HF's step is
+peftcli's step is built from peftcli.train's own pieces (inject, the AdamW groups, peftcli.fast.install,
+the losses), so the bench measures what `peft train` runs. HF's step is
 `model(input_ids, attention_mask=..., labels=...).loss`.
 
 Memory: "peak_memory_bytes" is the process's peak resident set during training. Loading the GGUF
@@ -102,17 +102,19 @@ def _process_peak() -> int:
 
 def _peftcli_side(args, options: set[str], batch: dict):
     """The model and step as `peft train` builds them."""
-    from types import SimpleNamespace
-
     import torch
 
-    from peftcli import checkpoint
-    from peftcli.models import load_model
-    from peftcli.recipe import MethodSection, Recipe, TrainSection
-    from peftcli.train import _inject, _optimizer, enable_step_paths, loss_sum, num_targets
+    from peftcli import fast
+    from peftcli.methods import make_config
+    from peftcli.models.load import load_model
+    from peftcli.models.sources import resolve
+    from peftcli.recipe import Recipe, TrainSection
+    from peftcli.runs import adapter as adapter_files
+    from peftcli.train.loop import inject, make_optimizer
+    from peftcli.train.loss import loss_sum, num_targets
 
     recipe = Recipe(
-        method=MethodSection(name="lora", rank=args.rank, alpha=2.0 * args.rank, target_modules="all-linear"),
+        method=make_config("lora", rank=args.rank, alpha=2.0 * args.rank, target_modules="all-linear"),
         train=TrainSection(
             learning_rate=LEARNING_RATE,
             max_grad_norm=MAX_GRAD_NORM,
@@ -123,32 +125,35 @@ def _peftcli_side(args, options: set[str], batch: dict):
             ),
         ),
     )
-    model = load_model(args.model, dtype="float32")
+    model = load_model(resolve(args.model), dtype="float32")
     torch.manual_seed(SEED)
-    model = _inject(model, recipe, tokenizer=None)
+    model = inject(model, recipe, tokenizer=None)
     if args.adapter_out:
-        checkpoint.save_adapter(model, recipe.method, "causal-lm", args.model, args.adapter_out)
-    head = enable_step_paths(model, recipe.train, "causal-lm")
-    if "mkl" in options:
-        from peftcli import frozen_linear
-
-        frozen_linear.ENABLED = False
+        adapter_files.save_adapter(model, recipe.method, "causal-lm", args.model, args.adapter_out)
+    speedups = fast.install(model, recipe.train, "causal-lm", onednn="mkl" not in options)
     model.train()
-    optimizer = _optimizer(model, recipe)
-    s = SimpleNamespace(recipe=recipe, head=head)
+    optimizer = make_optimizer(model, recipe)
     forward = torch.compile(model) if "compile" in options else model
-    targets = num_targets(s, batch)
+    targets = num_targets(batch, "causal-lm")
     trainable = [p for p in model.parameters() if p.requires_grad]
 
+    def step_loss() -> torch.Tensor:
+        if speedups.loss is not None:
+            return speedups.loss(forward, batch)
+        return loss_sum(forward, batch, "causal-lm")
+
     def step() -> float:
-        loss = loss_sum(s, forward, batch)
+        loss = step_loss()
         (loss / targets).backward()
         torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return float(loss.detach()) / targets
 
-    info = {"chunked_loss": head is not None, "attn_implementation": model.config._attn_implementation}
+    info = {
+        "chunked_loss": speedups.loss is not None,
+        "attn_implementation": model.config._attn_implementation,
+    }
     return model, step, info
 
 
@@ -157,11 +162,13 @@ def _hf_side(args, options: set[str], batch: dict):
     import torch
     from peft import PeftModel
 
-    from peftcli.models import enable_activation_checkpointing, load_model
+    from peftcli.fast import checkpointing
+    from peftcli.models.load import load_model
+    from peftcli.models.sources import resolve
 
-    model = load_model(args.model, dtype="float32")
+    model = load_model(resolve(args.model), dtype="float32")
     if "gc" in options:
-        enable_activation_checkpointing(model)
+        checkpointing.enable(model)
     model = PeftModel.from_pretrained(model, args.adapter_in, is_trainable=True)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -240,9 +247,10 @@ def make_batch(model: str, batch: int, length: int, path: Path) -> None:
     """batch x length tokens of real text (the README, repeated), labels = inputs, no padding."""
     import torch
 
-    from peftcli.models import load_tokenizer
+    from peftcli.models.load import load_tokenizer
+    from peftcli.models.sources import resolve
 
-    tokenizer = load_tokenizer(model)
+    tokenizer = load_tokenizer(resolve(model))
     ids = tokenizer((ROOT / "README.md").read_text(encoding="utf-8"))["input_ids"]
     need = batch * length
     ids = (ids * (need // len(ids) + 1))[:need]
@@ -282,12 +290,13 @@ def count_flops(model_name: str, batch: int, length: int, rank: int) -> dict:
     """FLOPs of one step as documented at the top, from the model built on the meta device."""
     from torch import nn
 
-    from peftcli.methods import common
-    from peftcli.models import meta_model
+    from peftcli.methods import modules
+    from peftcli.models.load import meta_model
+    from peftcli.models.sources import resolve
 
-    model = meta_model(model_name, task="causal-lm")
+    model = meta_model(resolve(model_name), task="causal-lm")
     tokens = batch * length
-    lora_names = set(common.match_targets(model, "all-linear"))
+    lora_names = set(modules.match_targets(model, "all-linear"))
     linear = lora = 0
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from peftcli.cli import app
 from peftcli.count import count_methods
-from peftcli.recipe import MethodSection
+from peftcli.methods import make_config
 
 runner = CliRunner()
 
@@ -36,9 +36,9 @@ def test_counts_equal_hf_peft(tmp_path, arch):
     ours = count_methods(
         path,
         [
-            MethodSection(name="lora", rank=4),
-            MethodSection(name="prefix-tuning", num_virtual_tokens=5),
-            MethodSection(name="prompt-tuning", num_virtual_tokens=5),
+            make_config("lora", rank=4),
+            make_config("prefix-tuning", num_virtual_tokens=5),
+            make_config("prompt-tuning", num_virtual_tokens=5),
         ],
         task,
     )
@@ -77,7 +77,7 @@ def test_gpt3_175b_config_counts(tmp_path):
     # GPT-3 175B's shape (Brown et al. 2020): 96 layers, d_model 12288, 96 heads, 2048 context.
     config = GPT2Config(vocab_size=50257, n_positions=2048, n_embd=12288, n_layer=96, n_head=96)
     path = _config_dir(tmp_path, config)
-    (count,) = count_methods(path, [MethodSection(name="lora", rank=8)])
+    (count,) = count_methods(path, [make_config("lora", rank=8)])
     base = 96 * (12 * 12288**2 + 13 * 12288) + 50257 * 12288 + 2048 * 12288 + 2 * 12288
     lora = 96 * 8 * (12288 + 3 * 12288)  # c_attn: in 12288 -> out 3 x 12288
     assert count.trainable == lora

@@ -21,11 +21,14 @@ from tiny import HF_TASK, logits, randomise, save_tiny
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 from typer.testing import CliRunner
 
-from peftcli import checkpoint, generate, train
+from peftcli import infer as generate
 from peftcli.cli import app
 from peftcli.errors import UserError
 from peftcli.methods import METHODS
 from peftcli.recipe import load_recipe
+from peftcli.runs import adapter as checkpoint
+from peftcli.train import loop as train
+from peftcli.train.run import run as train_run
 
 runner = CliRunner()
 CLASSIFY = "sequence-classification"
@@ -265,7 +268,7 @@ def test_train_starts_from_the_hf_adapter_and_hf_loads_the_result(tmp_path, base
     assert start.keys() == saved.keys()
     assert all(torch.equal(start[key], saved[key]) for key in saved)
 
-    summary = train.run(write_recipe(tmp_path, bases[arch], kind, tmp_path / "hf"), overwrite=True)
+    summary = train_run(write_recipe(tmp_path, bases[arch], kind, tmp_path / "hf"), overwrite=True)
     assert summary["steps"] == 2
     trained = load_file(tmp_path / "run" / checkpoint.WEIGHTS_NAME)
     assert trained.keys() == saved.keys() and any(not torch.equal(trained[k], saved[k]) for k in saved)

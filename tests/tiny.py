@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -29,11 +28,10 @@ from transformers import (
     RobertaConfig,
 )
 
-from peftcli import checkpoint
-from peftcli.methods import lora
-from peftcli.methods.common import ModulesToSave
-from peftcli.recipe import MethodSection, Recipe
-from peftcli.train import loss_sum, num_targets
+from peftcli.methods import Context, lora, make_config
+from peftcli.methods.modules import ModulesToSave
+from peftcli.runs import adapter as checkpoint
+from peftcli.train.loss import loss_sum, num_targets
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -267,18 +265,22 @@ def lora_model(arch: str = "llama", **fields) -> nn.Module:
     hide every LoRA term from a comparison. In eval mode like every tiny model (GPT-2's and OPT's dropout
     would make two passes differ); gradients still flow."""
     fields = {"rank": 4, "alpha": 8.0, "target_modules": "all-linear", **fields}
-    method = MethodSection(name="lora", **fields)
-    model = lora.inject(tiny_model(arch, "causal-lm"), method, "causal-lm")
+    method = make_config("lora", **fields)
+    model = lora.inject(tiny_model(arch, "causal-lm"), method, Context("causal-lm"))
     with torch.no_grad():
         for _, layer in lora.lora_layers(model):
             layer.lora_B.weight.normal_(0, 0.1)
     return model
 
 
-def loss_and_grads(model: nn.Module, b: dict, head: nn.Linear | None = None) -> tuple[torch.Tensor, dict]:
+def step_loss(model: nn.Module, b: dict, loss: Callable | None = None) -> torch.Tensor:
+    """The causal-LM loss sum of batch `b`: the plain one, or `loss(model, b)` (a speed-up's)."""
+    return loss(model, b) if loss is not None else loss_sum(model, b, "causal-lm")
+
+
+def loss_and_grads(model: nn.Module, b: dict, loss: Callable | None = None) -> tuple[torch.Tensor, dict]:
     """The training step's normalised loss and the gradient of every trainable parameter."""
-    s = SimpleNamespace(recipe=Recipe(), head=head)
-    value = loss_sum(s, model, b) / num_targets(s, b)
+    value = step_loss(model, b, loss) / num_targets(b, "causal-lm")
     value.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
@@ -297,7 +299,7 @@ def assert_same_step(step: tuple[torch.Tensor, dict], plain: tuple[torch.Tensor,
         assert close(grads[name], grad), name
 
 
-def saved_bytes(model: nn.Module, b: dict, head: nn.Linear | None = None) -> int:
+def saved_bytes(model: nn.Module, b: dict, loss: Callable | None = None) -> int:
     """Bytes of the distinct tensors autograd keeps for backward in one forward, parameters excluded."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
@@ -308,5 +310,95 @@ def saved_bytes(model: nn.Module, b: dict, head: nn.Linear | None = None) -> int
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss_sum(SimpleNamespace(recipe=Recipe(), head=head), model, b)
+        step_loss(model, b, loss)
     return sum(storages.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA's forward, plain (methods/lora.py) or fast (fast/lora.py): `install(layer)` puts the one to test in
+# place (None: the plain one)
+
+
+def lora_layer(base: nn.Module, install: Callable | None = None, **fields) -> nn.Module:
+    layer = lora.wrap_layer(base, **{"rank": 4, "alpha": 8.0, **fields})
+    if install is not None:
+        install(layer)
+    return layer
+
+
+def assert_lora_formula(kind: str, install: Callable | None = None) -> None:
+    """The layer's output, input gradient and factor gradients equal the textbook formula's."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10) if kind == "linear" else Conv1D(10, 12)
+    layer = lora_layer(base, install)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 5, 12, requires_grad=True)  # x needs grad, as after an earlier adapted layer
+    target = torch.randn(3, 5, 10)
+
+    def formula(x):
+        weight = base.weight.T if kind == "conv1d" else base.weight
+        lora_path = (x @ layer.lora_A.weight.T) @ layer.lora_B.weight.T
+        return x @ weight.T + base.bias + layer.scale * lora_path
+
+    grads = []
+    for forward in (layer, formula):
+        loss = ((forward(x) - target) ** 2).sum()
+        grads.append(
+            (loss.detach(), *torch.autograd.grad(loss, [x, layer.lora_A.weight, layer.lora_B.weight]))
+        )
+    for ours, reference in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    assert layer.scale == 2.0
+
+
+def assert_lora_dtypes(install: Callable | None = None) -> None:
+    """Under autocast the output is bf16 and close to fp32's; fp32 factors on a bf16 base get fp32 grads."""
+    torch.manual_seed(0)
+    layer = lora_layer(nn.Linear(16, 8), install)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(2, 3, 16)
+    reference = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05)
+    half = lora_layer(nn.Linear(16, 8).bfloat16(), install)
+    half.lora_A.float(), half.lora_B.float()  # a trainer may keep the factors in fp32
+    half(x.bfloat16()).float().sum().backward()
+    assert half.lora_B.weight.grad.dtype == torch.float32
+
+
+def assert_lora_dropout(install: Callable | None = None) -> None:
+    """No dropout module at p = 0; at p > 0 training-mode outputs are noisy, eval-mode ones are not."""
+    assert lora_layer(nn.Linear(8, 8), install, rank=2, alpha=4.0, dropout=0.0).dropout is None
+    layer = lora_layer(nn.Linear(8, 8), install, rank=2, alpha=4.0, dropout=0.5)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(4, 8)
+    layer.train()
+    torch.manual_seed(0)
+    noisy = layer(x)
+    layer.eval()
+    assert not torch.allclose(noisy, layer(x))
+
+
+# --------------------------------------------------------------------------------------------------
+# GGUF files
+
+
+def write_gguf(path, values, arch="llama", tensors=("token_embd.weight", "blk.0.attn_q.weight")):
+    """A small GGUF file: `values` {key: (GGUFValueType, value)} and tensors of the given names."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), arch)
+    for key, (kind, value) in values.items():
+        writer.add_key_value(key, value, kind)
+    for i, name in enumerate(tensors):
+        writer.add_tensor(name, np.full((2, 3 + i), i, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)

@@ -1,32 +1,57 @@
 """The PEFT methods, one module each, and the one registry that names them.
 
-Every method module offers the same plain functions:
+A method module owns everything about its method, so adding one is a new module plus one line in METHODS:
 
-- ``PEFT_TYPE: str`` — the ``peft_type`` written to adapter_config.json (HF PEFT's name where it has one).
-- ``inject(model, method, task) -> nn.Module`` — freeze the base model, add the method's trainable parts
-  (and ``modules_to_save``), return the model to train: ``model`` itself, or a wrapper whose ``forward``
-  and ``generate`` take the same arguments as the base model's and which keeps it as ``.base_model``.
-  New parameters are created on the base weights' device and dtype, so it also works on the meta device.
-- ``adapter_state(model) -> dict[str, Tensor]`` — the trainable state under HF PEFT's keys.
-- ``load_adapter_state(model, state)`` — the inverse; missing or unexpected keys raise ``AdapterError``.
-- ``adapter_config(model, method, task) -> dict`` — the method's fields of adapter_config.json.
-- ``method_from_config(config) -> MethodSection`` — the inverse, for adapters written here or by HF PEFT;
-  a field that changes the math and is not supported raises ``UserError`` naming it.
-- ``merge(model) -> nn.Module`` — only where the method folds into the weights (``MERGEABLE = True``).
+- ``NAME`` (the recipe's ``method.name``), ``PEFT_TYPE`` (adapter_config.json's ``peft_type``: HF PEFT's
+  name where it has one), ``MERGEABLE`` (and ``WHY_NOT_MERGEABLE`` where it is not).
+- ``Config``: its recipe section, a dataclass subclassing ``base.MethodConfig`` (fields, defaults,
+  ``check``).
+- ``count(shapes, config, saved) -> (trainable, added)``: its parameters from the model's shapes alone
+  (``peft count`` without torch); may raise ``models.shapes.NotModelled``.
+- ``inject(model, config, context) -> nn.Module``: freeze the base model, add the method's trainable parts
+  (and ``modules_to_save``), return the model to train: ``model`` itself, or a wrapper whose ``forward`` and
+  ``generate`` take the base model's arguments and which keeps it as ``.base_model``. New parameters are
+  created on the base weights' device and dtype, so it also works on the meta device.
+- ``adapter_state(model)`` / ``load_adapter_state(model, state)``: the trainable state under HF PEFT's keys
+  (missing or unexpected keys raise ``AdapterError``).
+- ``adapter_config(model, config, task) -> dict`` / ``config_from_adapter(fields) -> Config``: its fields
+  of adapter_config.json, both ways; a field that changes the math and is not supported raises UserError.
+- ``merge(model)``; a method of adapted layers that merges also has ``fold(layer, weight) -> weight``,
+  which `peft merge` applies tensor by tensor.
+
+Method modules import no torch until a model is touched (peftcli/lazy.py): `peft count` reads their
+configs and counts in half a second.
 """
+
+from __future__ import annotations
 
 from types import ModuleType
 
+from peftcli.errors import UserError, did_you_mean
 from peftcli.methods import adapter, bitfit, lora, prefix, prompt
+from peftcli.methods.base import Context, MethodConfig
 
-METHODS: dict[str, ModuleType] = {
-    "lora": lora,
-    "prefix-tuning": prefix,
-    "prompt-tuning": prompt,
-    "adapter": adapter,
-    "bitfit": bitfit,
-}
+__all__ = ["METHODS", "TASK_TYPES", "Context", "MethodConfig", "by_peft_type", "config_class", "make_config"]
 
-BY_PEFT_TYPE: dict[str, ModuleType] = {m.PEFT_TYPE: m for m in METHODS.values()}
+METHODS: dict[str, ModuleType] = {m.NAME: m for m in (lora, prefix, prompt, adapter, bitfit)}
 
-TASK_TYPES = {"causal-lm": "CAUSAL_LM", "sequence-classification": "SEQ_CLS"}
+TASK_TYPES = {"causal-lm": "CAUSAL_LM", "sequence-classification": "SEQ_CLS"}  # ours -> HF PEFT's task_type
+
+
+def by_peft_type(peft_type) -> ModuleType | None:
+    """The method module that writes this adapter_config.json peft_type, or None."""
+    return next((m for m in METHODS.values() if m.PEFT_TYPE == peft_type), None)
+
+
+def config_class(name: str) -> type[MethodConfig]:
+    if name not in METHODS:
+        raise UserError(
+            f"method.name: unknown method {name!r}{did_you_mean(name, METHODS)}; "
+            f"choose from {', '.join(METHODS)}"
+        )
+    return METHODS[name].Config
+
+
+def make_config(name: str, **fields) -> MethodConfig:
+    """A method's Config by name: make_config("lora", rank=4)."""
+    return config_class(name)(**fields)

@@ -20,23 +20,29 @@ HF PEFT has no BitFit; the files use its layout with a ``peft_type`` of our own.
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
 
-from peftcli import layout
-from peftcli.errors import UserError
-from peftcli.layout import default_modules_to_save
-from peftcli.methods.common import (
-    KEY_PREFIX,
-    AdapterError,
-    ModulesToSave,
-    freeze,
-    load_state_strict,
-    modules_to_save_state,
-    set_submodule,
-    wrap_modules_to_save,
+from peftcli.lazy import LazyModule
+from peftcli.methods import layout
+from peftcli.methods.base import (
+    Context,
+    Fail,
+    MethodConfig,
+    adapter_field_error,
+    is_str_list,
+    modules_to_save_field,
+    saved_modules,
 )
-from peftcli.recipe import MethodSection
 
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from peftcli.models.shapes import Shapes
+
+modules = LazyModule("peftcli.methods.modules")
+
+NAME = "bitfit"
 PEFT_TYPE = "BITFIT"
 MERGEABLE = True
 
@@ -45,23 +51,42 @@ MERGEABLE = True
 _SELECTED = "peftcli_bitfit_modules"
 
 
-def bias_modules(model: nn.Module) -> list[str]:
+@dataclass
+class Config(MethodConfig):
+    name: ClassVar[str] = NAME
+    ACCEPTS: ClassVar[dict[str, str]] = {
+        **MethodConfig.ACCEPTS,
+        "biases": "all, or a list of bias groups / module names like [query, intermediate.dense]",
+    }
+    HEADS_REQUIRED: ClassVar[bool] = True
+
+    # "all", or a list of bias groups / module name suffixes, e.g. [query, intermediate.dense]
+    biases: list[str] | str = field(default="all")
+
+    def check(self, fail: Fail) -> None:
+        if isinstance(self.biases, str) and self.biases != "all":
+            fail(
+                "biases", f"expected all or a list, got {self.biases!r} (for one group write [{self.biases}])"
+            )
+
+
+def bias_modules(model) -> list[str]:
     """Names of modules that own a bias, in model order, leaving out modules trained in full.
 
     A bias shared by two modules (tied) is listed once, under its first owner: one tensor, one key.
     """
-    saved = [n for n, m in model.named_modules() if isinstance(m, ModulesToSave)]
+    saved = modules.saved_module_names(model)
     owners, seen = [], set()
     for name, module in model.named_modules():
         bias = dict(module.named_parameters(recurse=False)).get("bias")
-        if bias is None or id(bias) in seen or any(name == s or name.startswith(s + ".") for s in saved):
+        if bias is None or id(bias) in seen or layout.inside(name, saved):
             continue
         seen.add(id(bias))
         owners.append(name)
     return owners
 
 
-def select_biases(model: nn.Module, biases: list[str] | str) -> list[str]:
+def select_biases(model, biases: list[str] | str) -> list[str]:
     """The bias-owning modules that `biases` names: "all", or exact names / `.`-suffixes."""
     model_type = getattr(getattr(model, "config", None), "model_type", "this model")
     return layout.select_biases(bias_modules(model), biases, model_type)
@@ -71,83 +96,87 @@ def select_biases(model: nn.Module, biases: list[str] | str) -> list[str]:
 # The method contract
 
 
-def inject(model: nn.Module, method: MethodSection, task: str) -> nn.Module:
+def inject(model, config: Config, context: Context):
     """Freeze `model`, unfreeze the selected biases and train the head in full; returns `model`."""
-    freeze(model)
-    requested = default_modules_to_save(method.modules_to_save, task)
+    modules.freeze(model)
     # Wrap the head first so its bias is the head's, not BitFit's (see the module docstring).
-    wrap_modules_to_save(model, requested, required=bool(requested))
-    selected = select_biases(model, method.biases)
+    modules.wrap_modules_to_save(model, *saved_modules(config, context.task))
+    selected = select_biases(model, config.biases)
     for name in selected:
         model.get_submodule(name).bias.requires_grad_(True)
     setattr(model, _SELECTED, selected)
     return model
 
 
-def _selected(model: nn.Module) -> list[str]:
+def _selected(model) -> list[str]:
     if not hasattr(model, _SELECTED):
-        raise AdapterError("the model was not prepared for BitFit: inject it before saving or loading biases")
+        raise modules.AdapterError(
+            "the model was not prepared for BitFit: inject it before saving or loading biases"
+        )
     return getattr(model, _SELECTED)
 
 
-def _bias_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+def _bias_parameters(model) -> dict[str, nn.Parameter]:
     """`base_model.model.<module>.bias` (the base model's own names) -> the bias, for each trained bias."""
-    return {f"{KEY_PREFIX}{name}.bias": model.get_submodule(name).bias for name in _selected(model)}
+    return {f"{modules.KEY_PREFIX}{name}.bias": model.get_submodule(name).bias for name in _selected(model)}
 
 
-def adapter_state(model: nn.Module) -> dict[str, Tensor]:
+def adapter_state(model) -> dict[str, Tensor]:
     """The trained biases plus the head."""
     state = {key: p.detach() for key, p in _bias_parameters(model).items()}
-    state.update(modules_to_save_state(model))
+    state.update(modules.modules_to_save_state(model))
     return state
 
 
-def load_adapter_state(model: nn.Module, state: dict[str, Tensor]) -> None:
-    load_state_strict(model, _bias_parameters(model), state)
+def load_adapter_state(model, state: dict[str, Tensor]) -> None:
+    modules.load_state_strict(model, _bias_parameters(model), state)
 
 
-def adapter_config(model: nn.Module, method: MethodSection, task: str) -> dict:
-    return {
-        "biases": method.biases,
-        # The resolved modules, so loading trains exactly these whatever `all` means on another version.
-        "target_modules": list(_selected(model)),
-        "modules_to_save": default_modules_to_save(method.modules_to_save, task),
-    }
-
-
-def method_from_config(config: dict) -> MethodSection:
-    """The MethodSection that rebuilds a saved BitFit adapter; fields we do not know are ignored."""
-    targets = config.get("target_modules")
-    if targets is not None:
-        if not _is_str_list(targets) or not targets:
-            raise UserError(
-                "adapter_config.json: target_modules: expected a non-empty list of "
-                f"module names, got {targets!r}"
-            )
-        biases = targets  # full module names: an exact match each
-    else:
-        biases = config.get("biases", "all")
-        if biases != "all" and not (_is_str_list(biases) and biases):
-            raise UserError(
-                "adapter_config.json: biases: expected `all` or a non-empty list "
-                f"of module names, got {biases!r}"
-            )
-    saved = config.get("modules_to_save")
-    if saved is not None and not _is_str_list(saved):
-        raise UserError(
-            f"adapter_config.json: modules_to_save: expected a list of module names or null, got {saved!r}"
-        )
-    return MethodSection(name="bitfit", biases=biases, modules_to_save=saved)
-
-
-def _is_str_list(value) -> bool:
-    return isinstance(value, list) and all(isinstance(v, str) for v in value)
-
-
-def merge(model: nn.Module) -> nn.Module:
+def merge(model):
     """The plain model: the biases are already in place; each head wrapper gives way to its trained copy."""
-    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSave)]:
-        set_submodule(model, name, module.trained)
+    modules.unwrap_modules_to_save(model)
     if hasattr(model, _SELECTED):
         delattr(model, _SELECTED)
     return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Counting from shapes
+
+
+def count(shapes: Shapes, config: Config, saved: list[str]) -> tuple[int, int]:
+    """(trainable, added): the selected biases train; nothing is added."""
+    owners = [n for n in shapes.bias_owners() if not layout.inside(n, saved)]
+    chosen = layout.select_biases(owners, config.biases, shapes.model_type)
+    return sum(shapes.params[f"{n}.bias"][1] for n in chosen), 0
+
+
+# --------------------------------------------------------------------------------------------------
+# adapter_config.json, both ways
+
+
+def adapter_config(model, config: Config, task: str) -> dict:
+    return {
+        "biases": config.biases,
+        # The resolved modules, so loading trains exactly these whatever `all` means on another version.
+        "target_modules": list(_selected(model)),
+        "modules_to_save": saved_modules(config, task)[0],
+    }
+
+
+def config_from_adapter(fields: dict) -> Config:
+    """The Config that rebuilds a saved BitFit adapter; fields we do not know are ignored."""
+    targets = fields.get("target_modules")
+    if targets is not None:
+        if not is_str_list(targets) or not targets:
+            raise adapter_field_error(
+                "target_modules", f"expected a non-empty list of module names, got {targets!r}"
+            )
+        biases = targets  # full module names: an exact match each
+    else:
+        biases = fields.get("biases", "all")
+        if biases != "all" and not (is_str_list(biases) and biases):
+            raise adapter_field_error(
+                "biases", f"expected `all` or a non-empty list of module names, got {biases!r}"
+            )
+    return Config(biases=biases, modules_to_save=modules_to_save_field(fields))

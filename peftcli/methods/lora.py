@@ -4,111 +4,116 @@
 
 rsLoRA (Kalajdzievski 2023, arXiv:2312.03732) uses scale = alpha / sqrt(r). B starts at zero, so the
 wrapped model equals the base model at init. State keys follow HF PEFT's files:
-``base_model.model.<module path>.lora_A.weight`` and ``...lora_B.weight``.
+``base_model.model.<module path>.lora_A.weight`` and ``...lora_B.weight``. Merging folds
+``W += scale * B @ A`` into each base layer.
+
+Everything about the method is here: its recipe section (``Config``), its count from shapes (what
+``peft count`` answers without torch), its adapter_config.json fields both ways, and the layer. This module
+imports no torch until a layer is built (peftcli/lazy.py).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Literal
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from transformers.pytorch_utils import Conv1D
-
-from peftcli import frozen_linear
 from peftcli.errors import UserError
-from peftcli.layout import covers, default_modules_to_save, default_targets
-from peftcli.methods import common
-from peftcli.methods.common import KEY_PREFIX, AdapterError
-from peftcli.recipe import MethodSection
+from peftcli.lazy import LazyModule, nn, torch
+from peftcli.methods import layout
+from peftcli.methods.base import (
+    TARGETS_ACCEPTS,
+    Context,
+    Fail,
+    MethodConfig,
+    check_positive,
+    check_targets,
+    saved_modules,
+)
+from peftcli.models.shapes import NotModelled
 
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from peftcli.methods.modules import AdaptedLayer
+    from peftcli.models.shapes import Shapes
+
+modules = LazyModule("peftcli.methods.modules")
+log = logging.getLogger(__name__)
+
+NAME = "lora"
 PEFT_TYPE = "LORA"
 MERGEABLE = True
 
-log = logging.getLogger(__name__)
+
+@dataclass
+class Config(MethodConfig):
+    name: ClassVar[str] = NAME
+    ACCEPTS: ClassVar[dict[str, str]] = {**MethodConfig.ACCEPTS, "target_modules": TARGETS_ACCEPTS}
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # None: the architecture's usual targets; "all-linear"; a list of names / `.`-suffixes; any other
+    # string is a regular expression matched against the full module name.
+    target_modules: list[str] | str | None = None
+    use_rslora: bool = False  # scale by alpha / sqrt(rank) instead of alpha / rank (Kalajdzievski 2023)
+    init: Literal["kaiming", "gaussian"] = "kaiming"  # A's init; B starts at zero either way
+
+    def check(self, fail: Fail) -> None:
+        check_positive(self, "rank alpha", fail)
+        if not 0.0 <= self.dropout < 1.0:
+            fail("dropout", f"must be in [0, 1), got {self.dropout}")
+        check_targets(self.target_modules, fail)
 
 
-class LoRALinear(nn.Module):
-    """y = base(x) + scale * B(A(dropout(x))) around a frozen ``nn.Linear`` or GPT-2 ``Conv1D``.
+# --------------------------------------------------------------------------------------------------
+# The layer
 
-    A Conv1D stores its weight transposed, (in, out); the LoRA factors are plain Linears either way,
-    so only the merge needs to know (``fan_in_fan_out``).
+
+def run(layer: AdaptedLayer, x: Tensor) -> Tensor:
+    """y = base(x) + scale * B(A(dropout(x))); x: (..., in) -> (..., out).
+
+    A frozen half-precision base may hold float32 factors: the low-rank path then runs in float32 and is
+    added in the base's dtype (autocast, when on, casts by itself).
     """
+    out = layer.base(x)
+    h = x if layer.dropout is None else layer.dropout(x)
+    if h.dtype != layer.lora_A.weight.dtype and not torch.is_autocast_enabled(h.device.type):
+        h = h.to(layer.lora_A.weight.dtype)
+    # (..., in) @ (in, r) @ (r, out): the rank-r path stays cheap; never x @ (A @ B).
+    return out + (layer.scale * layer.lora_B(layer.lora_A(h))).to(out.dtype)
 
-    def __init__(
-        self,
-        base: nn.Module,
-        rank: int,
-        alpha: float,
-        dropout: float = 0.0,
-        use_rslora: bool = False,
-        init: str = "kaiming",
-    ):
-        super().__init__()
-        self.base = base
-        self.in_features, self.out_features = common.layer_shape(base)
-        self.rank, self.alpha = rank, alpha
-        self.scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
-        self.fan_in_fan_out = isinstance(base, Conv1D)
-        # None rather than nn.Dropout(0): at p = 0 the forward skips the call and its full-size copy.
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
-        # On the base weight's device and dtype, so injecting into a meta-device model allocates nothing.
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_A = nn.Linear(self.in_features, rank, bias=False, **factory)
-        self.lora_B = nn.Linear(rank, self.out_features, bias=False, **factory)
-        self.reset_lora_parameters(init)
 
-    def reset_lora_parameters(self, init: str) -> None:
-        """HF PEFT's choices: A ~ kaiming-uniform(a=sqrt(5)) or N(0, (1/r)^2); B = 0 (a no-op at init)."""
-        if init == "gaussian":
-            nn.init.normal_(self.lora_A.weight, std=1 / self.rank)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+def wrap_layer(
+    base, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False, init: str = "kaiming"
+) -> AdaptedLayer:
+    """A frozen ``nn.Linear`` or GPT-2 ``Conv1D`` with LoRA factors beside it.
 
-    # Model code sometimes reads a projection's weight (e.g. its dtype); answer for the wrapped layer.
-    @property
-    def weight(self) -> Tensor:
-        return self.base.weight
+    A Conv1D stores its weight transposed, (in, out); the factors are plain Linears either way, so only the
+    merge needs to know (``fan_in_fan_out``).
+    """
+    scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+    layer = modules.AdaptedLayer(
+        base, NAME, run, "LoRALinear", casts_input=True, rank=rank, alpha=alpha, scale=scale
+    )
+    # None rather than nn.Dropout(0): at p = 0 the forward skips the call and its full-size copy.
+    layer.dropout = nn.Dropout(dropout) if dropout > 0 else None
+    factory = modules.parameter_factory(base)  # on the meta device: shapes only
+    layer.lora_A = nn.Linear(layer.in_features, rank, bias=False, **factory)
+    layer.lora_B = nn.Linear(rank, layer.out_features, bias=False, **factory)
+    reset_parameters(layer, init)
+    return layer
 
-    @property
-    def bias(self) -> Tensor | None:
-        return self.base.bias
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (..., in) -> (..., out)."""
-        shape = (*x.shape[:-1], self.out_features)
-        x = x.reshape(-1, self.in_features)  # (tokens, in): 2-D products, and an output that is no view
-        out = self._base_forward(x)  # (tokens, out)
-        lora_a, lora_b = self.lora_A.weight, self.lora_B.weight
-        h = x if self.dropout is None else self.dropout(x)
-        # A frozen half-precision base with fp32 factors; autocast does this cast itself when on.
-        if h.dtype != lora_a.dtype and not torch.is_autocast_enabled(h.device.type):
-            h = h.to(lora_a.dtype)
-        down = F.linear(h, lora_a)  # (tokens, in) @ (in, r) -> (tokens, r): the only product with x
-        # The in-place add needs one dtype: the base output's (bf16 under autocast, fp32 factors or not).
-        down, lora_b = down.to(out.dtype), lora_b.to(out.dtype)  # no-ops when they already agree
-        if out._base is not None or not out.is_contiguous():
-            out = out + self.scale * F.linear(down, lora_b)
-        else:
-            # out += scale * down @ B^T in one fused kernel: no full-size temporary, and its backward
-            # passes the gradient through uncopied. Autograd allows it because neither Linear nor
-            # Conv1D saves its output for backward; on a view it would copy the gradient instead.
-            out.addmm_(down, lora_b.t(), alpha=self.scale)
-        return out.view(shape)
-
-    def _base_forward(self, x: Tensor) -> Tensor:
-        """The frozen layer on (tokens, in)."""
-        if self.fan_in_fan_out:  # Conv1D's own forward returns a view; its math, y = b + x @ W, directly
-            return torch.addmm(self.base.bias, x, self.base.weight)
-        if type(self.base) is nn.Linear:
-            return frozen_linear.linear(x, self.base.weight, self.base.bias)
-        return self.base(x)
-
-    def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha}, scale={self.scale:g}"
+def reset_parameters(layer: AdaptedLayer, init: str) -> None:
+    """HF PEFT's choices: A ~ kaiming-uniform(a=sqrt(5)) or N(0, (1/r)^2); B = 0 (a no-op at init)."""
+    if init == "gaussian":
+        nn.init.normal_(layer.lora_A.weight, std=1 / layer.rank)
+    else:
+        nn.init.kaiming_uniform_(layer.lora_A.weight, a=math.sqrt(5))
+    nn.init.zeros_(layer.lora_B.weight)
 
 
 def delta_weight(lora_A: Tensor, lora_B: Tensor, scale: float, fan_in_fan_out: bool) -> Tensor:
@@ -122,31 +127,37 @@ def delta_weight(lora_A: Tensor, lora_B: Tensor, scale: float, fan_in_fan_out: b
     return delta.T if fan_in_fan_out else delta
 
 
+def fold(layer: AdaptedLayer, weight: Tensor) -> Tensor:
+    """The base weight with the update folded in: W + scale * B @ A, added in float32, rounded once."""
+    delta = delta_weight(layer.lora_A.weight, layer.lora_B.weight, layer.scale, layer.fan_in_fan_out)
+    return (weight.to(delta.dtype) + delta).to(weight.dtype)
+
+
+def lora_layers(model) -> list[tuple[str, AdaptedLayer]]:
+    return modules.adapted_layers(model, NAME)
+
+
 # --------------------------------------------------------------------------------------------------
 # The method contract
 
 
-def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
-
-
-def resolve_targets(model: nn.Module, method: MethodSection) -> list[str]:
+def resolve_targets(model, config: Config) -> list[str]:
     """Full names of the layers to wrap: the recipe's targets, else the architecture's usual ones."""
-    targets = method.target_modules
+    targets = config.target_modules
     if targets is None:
-        targets = default_targets(getattr(getattr(model, "config", None), "model_type", None))
-    return common.match_targets(model, targets)
+        targets = layout.default_targets(getattr(getattr(model, "config", None), "model_type", None))
+    return modules.match_targets(model, targets)
 
 
-def inject(model: nn.Module, method: MethodSection, task: str) -> nn.Module:
-    """Freeze `model` and wrap each target layer in a LoRALinear, in place; returns `model`."""
+def inject(model, config: Config, context: Context):
+    """Freeze `model` and wrap each target layer in a LoRA layer, in place; returns `model`."""
     if lora_layers(model):
         raise UserError("the model already holds LoRA layers: merge or reload the base model first")
-    common.freeze(model)
-    names = resolve_targets(model, method)
-    save_names = default_modules_to_save(method.modules_to_save, task)
+    modules.freeze(model)
+    names = resolve_targets(model, config)
+    save_names, required = saved_modules(config, context.task)
     # A layer inside a module trained in full (the classifier head) gets no LoRA: it trains anyway.
-    inside = [name for name in names if any(covers(s, name) for s in save_names)]
+    inside = [name for name in names if any(layout.covers(s, name) for s in save_names)]
     if inside:
         if len(inside) == len(names):
             raise UserError(
@@ -157,54 +168,70 @@ def inject(model: nn.Module, method: MethodSection, task: str) -> nn.Module:
         names = [name for name in names if name not in inside]
     for name in names:
         layer = model.get_submodule(name)
-        in_features, out_features = common.layer_shape(layer)
-        if method.rank > min(in_features, out_features):
-            limit = min(in_features, out_features)
+        in_features, out_features = modules.layer_shape(layer)
+        if config.rank > min(in_features, out_features):
             raise UserError(
-                f"method.rank: {method.rank} is larger than layer `{name}` allows "
-                f"(in {in_features}, out {out_features}): use a rank <= {limit}"
+                f"method.rank: {config.rank} is larger than layer `{name}` allows "
+                f"(in {in_features}, out {out_features}): use a rank <= {min(in_features, out_features)}"
             )
-        wrapper = LoRALinear(layer, method.rank, method.alpha, method.dropout, method.use_rslora, method.init)
-        common.set_submodule(model, name, wrapper)
-    common.wrap_modules_to_save(model, save_names, required=method.modules_to_save is not None)
+        wrapper = wrap_layer(layer, config.rank, config.alpha, config.dropout, config.use_rslora, config.init)
+        modules.set_submodule(model, name, wrapper)
+    modules.wrap_modules_to_save(model, save_names, required=required)
     return model
 
 
-def _factor_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Every LoRA factor under its adapter-file key."""
-    return {
-        f"{KEY_PREFIX}{name}.{part}.weight": getattr(layer, part).weight
-        for name, layer in lora_layers(model)
-        for part in ("lora_A", "lora_B")
-    }
+def adapter_state(model) -> dict[str, Tensor]:
+    return modules.layer_state(model, NAME)
 
 
-def adapter_state(model: nn.Module) -> dict[str, Tensor]:
-    state = {key: p.detach() for key, p in _factor_parameters(model).items()}
-    state.update(common.modules_to_save_state(model))
-    return state
+def load_adapter_state(model, state: dict[str, Tensor]) -> None:
+    modules.load_layer_state(model, NAME, state)
 
 
-def load_adapter_state(model: nn.Module, state: dict[str, Tensor]) -> None:
-    common.load_state_strict(model, _factor_parameters(model), state)
+def merge(model):
+    """Fold W += scale * B @ A into every base layer and unwrap; returns the plain transformers model."""
+    return modules.merge_layers(model, NAME, fold, "LoRA")
 
 
-def adapter_config(model: nn.Module, method: MethodSection, task: str) -> dict:
+# --------------------------------------------------------------------------------------------------
+# Counting from shapes: what inject() adds, by the same rules (layout.py) on names and sizes
+
+
+def count(shapes: Shapes, config: Config, saved: list[str]) -> tuple[int, int]:
+    """(trainable, added) parameters of LoRA on the model `shapes` describes; `saved`: modules trained in
+    full (counted by the caller)."""
+    targets = config.target_modules
+    if targets is None:
+        targets = layout.default_targets(shapes.model_type)
+    skip = {shapes.output_head} if targets == "all-linear" and shapes.output_head else set()
+    names = layout.select_targets(list(shapes.linears), targets, skip)
+    names = [n for n in names if not layout.inside(n, saved)]
+    layers = [shapes.linears[n] for n in names]
+    if not layers or any(config.rank > min(x.in_features, x.out_features) for x in layers):
+        raise NotModelled("inject() refuses this")
+    added = sum(config.rank * (x.in_features + x.out_features) for x in layers)
+    return added, added
+
+
+# --------------------------------------------------------------------------------------------------
+# adapter_config.json, both ways
+
+
+def adapter_config(model, config: Config, task: str) -> dict:
     """The LoRA fields of HF PEFT's adapter_config.json, enough for ``PeftModel.from_pretrained``."""
     layers = lora_layers(model)
     if not layers:
-        raise AdapterError("the model holds no LoRA layers: nothing to describe")
-    modules_to_save = default_modules_to_save(method.modules_to_save, task)
-    alpha = int(method.alpha) if float(method.alpha).is_integer() else method.alpha
+        raise modules.AdapterError("the model holds no LoRA layers: nothing to describe")
+    alpha = int(config.alpha) if float(config.alpha).is_integer() else config.alpha
     return {
-        "r": method.rank,
+        "r": config.rank,
         "lora_alpha": alpha,
-        "lora_dropout": method.dropout,
+        "lora_dropout": config.dropout,
         "target_modules": _target_names(model, [name for name, _ in layers]),
         "exclude_modules": None,
-        "use_rslora": method.use_rslora,
-        "init_lora_weights": "gaussian" if method.init == "gaussian" else True,
-        "modules_to_save": modules_to_save or None,
+        "use_rslora": config.use_rslora,
+        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+        "modules_to_save": saved_modules(config, task)[0] or None,
         "bias": "none",
         # HF PEFT's flag for weights stored (in, out); it sets it for Conv1D layers itself as well.
         "fan_in_fan_out": any(layer.fan_in_fan_out for _, layer in layers),
@@ -217,7 +244,7 @@ def adapter_config(model: nn.Module, method: MethodSection, task: str) -> dict:
     }
 
 
-def _target_names(model: nn.Module, wrapped: list[str]) -> list[str]:
+def _target_names(model, wrapped: list[str]) -> list[str]:
     """The leaf names (``q_proj``) when they pick out exactly the wrapped layers, else the full names.
 
     HF PEFT matches a list entry as the full name or a ``.``-suffix, against every module; a regex or a
@@ -259,21 +286,21 @@ _UNSUPPORTED: dict[str, object] = {
 _INIT_ONLY = ("pissa", "olora", "corda", "loftq", "eva", "orthogonal", "lora_ga", "mica")
 
 
-def method_from_config(config: dict) -> MethodSection:
-    """A MethodSection from an adapter_config.json written here or by HF PEFT."""
+def config_from_adapter(fields: dict) -> Config:
+    """The Config of an adapter_config.json written here or by HF PEFT."""
     for field, default in _UNSUPPORTED.items():
-        value = config.get(field, default)
+        value = fields.get(field, default)
         if value != default and (default or value):  # [] or {} for None: still the default
             raise UserError(
                 f"adapter_config.json: {field} = {value!r} is not supported by peftcli's LoRA "
                 f"(it changes the adapter's math or layers; supported: {default!r})"
             )
-    rank, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    rank, alpha = fields.get("r", 8), fields.get("lora_alpha", 8)
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
         raise UserError(f"adapter_config.json: r must be a positive integer, got {rank!r}")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
         raise UserError(f"adapter_config.json: lora_alpha must be a positive number, got {alpha!r}")
-    init = config.get("init_lora_weights", True)
+    init = fields.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower() == "gaussian":
         init = "gaussian"
     elif init is True:
@@ -287,47 +314,16 @@ def method_from_config(config: dict) -> MethodSection:
         init = "kaiming"
     else:
         raise UserError(f"adapter_config.json: init_lora_weights = {init!r} is not a known initialisation")
-    targets = config.get("target_modules")
+    targets = fields.get("target_modules")
     if isinstance(targets, (list, tuple, set)):
         targets = sorted(targets)  # HF PEFT writes a set; order never matters for matching
-    modules_to_save = config.get("modules_to_save")
-    return MethodSection(
-        name="lora",
+    modules_to_save = fields.get("modules_to_save")
+    return Config(
         rank=rank,
         alpha=float(alpha),
-        dropout=float(config.get("lora_dropout", 0.0) or 0.0),
+        dropout=float(fields.get("lora_dropout", 0.0) or 0.0),
         target_modules=targets,
-        use_rslora=bool(config.get("use_rslora", False)),
+        use_rslora=bool(fields.get("use_rslora", False)),
         init=init,
         modules_to_save=list(modules_to_save) if modules_to_save is not None else None,
     )
-
-
-def merge(model: nn.Module) -> nn.Module:
-    """Fold W += scale * B @ A into every base layer and unwrap; returns the plain transformers model."""
-    tied = _tied_parameters(model)
-    layers = lora_layers(model)
-    for name, layer in layers:  # all checks before the first change: never leave a half-merged model
-        if id(layer.base.weight) in tied:
-            raise UserError(
-                f"cannot merge LoRA into `{name}`: its weight is shared with another layer "
-                "(tied embeddings), which the merge would change too"
-            )
-    for name, layer in layers:
-        weight = layer.base.weight
-        delta = delta_weight(layer.lora_A.weight, layer.lora_B.weight, layer.scale, layer.fan_in_fan_out)
-        with torch.no_grad():
-            weight.copy_((weight.to(delta.dtype) + delta).to(weight.dtype))
-        common.set_submodule(model, name, layer.base)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, common.ModulesToSave):
-            common.set_submodule(model, name, module.trained)
-    return model
-
-
-def _tied_parameters(model: nn.Module) -> set[int]:
-    """ids of parameters reachable under more than one name."""
-    seen: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        seen[id(p)] = seen.get(id(p), 0) + 1
-    return {pid for pid, count in seen.items() if count > 1}

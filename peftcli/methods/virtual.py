@@ -4,24 +4,26 @@ Neither method changes a layer, so neither can be swapped in place. `VirtualToke
 as ``.base_model``, answers what a training loop or ``generate`` asks of a model (``config``, ``device``,
 ``generation_config``, ``get_input_embeddings`` ...) by asking the base model, and holds the helpers both
 methods need: the attention mask grown by the virtual tokens, the batch size a ``generate`` call will reach,
-and the classification head's state under HF PEFT's prompt-learning keys.
+and the classification head's state under HF PEFT's prompt-learning keys. Its ``forward`` and ``generate``
+are the method's own functions (prefix.py, prompt.py), so each method's math stays in its own module.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from peftcli.errors import UserError
-from peftcli.layout import default_modules_to_save
-from peftcli.methods.common import (
+from peftcli.methods.base import MethodConfig, saved_modules
+from peftcli.methods.modules import (
     KEY_PREFIX,
     AdapterError,
     load_modules_to_save_state,
     modules_to_save_state,
     wrap_modules_to_save,
 )
-from peftcli.recipe import MethodSection
 
 # HF PEFT stores a prompt-learning model's head under `base_model.<path>`: its base_model is the transformers
 # model itself, not a tuner wrapping it as for LoRA (`base_model.model.<path>`).
@@ -31,18 +33,34 @@ HEAD_KEY_PREFIX = "base_model."
 class VirtualTokenModel(nn.Module):
     """A frozen base model plus `num_virtual_tokens` trainable tokens that every input sees first.
 
-    Subclasses implement ``forward`` and ``generate``; anything else is looked up on the base model, so a
+    ``run_forward(self, input_ids, attention_mask, labels, **kwargs)`` and ``run_generate(self, input_ids,
+    attention_mask, **kwargs)`` are the method's; anything else is looked up on the base model, so a
     training loop can call ``model.config`` or ``model.get_input_embeddings()`` as it would on the base.
+    ``no_checkpointing``: why the method cannot train with activation checkpointing, if it cannot.
     """
 
-    def __init__(self, base_model: nn.Module, num_virtual_tokens: int, task: str):
+    def __init__(
+        self,
+        base_model: nn.Module,
+        method: str,
+        num_virtual_tokens: int,
+        task: str,
+        run_forward: Callable,
+        run_generate: Callable,
+        label: str,
+        no_checkpointing: str | None = None,
+        **settings,
+    ):
         super().__init__()
         self.base_model = base_model
-        self.num_virtual_tokens = num_virtual_tokens
-        self.task = task
+        self.method, self.num_virtual_tokens, self.task = method, num_virtual_tokens, task
+        self.run_forward, self.run_generate, self.label = run_forward, run_generate, label
+        self.no_checkpointing = no_checkpointing
         # Leading positions of the outputs (logits, hidden states) that belong to virtual tokens: a loop that
         # computes its own loss from them drops these first.
         self.output_offset = 0
+        for name, value in settings.items():
+            setattr(self, name, value)
 
     def __getattr__(self, name: str):
         try:
@@ -51,6 +69,25 @@ class VirtualTokenModel(nn.Module):
             if name == "base_model":  # not set yet: do not recurse
                 raise
             return getattr(self.base_model, name)
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        return self.run_forward(self, input_ids, attention_mask, labels, **kwargs)
+
+    def generate(self, input_ids=None, attention_mask=None, **kwargs):
+        return self.run_generate(self, input_ids, attention_mask, **kwargs)
+
+    def gradient_checkpointing_enable(self, *args, **kwargs):
+        if self.no_checkpointing:
+            raise UserError(self.no_checkpointing)
+        return self.base_model.gradient_checkpointing_enable(*args, **kwargs)
+
+    def activation_checkpointing_enable(self, *args, **kwargs):  # the name transformers 5 prefers
+        if self.no_checkpointing:
+            raise UserError(self.no_checkpointing)
+        return self.base_model.activation_checkpointing_enable(*args, **kwargs)
+
+    def _get_name(self) -> str:
+        return self.label
 
     @property
     def device(self) -> torch.device:
@@ -142,10 +179,10 @@ def check_not_seq2seq(model: nn.Module, method: str) -> None:
 # The classification head (modules_to_save) under HF PEFT's prompt-learning keys
 
 
-def wrap_heads(base_model: nn.Module, method: MethodSection, task: str) -> list[str]:
+def wrap_heads(base_model: nn.Module, config: MethodConfig, task: str) -> list[str]:
     """Train the classification head in full for sequence classification (and whatever the recipe names)."""
-    names = default_modules_to_save(method.modules_to_save, task)
-    return wrap_modules_to_save(base_model, names, required=method.modules_to_save is not None)
+    names, required = saved_modules(config, task)
+    return wrap_modules_to_save(base_model, names, required=required)
 
 
 def heads_state(base_model: nn.Module) -> dict[str, Tensor]:
@@ -167,29 +204,12 @@ def load_heads_state(base_model: nn.Module, state: dict[str, Tensor]) -> set[str
     return {renamed[key] for key in used}
 
 
-def config_modules_to_save(method: MethodSection, task: str) -> list[str] | None:
-    names = default_modules_to_save(method.modules_to_save, task)
-    return names or None
-
-
-def modules_to_save_from_config(config: dict, task_type: str | None) -> list[str] | None:
-    """HF PEFT appends the classifier names once more on every load of a SEQ_CLS adapter: drop the repeats."""
-    names = config.get("modules_to_save")
-    if names is None:
-        return None
-    unique = list(dict.fromkeys(names))
-    # Our own default for sequence classification: keep the recipe's "not set" meaning.
-    if task_type == "SEQ_CLS" and unique == ["classifier", "score"]:
-        return None
-    return unique
-
-
 # --------------------------------------------------------------------------------------------------
 # Shared parts of the contract functions
 
 
-def unwrap(model: nn.Module, cls: type, method: str) -> VirtualTokenModel:
-    if not isinstance(model, cls):
+def unwrap(model: nn.Module, method: str) -> VirtualTokenModel:
+    if not (isinstance(model, VirtualTokenModel) and model.method == method):
         raise AdapterError(
             f"this model carries no {method} adapter (got {type(model).__name__}); inject {method} first"
         )
@@ -197,7 +217,7 @@ def unwrap(model: nn.Module, cls: type, method: str) -> VirtualTokenModel:
 
 
 def prompt_learning_config(
-    model: VirtualTokenModel, token_dim: int, num_attention_heads: int, method: MethodSection
+    model: VirtualTokenModel, token_dim: int, num_attention_heads: int, config: MethodConfig
 ) -> dict:
     """The fields every HF PEFT prompt-learning config carries."""
     return {
@@ -206,20 +226,5 @@ def prompt_learning_config(
         "num_transformer_submodules": 1,  # 2 only for encoder-decoder models, which these wrappers refuse
         "num_attention_heads": num_attention_heads,
         "num_layers": num_layers_of(model.base_model),
-        "modules_to_save": config_modules_to_save(method, model.task),
+        "modules_to_save": saved_modules(config, model.task)[0] or None,
     }
-
-
-def check_prompt_learning_config(config: dict, method: str) -> None:
-    """Refuse what would change the math here: two virtual-token sets (encoder-decoder models)."""
-    submodules = config.get("num_transformer_submodules") or 1
-    if submodules != 1:
-        raise UserError(
-            f"adapter_config.json: num_transformer_submodules={submodules} (an encoder-decoder "
-            f"{method} adapter) is not supported; only 1"
-        )
-    num_virtual_tokens = config.get("num_virtual_tokens")
-    if not isinstance(num_virtual_tokens, int) or num_virtual_tokens <= 0:
-        raise UserError(
-            f"adapter_config.json: num_virtual_tokens must be a positive integer, got {num_virtual_tokens!r}"
-        )

@@ -12,18 +12,17 @@ from tiny import batch, logits, one_step_changes, randomise, task_of, tiny_confi
 from torch import nn
 from transformers import AutoModelForSequenceClassification
 
-from peftcli.checkpoint import load_adapter, save_adapter
 from peftcli.errors import UserError
-from peftcli.methods import bitfit
-from peftcli.methods.common import KEY_PREFIX, AdapterError, ModulesToSave, count_parameters
-from peftcli.recipe import MethodSection
+from peftcli.methods import Context, MethodConfig, bitfit, make_config
+from peftcli.methods.modules import KEY_PREFIX, AdapterError, ModulesToSave, count_parameters
+from peftcli.runs.adapter import load_adapter, save_adapter
 
 BIASED = ["gpt2", "opt", "bert", "roberta"]  # llama has no biases at all
 HEADS = {"bert": "classifier", "roberta": "classifier"}
 
 
-def method(**fields) -> MethodSection:
-    return MethodSection(name="bitfit", **fields)
+def method(**fields) -> MethodConfig:
+    return make_config("bitfit", **fields)
 
 
 def base_biases(model: nn.Module, head: str | None) -> dict[str, int]:
@@ -45,7 +44,7 @@ def test_all_biases_train_and_counts(arch):
     expected_biases = base_biases(base, head)
     head_params = sum(p.numel() for p in base.get_submodule(head).parameters()) if head else 0
     _, base_total = count_parameters(base)
-    model = bitfit.inject(base, method(), task_of(arch))
+    model = bitfit.inject(base, method(), Context(task_of(arch)))
     trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
     biases = {n: k for n, k in trainable.items() if ".trained." not in n}
     assert biases == expected_biases
@@ -59,7 +58,7 @@ def test_all_biases_train_and_counts(arch):
 
 @pytest.mark.parametrize("arch", BIASED)
 def test_one_step_changes_only_biases_and_head(arch):
-    model = bitfit.inject(tiny_model(arch), method(), task_of(arch))
+    model = bitfit.inject(tiny_model(arch), method(), Context(task_of(arch)))
     trainable = trainable_names(model)
     changed = one_step_changes(model, task_of(arch))
     assert changed <= trainable
@@ -69,13 +68,13 @@ def test_one_step_changes_only_biases_and_head(arch):
 
 def test_init_output_equals_base():
     base = tiny_model("bert")
-    model = bitfit.inject(copy.deepcopy(base), method(), "sequence-classification")
+    model = bitfit.inject(copy.deepcopy(base), method(), Context("sequence-classification"))
     assert torch.equal(logits(model, batch()), logits(base, batch()))
 
 
 def test_subset_by_name_and_suffix():
     model = bitfit.inject(
-        tiny_model("bert"), method(biases=["query", "intermediate.dense"]), "sequence-classification"
+        tiny_model("bert"), method(biases=["query", "intermediate.dense"]), Context("sequence-classification")
     )
     selected = sorted(n for n, p in model.named_parameters() if p.requires_grad and ".trained." not in n)
     assert selected == sorted(
@@ -84,34 +83,36 @@ def test_subset_by_name_and_suffix():
         for m in ("attention.self.query", "intermediate.dense")
     )
     # `output.dense` is a suffix of both the attention output and the feed-forward output.
-    model = bitfit.inject(tiny_model("bert"), method(biases=["output.dense"]), "sequence-classification")
+    model = bitfit.inject(
+        tiny_model("bert"), method(biases=["output.dense"]), Context("sequence-classification")
+    )
     selected = {n for n, p in model.named_parameters() if p.requires_grad and ".trained." not in n}
     assert selected == {
         f"bert.encoder.layer.{i}.{m}.bias"
         for i in range(2)
         for m in ("attention.output.dense", "output.dense")
     }
-    model = bitfit.inject(tiny_model("gpt2"), method(biases=["c_attn"]), "causal-lm")
+    model = bitfit.inject(tiny_model("gpt2"), method(biases=["c_attn"]), Context("causal-lm"))
     assert count_parameters(model)[0] == 2 * 3 * 32  # c_attn's bias is (3 * n_embd,) in each of 2 layers
 
 
 def test_subset_no_match_is_a_user_error():
     with pytest.raises(UserError, match=r"method.biases: `quary`.*did you mean `query`.*intermediate"):
-        bitfit.inject(tiny_model("bert"), method(biases=["quary"]), "sequence-classification")
+        bitfit.inject(tiny_model("bert"), method(biases=["quary"]), Context("sequence-classification"))
     with pytest.raises(UserError, match="method.biases"):
-        bitfit.inject(tiny_model("bert"), method(biases="query"), "sequence-classification")
+        bitfit.inject(tiny_model("bert"), method(biases="query"), Context("sequence-classification"))
     with pytest.raises(UserError, match="method.biases"):
-        bitfit.inject(tiny_model("bert"), method(biases=[]), "sequence-classification")
+        bitfit.inject(tiny_model("bert"), method(biases=[]), Context("sequence-classification"))
 
 
 @pytest.mark.parametrize("task", ["causal-lm", "sequence-classification"])
 def test_llama_has_no_biases(task):
     with pytest.raises(UserError, match=r"llama has no bias terms.*lora"):
-        bitfit.inject(tiny_model("llama", task), method(), task)
+        bitfit.inject(tiny_model("llama", task), method(), Context(task))
 
 
 def test_head_bias_is_the_heads_not_bitfits():
-    model = bitfit.inject(tiny_model("bert"), method(), "sequence-classification")
+    model = bitfit.inject(tiny_model("bert"), method(), Context("sequence-classification"))
     assert "classifier" not in " ".join(bitfit.bias_modules(model))
     state = bitfit.adapter_state(model)
     assert state["base_model.model.classifier.bias"] is not None
@@ -122,7 +123,7 @@ def test_head_bias_is_the_heads_not_bitfits():
 
 @pytest.mark.parametrize("arch", BIASED)
 def test_state_keys_are_base_parameter_names(arch):
-    model = bitfit.inject(tiny_model(arch), method(), task_of(arch))
+    model = bitfit.inject(tiny_model(arch), method(), Context(task_of(arch)))
     base_names = set(dict(tiny_model(arch).named_parameters()))
     keys = set(bitfit.adapter_state(model))
     assert keys and all(k.startswith(KEY_PREFIX) for k in keys)
@@ -133,7 +134,7 @@ def test_state_keys_are_base_parameter_names(arch):
 def test_save_load_round_trip(arch, tmp_path):
     task = task_of(arch)
     section = method(biases="all")
-    model = bitfit.inject(tiny_model(arch), section, task)
+    model = bitfit.inject(tiny_model(arch), section, Context(task))
     randomise(model, scale=1.0)
     inputs = batch()
     trained = logits(model, inputs)
@@ -148,7 +149,7 @@ def test_save_load_round_trip(arch, tmp_path):
 
 def test_subset_round_trip(tmp_path):
     section = method(biases=["query", "value"])
-    model = bitfit.inject(tiny_model("roberta"), section, "sequence-classification")
+    model = bitfit.inject(tiny_model("roberta"), section, Context("sequence-classification"))
     randomise(model, scale=1.0)
     save_adapter(model, section, "sequence-classification", "tiny", tmp_path)
     loaded, _ = load_adapter(tiny_model("roberta"), tmp_path)
@@ -158,7 +159,7 @@ def test_subset_round_trip(tmp_path):
 
 @pytest.mark.parametrize("arch", BIASED)
 def test_merge_equals_unmerged(arch, tmp_path):
-    model = bitfit.inject(tiny_model(arch), method(), task_of(arch))
+    model = bitfit.inject(tiny_model(arch), method(), Context(task_of(arch)))
     randomise(model, scale=1.0)
     inputs = batch()
     unmerged = logits(model, inputs)
@@ -178,7 +179,7 @@ def test_merge_equals_unmerged(arch, tmp_path):
 
 
 def test_load_rejects_wrong_keys_and_shapes():
-    model = bitfit.inject(tiny_model("opt"), method(), "causal-lm")
+    model = bitfit.inject(tiny_model("opt"), method(), Context("causal-lm"))
     state = bitfit.adapter_state(model)
     key = next(iter(state))
     with pytest.raises(AdapterError, match="missing"):
@@ -194,26 +195,26 @@ def test_load_rejects_wrong_keys_and_shapes():
 def test_meta_device_inject_counts():
     with torch.device("meta"):
         meta = AutoModelForSequenceClassification.from_config(tiny_config("bert"))
-    model = bitfit.inject(meta, method(), "sequence-classification")
+    model = bitfit.inject(meta, method(), Context("sequence-classification"))
     assert count_parameters(model) == count_parameters(
-        bitfit.inject(tiny_model("bert"), method(), "sequence-classification")
+        bitfit.inject(tiny_model("bert"), method(), Context("sequence-classification"))
     )
     assert all(p.is_meta for p in model.parameters())
 
 
 def test_config_round_trip_and_validation():
     section = method(biases=["query"])
-    model = bitfit.inject(tiny_model("bert"), section, "sequence-classification")
+    model = bitfit.inject(tiny_model("bert"), section, Context("sequence-classification"))
     config = bitfit.adapter_config(model, section, "sequence-classification")
     assert config["biases"] == ["query"]
     assert config["target_modules"] == [f"bert.encoder.layer.{i}.attention.self.query" for i in range(2)]
     assert config["modules_to_save"] == ["classifier", "score"]
-    rebuilt = bitfit.method_from_config({**config, "unknown_field": True})
+    rebuilt = bitfit.config_from_adapter({**config, "unknown_field": True})
     assert rebuilt.name == "bitfit" and rebuilt.biases == config["target_modules"]
-    assert bitfit.method_from_config({"biases": "all"}).biases == "all"
+    assert bitfit.config_from_adapter({"biases": "all"}).biases == "all"
     with pytest.raises(UserError, match="biases"):
-        bitfit.method_from_config({"biases": 3})
+        bitfit.config_from_adapter({"biases": 3})
     with pytest.raises(UserError, match="target_modules"):
-        bitfit.method_from_config({"target_modules": "query"})
+        bitfit.config_from_adapter({"target_modules": "query"})
     with pytest.raises(UserError, match="modules_to_save"):
-        bitfit.method_from_config({"modules_to_save": "classifier"})
+        bitfit.config_from_adapter({"modules_to_save": "classifier"})

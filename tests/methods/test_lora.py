@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections import Counter
 
 import peft
 import pytest
@@ -12,6 +11,9 @@ import torch
 from tiny import (
     ARCHS,
     HF_TASK,
+    assert_lora_dropout,
+    assert_lora_dtypes,
+    assert_lora_formula,
     batch,
     llama_2_7b_config,
     logits,
@@ -21,27 +23,24 @@ from tiny import (
     tiny_model,
     trainable_names,
 )
-from torch import nn
 from transformers import AutoModelForCausalLM
-from transformers.pytorch_utils import Conv1D
 
-from peftcli import checkpoint
 from peftcli.errors import UserError
-from peftcli.methods import common, lora
-from peftcli.methods.common import AdapterError
-from peftcli.recipe import MethodSection
+from peftcli.methods import Context, MethodConfig, lora, make_config, modules
+from peftcli.methods.modules import AdapterError
+from peftcli.runs import adapter as checkpoint
 
 # LoRA's B starts at zero: a small perturbation already makes a wrong load or a wrong scale show.
 NOISE = 0.1
 
 
-def method(**fields) -> MethodSection:
-    return MethodSection(name="lora", **fields)
+def method(**fields) -> MethodConfig:
+    return make_config("lora", **fields)
 
 
 def injected(arch: str, seed: int = 0, **fields):
     task = task_of(arch)
-    model = lora.inject(tiny_model(arch, task, seed=seed), method(**fields), task)
+    model = lora.inject(tiny_model(arch, task, seed=seed), method(**fields), Context(task))
     return model, task
 
 
@@ -77,107 +76,41 @@ def test_only_lora_and_head_train_and_one_step_changes_only_them(arch):
 def test_counts_equal_hf(arch):
     model, task = injected(arch)
     hf = peft.get_peft_model(tiny_model(arch, task), hf_config(task, r=8, target_modules=None))
-    assert common.count_parameters(model) == hf.get_nb_trainable_parameters()
+    assert modules.count_parameters(model) == hf.get_nb_trainable_parameters()
 
 
 def test_meta_device_count_llama_7b():
     config = llama_2_7b_config()
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    model = lora.inject(model, method(rank=8, target_modules=["q_proj", "v_proj"]), "causal-lm")
-    assert common.count_parameters(model) == (4_194_304, 6_742_609_920)
+    model = lora.inject(model, method(rank=8, target_modules=["q_proj", "v_proj"]), Context("causal-lm"))
+    assert modules.count_parameters(model) == (4_194_304, 6_742_609_920)
     assert all(layer.lora_A.weight.is_meta for _, layer in lora.lora_layers(model))
 
 
 def test_factors_follow_base_dtype():
     model = tiny_model("llama").to(torch.bfloat16)
-    model = lora.inject(model, method(), "causal-lm")
+    model = lora.inject(model, method(), Context("causal-lm"))
     _, layer = lora.lora_layers(model)[0]
     assert layer.lora_A.weight.dtype == layer.lora_B.weight.dtype == torch.bfloat16
     assert model(**batch()).logits.dtype == torch.bfloat16
 
 
 # --------------------------------------------------------------------------------------------------
-# The efficient forward against the plain formula
+# The forward against the formula (peftcli/fast/lora.py's faster forward: tests/fast/test_lora.py)
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
-def test_inplace_forward_has_the_plain_formula_loss_and_gradients(kind):
-    torch.manual_seed(0)
-    base = nn.Linear(12, 10) if kind == "linear" else Conv1D(10, 12)
-    layer = lora.LoRALinear(base, rank=4, alpha=8.0)
-    nn.init.normal_(layer.lora_B.weight)
-    x = torch.randn(3, 5, 12, requires_grad=True)  # x needs grad, as after an earlier adapted layer
-    target = torch.randn(3, 5, 10)
-
-    def plain(x):
-        weight = base.weight.T if kind == "conv1d" else base.weight
-        lora_path = (x @ layer.lora_A.weight.T) @ layer.lora_B.weight.T
-        return x @ weight.T + base.bias + layer.scale * lora_path
-
-    grads = []
-    for forward in (layer, plain):
-        loss = ((forward(x) - target) ** 2).sum()
-        grads.append(
-            (loss.detach(), *torch.autograd.grad(loss, [x, layer.lora_A.weight, layer.lora_B.weight]))
-        )
-    for ours, reference in zip(*grads, strict=True):
-        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
-    assert layer.scale == 2.0
-
-
-def graph_ops(tensor: torch.Tensor) -> Counter[str]:
-    """How many nodes of each type the autograd graph of `tensor` has."""
-    ops, seen, stack = Counter(), set(), [tensor.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is not None and node not in seen:
-            seen.add(node)
-            ops[type(node).__name__] += 1
-            stack.extend(next_node for next_node, _ in node.next_functions)
-    return ops
-
-
-@pytest.mark.parametrize("base", [nn.Linear(12, 10), Conv1D(10, 12)], ids=["linear", "conv1d"])
-def test_forward_adds_in_place_without_a_gradient_copy(base):
-    # The low-rank term goes into the base output with one addmm_; an in-place add on a view would
-    # record CopySlices (a full-size gradient copy), and the plain formula a full-size Mul.
-    layer = lora.LoRALinear(base.requires_grad_(False), rank=4, alpha=8.0)
-    ops = graph_ops(layer(torch.randn(3, 5, 12, requires_grad=True)))
-    # two products: the frozen base's (a Linear's through oneDNN, see frozen_linear) and the low-rank add
-    if isinstance(base, nn.Linear):
-        assert ops["_FrozenLinearBackward"] == 1 and ops["AddmmBackward0"] == 1
-    else:
-        assert ops["AddmmBackward0"] == 2
-    assert not ops.keys() & {"CopySlices", "MulBackward0", "AddBackward0"}
+def test_forward_has_the_formula_loss_and_gradients(kind):
+    assert_lora_formula(kind)
 
 
 def test_autocast_and_fp32_factors_on_a_half_base():
-    torch.manual_seed(0)
-    layer = lora.LoRALinear(nn.Linear(16, 8), rank=4, alpha=8.0)
-    nn.init.normal_(layer.lora_B.weight)
-    x = torch.randn(2, 3, 16)
-    reference = layer(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = layer(x)
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05)
-    half = lora.LoRALinear(nn.Linear(16, 8).bfloat16(), rank=4, alpha=8.0)
-    half.lora_A.float(), half.lora_B.float()  # a trainer may keep the factors in fp32
-    half(x.bfloat16()).float().sum().backward()
-    assert half.lora_B.weight.grad.dtype == torch.float32
+    assert_lora_dtypes()
 
 
 def test_dropout_is_skipped_at_zero_and_applied_otherwise():
-    assert lora.LoRALinear(nn.Linear(8, 8), 2, 4.0, dropout=0.0).dropout is None
-    layer = lora.LoRALinear(nn.Linear(8, 8), 2, 4.0, dropout=0.5)
-    nn.init.normal_(layer.lora_B.weight)
-    x = torch.randn(4, 8)
-    layer.train()
-    torch.manual_seed(0)
-    noisy = layer(x)
-    layer.eval()
-    assert not torch.allclose(noisy, layer(x))
+    assert_lora_dropout()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -275,7 +208,9 @@ def test_delta_weight_is_the_low_rank_product():
 
 
 def test_merge_refuses_a_tied_weight():
-    model = lora.inject(tiny_model("gpt2"), method(target_modules=["c_attn", "lm_head"]), "causal-lm")
+    model = lora.inject(
+        tiny_model("gpt2"), method(target_modules=["c_attn", "lm_head"]), Context("causal-lm")
+    )
     before = {n: p.clone() for n, p in model.named_parameters()}
     with pytest.raises(UserError, match="lm_head.*shared"):
         lora.merge(model)
@@ -303,7 +238,7 @@ def test_target_forms_names_suffixes_regex():
 
 def test_a_regex_subset_is_written_as_full_names_hf_can_load(tmp_path):
     section = method(target_modules=r"model\.layers\.1\.self_attn\.(q|v)_proj")
-    model = lora.inject(tiny_model("llama"), section, "causal-lm")
+    model = lora.inject(tiny_model("llama"), section, Context("causal-lm"))
     config = lora.adapter_config(model, section, "causal-lm")
     assert config["target_modules"] == wrapped(model)
     randomise(model, NOISE)
@@ -318,7 +253,7 @@ def test_all_linear_leaves_out_output_and_classifier_heads(arch):
     names = wrapped(model)
     assert names and not any(n.startswith(("lm_head", "classifier", "score")) for n in names)
     assert len(names) == sum(
-        common.is_linear(m)
+        modules.is_linear(m)
         for n, m in tiny_model(arch, task_of(arch)).named_modules()
         if not n.startswith(("lm_head", "classifier", "score"))
     )
@@ -350,13 +285,13 @@ def test_unknown_model_type_needs_target_modules():
     model = tiny_model("llama")
     model.config.model_type = "mystery"
     with pytest.raises(UserError, match="set method.target_modules"):
-        lora.inject(model, method(), "causal-lm")
+        lora.inject(model, method(), Context("causal-lm"))
 
 
 def test_injecting_twice_is_refused():
     model, task = injected("opt")
     with pytest.raises(UserError, match="already holds LoRA"):
-        lora.inject(model, method(), task)
+        lora.inject(model, method(), Context(task))
 
 
 def test_layers_inside_the_trained_head_are_left_to_it():
@@ -374,8 +309,8 @@ def test_layers_inside_the_trained_head_are_left_to_it():
 
 def test_method_from_config_inverts_adapter_config():
     section = method(rank=4, alpha=6.0, dropout=0.05, target_modules=["c_attn"], use_rslora=True)
-    model = lora.inject(tiny_model("gpt2"), copy.deepcopy(section), "causal-lm")
-    assert lora.method_from_config(lora.adapter_config(model, section, "causal-lm")) == section
+    model = lora.inject(tiny_model("gpt2"), copy.deepcopy(section), Context("causal-lm"))
+    assert lora.config_from_adapter(lora.adapter_config(model, section, "causal-lm")) == section
 
 
 @pytest.mark.parametrize(
@@ -395,7 +330,7 @@ def test_method_from_config_inverts_adapter_config():
 def test_method_from_config_refuses_what_changes_the_math(field, value):
     config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], field: value}
     with pytest.raises(UserError, match=field):
-        lora.method_from_config(config)
+        lora.config_from_adapter(config)
 
 
 def test_method_from_config_ignores_init_only_and_unused_fields():
@@ -414,6 +349,6 @@ def test_method_from_config_ignores_init_only_and_unused_fields():
         "layer_replication": None,
         "runtime_config": {"ephemeral_gpu_offload": False},
     }
-    section = lora.method_from_config(config)
+    section = lora.config_from_adapter(config)
     assert (section.rank, section.alpha, section.init) == (8, 16.0, "kaiming")
     assert section.target_modules == ["q_proj", "v_proj"]

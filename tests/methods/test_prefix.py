@@ -37,22 +37,22 @@ from tiny import (
 )
 from transformers import AutoModelForCausalLM
 
-from peftcli import checkpoint
 from peftcli.errors import UserError
-from peftcli.methods import BY_PEFT_TYPE, prefix
-from peftcli.methods.common import AdapterError, count_parameters
-from peftcli.recipe import MethodSection
+from peftcli.methods import Context, MethodConfig, by_peft_type, make_config, prefix
+from peftcli.methods.modules import AdapterError, count_parameters
+from peftcli.methods.virtual import VirtualTokenModel
+from peftcli.runs import adapter as checkpoint
 
 P = 4  # virtual tokens
 CASES = [(arch, task_of(arch)) for arch in ARCHS]
 
 
-def method(**fields) -> MethodSection:
-    return MethodSection(name="prefix-tuning", num_virtual_tokens=P, **fields)
+def method(**fields) -> MethodConfig:
+    return make_config("prefix-tuning", num_virtual_tokens=P, **fields)
 
 
-def injected(arch: str, task: str, seed: int = 0, **fields) -> prefix.PrefixTuningModel:
-    return prefix.inject(tiny_model(arch, task, seed=seed), method(**fields), task)
+def injected(arch: str, task: str, seed: int = 0, **fields) -> VirtualTokenModel:
+    return prefix.inject(tiny_model(arch, task, seed=seed), method(**fields), Context(task))
 
 
 def hf_model(arch: str, task: str, **fields) -> peft.PeftModel:
@@ -60,7 +60,7 @@ def hf_model(arch: str, task: str, **fields) -> peft.PeftModel:
     return peft.get_peft_model(tiny_model(arch, task), config)
 
 
-def copy_into_hf(ours: prefix.PrefixTuningModel, hf: peft.PeftModel) -> None:
+def copy_into_hf(ours: VirtualTokenModel, hf: peft.PeftModel) -> None:
     """Give HF PEFT's model our prefix encoder's and heads' weights."""
     hf.prompt_encoder["default"].load_state_dict(ours.prefix_encoder.state_dict())
     copy_heads_into_hf(ours.base_model, hf)
@@ -124,7 +124,7 @@ def test_gqa_prefix_has_key_value_heads_width():
     assert (model.num_kv_heads, model.head_dim) == (config.num_key_value_heads, head_dim)
     width = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim
     assert model.prefix_encoder.embedding.weight.shape == (P, width)
-    cache = model.prefix_cache(3)
+    cache = prefix.prefix_cache(model, 3)
     assert cache.layers[0].keys.shape == (3, config.num_key_value_heads, P, head_dim)
 
 
@@ -134,7 +134,7 @@ def test_projection_is_embedding_tanh_mlp():
     e = encoder.embedding.weight
     first, second = encoder.transform[0], encoder.transform[2]
     expected = torch.tanh(e @ first.weight.T + first.bias) @ second.weight.T + second.bias
-    torch.testing.assert_close(encoder(), expected)
+    torch.testing.assert_close(prefix.prefix_table(encoder), expected)
     assert first.weight.shape == (24, 32) and second.weight.shape == (2 * 2 * 32, 24)
 
 
@@ -182,7 +182,7 @@ def test_loss_equals_hf_and_masked_rows_do_not_leak():
 # Save and load: ours, HF's, both ways
 
 
-def saved(arch: str, task: str, projection: bool, directory: Path) -> prefix.PrefixTuningModel:
+def saved(arch: str, task: str, projection: bool, directory: Path) -> VirtualTokenModel:
     """A prefix-tuned model with perturbed weights, its adapter saved to `directory`."""
     ours = injected(arch, task, prefix_projection=projection)
     randomise(ours)
@@ -233,7 +233,7 @@ def test_config_fields_are_hf_s(tmp_path):
 def test_method_from_config_refuses_encoder_decoder_adapters():
     config = {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4, "num_transformer_submodules": 2}
     with pytest.raises(UserError, match="num_transformer_submodules"):
-        prefix.method_from_config(config)
+        prefix.config_from_adapter(config)
 
 
 def test_load_copies_in_place_so_an_optimizer_keeps_working():
@@ -281,13 +281,13 @@ def test_generate_from_inputs_embeds_and_with_beams():
 def test_generate_refuses_a_cache_and_gradient_checkpointing_is_refused():
     ours = injected("gpt2", "causal-lm")
     with pytest.raises(UserError, match="cache"):
-        ours.generate(**batch(), cache=ours.prefix_cache(2), max_new_tokens=1)
+        ours.generate(**batch(), cache=prefix.prefix_cache(ours, 2), max_new_tokens=1)
     with pytest.raises(UserError, match="gradient checkpointing"):
         ours.gradient_checkpointing_enable()
     base = tiny_model("gpt2")
     base.gradient_checkpointing_enable()
     with pytest.raises(UserError, match="gradient checkpointing"):
-        prefix.inject(base, method(), "causal-lm")
+        prefix.inject(base, method(), Context("causal-lm"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -297,12 +297,12 @@ def test_generate_refuses_a_cache_and_gradient_checkpointing_is_refused():
 def test_meta_device_and_dtype():
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(tiny_config("llama"))
-    wrapped = prefix.inject(meta, method(prefix_projection=True), "causal-lm")
+    wrapped = prefix.inject(meta, method(prefix_projection=True), Context("causal-lm"))
     assert wrapped.prefix_encoder.embedding.weight.is_meta
     assert count_parameters(wrapped) == count_parameters(
         injected("llama", "causal-lm", prefix_projection=True)
     )
-    bf16 = prefix.inject(tiny_model("opt").to(torch.bfloat16), method(), "causal-lm")
+    bf16 = prefix.inject(tiny_model("opt").to(torch.bfloat16), method(), Context("causal-lm"))
     assert bf16.prefix_encoder.embedding.weight.dtype == torch.bfloat16
     assert bf16(**batch()).logits.dtype == torch.bfloat16
 
@@ -316,5 +316,5 @@ def test_wrapper_passes_through_what_a_loop_needs():
 
 
 def test_registry_and_not_mergeable():
-    assert BY_PEFT_TYPE["PREFIX_TUNING"] is prefix
+    assert by_peft_type("PREFIX_TUNING") is prefix
     assert prefix.MERGEABLE is False and "peft generate" in prefix.WHY_NOT_MERGEABLE

@@ -34,11 +34,11 @@ from tiny import (
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from peftcli import checkpoint
 from peftcli.errors import UserError
-from peftcli.methods import BY_PEFT_TYPE, prompt
-from peftcli.methods.common import AdapterError, count_parameters
-from peftcli.recipe import MethodSection
+from peftcli.methods import Context, MethodConfig, by_peft_type, make_config, prompt
+from peftcli.methods.modules import AdapterError, count_parameters
+from peftcli.methods.virtual import VirtualTokenModel
+from peftcli.runs import adapter as checkpoint
 
 P = 4  # virtual tokens
 # Every architecture with its default task, and a decoder as a classifier.
@@ -47,12 +47,12 @@ HF_INIT = {"random": "RANDOM", "text": "TEXT", "vocab": "SAMPLE_VOCAB"}
 TEXT = "Classify:"
 
 
-def method(**fields) -> MethodSection:
-    return MethodSection(name="prompt-tuning", num_virtual_tokens=P, **fields)
+def method(**fields) -> MethodConfig:
+    return make_config("prompt-tuning", num_virtual_tokens=P, **fields)
 
 
-def injected(arch: str, task: str, seed: int = 0, **fields) -> prompt.PromptTuningModel:
-    return prompt.inject(tiny_model(arch, task, seed=seed), method(**fields), task)
+def injected(arch: str, task: str, seed: int = 0, **fields) -> VirtualTokenModel:
+    return prompt.inject(tiny_model(arch, task, seed=seed), method(**fields), Context(task))
 
 
 def hf_model(arch: str, task: str, **fields) -> peft.PeftModel:
@@ -60,7 +60,7 @@ def hf_model(arch: str, task: str, **fields) -> peft.PeftModel:
     return peft.get_peft_model(tiny_model(arch, task), config)
 
 
-def copy_into_hf(ours: prompt.PromptTuningModel, hf: peft.PeftModel) -> None:
+def copy_into_hf(ours: VirtualTokenModel, hf: peft.PeftModel) -> None:
     """Give HF PEFT's model our prompt's and heads' weights."""
     hf.prompt_encoder["default"].embedding.weight.data.copy_(ours.prompt.weight)
     copy_heads_into_hf(ours.base_model, hf)
@@ -153,8 +153,7 @@ def test_text_init_matches_hf(tmp_path):
     ours = prompt.inject(
         tiny_model("llama"),
         method(prompt_init="text", prompt_init_text="Hi"),
-        "causal-lm",
-        tokenizer=tokenizer,
+        Context("causal-lm", tokenizer),
     )
     hf = hf_model(
         "llama",
@@ -174,8 +173,7 @@ def test_text_init_cuts_long_text():
     ours = prompt.inject(
         tiny_model("gpt2"),
         method(prompt_init="text", prompt_init_text="abcdefgh"),
-        "causal-lm",
-        tokenizer=tokenizer,
+        Context("causal-lm", tokenizer),
     )
     ids = tokenizer("abcd")["input_ids"]
     torch.testing.assert_close(ours.prompt.weight, ours.get_input_embeddings().weight[ids])
@@ -185,7 +183,7 @@ def test_text_init_cuts_long_text():
 def test_random_and_vocab_init_match_hf_for_the_same_seed(init):
     ours_base, hf_base = tiny_model("opt"), tiny_model("opt")
     torch.manual_seed(11)
-    ours = prompt.inject(ours_base, method(prompt_init=init), "causal-lm")
+    ours = prompt.inject(ours_base, method(prompt_init=init), Context("causal-lm"))
     torch.manual_seed(11)
     config = peft.PromptTuningConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=P, prompt_tuning_init=HF_INIT[init]
@@ -198,7 +196,9 @@ def test_random_and_vocab_init_match_hf_for_the_same_seed(init):
 
 
 def test_text_init_without_tokenizer_is_an_error_until_loaded():
-    ours = prompt.inject(tiny_model("llama"), method(prompt_init="text", prompt_init_text="Hi"), "causal-lm")
+    ours = prompt.inject(
+        tiny_model("llama"), method(prompt_init="text", prompt_init_text="Hi"), Context("causal-lm")
+    )
     with pytest.raises(UserError, match="prompt_init"):
         ours(**batch())
     with pytest.raises(UserError, match="prompt_init"):
@@ -212,7 +212,7 @@ def test_text_init_finds_the_tokenizer_saved_with_the_model(tmp_path):
 
     save_tiny(tmp_path, "llama")
     base = AutoModelForCausalLM.from_pretrained(tmp_path)
-    ours = prompt.inject(base, method(prompt_init="text", prompt_init_text="Hi"), "causal-lm")
+    ours = prompt.inject(base, method(prompt_init="text", prompt_init_text="Hi"), Context("causal-lm"))
     ids = tiny_tokenizer()("Hi")["input_ids"] * 2
     torch.testing.assert_close(ours.prompt.weight, base.get_input_embeddings().weight[ids])
     config = prompt.adapter_config(ours, method(prompt_init="text", prompt_init_text="Hi"), "causal-lm")
@@ -238,7 +238,7 @@ def test_hf_loads_our_adapter(tmp_path, arch, task):
     tokenizer.save_pretrained(tmp_path / "tokenizer")
     tokenizer.name_or_path = str(tmp_path / "tokenizer")
     fields = {"prompt_init": "text", "prompt_init_text": TEXT}
-    ours = prompt.inject(tiny_model(arch, task), method(**fields), task, tokenizer=tokenizer)
+    ours = prompt.inject(tiny_model(arch, task), method(**fields), Context(task, tokenizer))
     randomise(ours)
     checkpoint.save_adapter(ours, method(**fields), task, "tiny", tmp_path / "adapter")
     hf = peft.PeftModel.from_pretrained(tiny_model(arch, task), tmp_path / "adapter")
@@ -268,17 +268,17 @@ def test_config_fields_are_hf_s(tmp_path):
         "tokenizer_name_or_path",
     ]
     assert {k: ours_config[k] for k in fields} == {k: hf_config[k] for k in fields}
-    assert prompt.method_from_config(ours_config) == method()
+    assert prompt.config_from_adapter(ours_config) == method()
 
 
 def test_method_from_config_errors():
     base = {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 4}
     with pytest.raises(UserError, match="num_transformer_submodules"):
-        prompt.method_from_config({**base, "num_transformer_submodules": 2})
+        prompt.config_from_adapter({**base, "num_transformer_submodules": 2})
     with pytest.raises(UserError, match="prompt_tuning_init"):
-        prompt.method_from_config({**base, "prompt_tuning_init": "WORDS"})
+        prompt.config_from_adapter({**base, "prompt_tuning_init": "WORDS"})
     with pytest.raises(UserError, match="prompt_tuning_init_text"):
-        prompt.method_from_config({**base, "prompt_tuning_init": "TEXT"})
+        prompt.config_from_adapter({**base, "prompt_tuning_init": "TEXT"})
 
 
 def test_load_rejects_missing_keys_and_wrong_shapes():
@@ -327,10 +327,12 @@ def test_generate_from_inputs_embeds_and_with_beams():
 def test_meta_device_and_dtype():
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(tiny_config("llama"))
-    wrapped = prompt.inject(meta, method(prompt_init="text", prompt_init_text="Hi"), "causal-lm")
+    wrapped = prompt.inject(meta, method(prompt_init="text", prompt_init_text="Hi"), Context("causal-lm"))
     assert wrapped.prompt.weight.is_meta and wrapped.missing_init is None
     assert count_parameters(wrapped) == count_parameters(injected("llama", "causal-lm"))
-    bf16 = prompt.inject(tiny_model("opt").to(torch.bfloat16), method(prompt_init="vocab"), "causal-lm")
+    bf16 = prompt.inject(
+        tiny_model("opt").to(torch.bfloat16), method(prompt_init="vocab"), Context("causal-lm")
+    )
     assert bf16.prompt.weight.dtype == torch.bfloat16
     assert bf16(**batch()).logits.dtype == torch.bfloat16
 
@@ -344,5 +346,5 @@ def test_gradient_checkpointing_still_trains_the_prompt():
 
 
 def test_registry_and_not_mergeable():
-    assert BY_PEFT_TYPE["PROMPT_TUNING"] is prompt
+    assert by_peft_type("PROMPT_TUNING") is prompt
     assert prompt.MERGEABLE is False and "peft generate" in prompt.WHY_NOT_MERGEABLE

@@ -1,0 +1,162 @@
+"""Rendering a data row as text plus the character spans that are targets, by data.format.
+
+    text            the whole text is a target
+    instruction     through the chat template as one user turn and one assistant turn where the tokenizer
+                    has one, else PLAIN_PROMPT + output; the output is the target
+    chat            through the chat template; every assistant turn (with its end-of-turn token) is a target
+
+With data.train_on_inputs the whole rendered text is a target. Classification rows are not rendered: their
+text is tokenized as it is and the class id is the label (data.py). Tokenizing the text and marking the tokens
+that overlap a span is data_tokenize.py's job.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from peftcli.errors import UserError
+
+if TYPE_CHECKING:
+    from peftcli.recipe import DataSection
+
+PLAIN_PROMPT = "### Instruction:\n{instruction}\n\n{input}### Response:\n"  # without a chat template
+PLAIN_INPUT = "### Input:\n{input}\n\n"
+# The DataSection fields naming the columns each format needs (input_column is optional).
+FORMAT_COLUMNS = {
+    "text": ("text_column",),
+    "instruction": ("instruction_column", "output_column"),
+    "chat": ("messages_column",),
+    "classification": ("text_column", "label_column"),
+}
+
+Spans = list[tuple[int, int]]  # [start, end) character ranges of target text
+
+
+def as_text(value) -> str:
+    """A cell as text: None is empty, anything else its str()."""
+    return "" if value is None else value if isinstance(value, str) else str(value)
+
+
+def short(value, limit: int = 60) -> str:
+    """A repr cut to `limit` characters, for messages about a bad value."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def chat_messages(value, where: str) -> list[dict]:
+    """A chat cell as a list of {role, content} messages; a UserError naming `where` if it is not one."""
+    if not (
+        isinstance(value, list)
+        and value
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value
+        )
+    ):
+        raise UserError(f"{where}: expected a list of {{role, content}} messages, got {short(value)}")
+    # Rows read from JSON get every key any row has, as None where absent: drop those.
+    return [{key: v for key, v in message.items() if v is not None} for message in value]
+
+
+def _end_markers(tokenizer) -> list[str]:
+    """Special-token strings that can close a turn (`<|im_end|>`, `</s>`, `<|eot_id|>`...), longest first."""
+    markers = {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    markers |= {tokenizer.eos_token} if tokenizer.eos_token else set()
+    return sorted(markers, key=len, reverse=True)
+
+
+def _target_end(full: str, start: int, stop: int, answer: str, markers: list[str], limit: int) -> int:
+    """Where an answer's target span ends: through the end-of-turn token right after the answer (the
+    model must learn to stop), not the newline the template writes after it."""
+    found = full.find(answer, start, stop) if answer else -1
+    tail = found + len(answer) if found >= 0 else start
+    tail += len(full[tail:limit]) - len(full[tail:limit].lstrip())
+    for marker in markers:
+        if full.startswith(marker, tail) and tail + len(marker) <= limit:
+            return tail + len(marker)
+    return start + len(full[start:stop].rstrip())
+
+
+def _kept_suffix(full: str, answer: str, cursor: int) -> str:
+    """The longest end of `answer` that `full` holds after `cursor`, starting at the answer's start, a
+    space or a `>`: what a template keeps of an answer when it drops the reasoning before it."""
+    low, high = 0, len(answer)  # a suffix found implies every shorter one is: binary search its start
+    while low < high:
+        middle = (low + high) // 2
+        if full.find(answer[middle:], cursor) >= 0:
+            high = middle
+        else:
+            low = middle + 1
+    while low < len(answer) and low > 0 and not (answer[low - 1].isspace() or answer[low - 1] == ">"):
+        low += 1
+    return answer[low:].strip()
+
+
+def _render_chat(messages: list[dict], tokenizer, train_on_inputs: bool, where: str) -> tuple[str, Spans]:
+    """Render through the chat template; the targets are the assistant turns.
+
+    A turn's span is found by rendering the conversation up to it: messages[:i] with the generation
+    prompt ends where the answer starts, messages[:i + 1] ends after it. Where a template renders a
+    turn differently once later turns follow (some drop earlier answers' reasoning), what it kept of the
+    answer is searched for instead.
+    """
+
+    def render(turns: list[dict], prompt: bool) -> str | None:
+        try:
+            return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=prompt)
+        except Exception:  # a prefix the template refuses (e.g. not starting with a user turn)
+            return None
+
+    try:
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception as e:  # jinja errors, or raise_exception() in the template
+        raise UserError(f"{where}: the tokenizer's chat template refused these messages: {e}") from e
+    if train_on_inputs:
+        return full, [(0, len(full))]
+    markers, spans, cursor = _end_markers(tokenizer), [], 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        answer = message["content"].strip()
+        before = render(messages[:i], True) if i else None
+        after = render(messages[: i + 1], False)
+        if (
+            before is not None
+            and after is not None
+            and full.startswith(after)
+            and after.startswith(before)
+            and len(before) >= cursor
+        ):
+            start, stop, limit = len(before), len(after), len(after)
+        else:
+            kept = _kept_suffix(full, answer, cursor)
+            if not kept:
+                continue
+            start = full.find(kept, cursor)
+            stop, limit = start + len(kept), len(full)
+            answer = kept
+        cursor = _target_end(full, start, stop, answer, markers, limit)
+        spans.append((start, cursor))
+    return full, spans
+
+
+def render_row(row: dict, data: DataSection, tokenizer, where: str) -> tuple[str, Spans] | None:
+    """A row -> (text, target spans), or None when it has nothing to learn."""
+    if data.format == "text":
+        text = as_text(row[data.text_column])
+        return (text, [(0, len(text))]) if text.strip() else None
+    if data.format == "chat":
+        messages = chat_messages(row[data.messages_column], f"{where}: column `{data.messages_column}`")
+        return _render_chat(messages, tokenizer, data.train_on_inputs, where)
+    instruction, extra = as_text(row[data.instruction_column]), as_text(row.get(data.input_column)).strip()
+    output = as_text(row[data.output_column])
+    if not output.strip():
+        return None
+    if tokenizer.chat_template:
+        user = f"{instruction}\n\n{extra}" if extra else instruction
+        chat = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+        return _render_chat(chat, tokenizer, data.train_on_inputs, where)
+    prompt = PLAIN_PROMPT.format(
+        instruction=instruction, input=PLAIN_INPUT.format(input=extra) if extra else ""
+    )
+    return prompt + output, [(0 if data.train_on_inputs else len(prompt), len(prompt) + len(output))]

@@ -1,0 +1,142 @@
+"""Load a base model and its tokenizer from a resolved `ModelSource` (sources.py).
+
+The source may be a local transformers model dir, a `.gguf` file, a built-in name for a model that a
+Python package ships, or a hub id (standard transformers loading). A dir holding only config.json is
+enough for `peft count`, which reads shapes (shapes.py) or builds the model on the meta device, and
+reads no weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from peftcli.errors import FieldError
+from peftcli.models.sources import ModelSource
+
+TASK_AUTO_CLASSES = {
+    "causal-lm": "AutoModelForCausalLM",
+    "sequence-classification": "AutoModelForSequenceClassification",
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_config(source: ModelSource, trust_remote_code: bool = False, revision: str | None = None):
+    from transformers import AutoConfig
+
+    kwargs = {"trust_remote_code": trust_remote_code, "revision": revision}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        return AutoConfig.from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise FieldError("model.name", f"cannot read the config of {source.name}: {_first_line(e)}") from e
+
+
+def auto_class(task: str):
+    import transformers
+
+    return getattr(transformers, TASK_AUTO_CLASSES[task])
+
+
+def classification_config(config, num_labels: int | None, label_names: list[str] | None):
+    if label_names:
+        config.num_labels = len(label_names)
+        config.id2label = dict(enumerate(label_names))
+        config.label2id = {name: i for i, name in enumerate(label_names)}
+    elif num_labels:
+        config.num_labels = num_labels
+    if getattr(config, "pad_token_id", None) is None:
+        # Decoder classifiers pool the last non-pad token and need to know the pad id.
+        config.pad_token_id = getattr(config, "eos_token_id", None)
+        if isinstance(config.pad_token_id, list):
+            config.pad_token_id = config.pad_token_id[0]
+    return config
+
+
+def load_model(
+    source: ModelSource,
+    task: str = "causal-lm",
+    *,
+    num_labels: int | None = None,
+    label_names: list[str] | None = None,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> nn.Module:
+    """Load the base model with real weights, in eval mode, ready for a method to be injected."""
+    config = load_config(source, trust_remote_code, revision)
+    if task == "sequence-classification":
+        config = classification_config(config, num_labels, label_names)
+    kwargs = {"config": config, "trust_remote_code": trust_remote_code, "revision": revision}
+    if task == "sequence-classification":
+        # A base with a head of another size (or none) gets a fresh head of the recipe's size.
+        kwargs["ignore_mismatched_sizes"] = True
+    kwargs["dtype"] = DTYPES[dtype] if dtype != "auto" else "auto"
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+        kwargs["dtype"] = DTYPES.get(dtype, torch.float32)
+    try:
+        model = auto_class(task).from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise FieldError("model.name", f"cannot load {source.name} for {task}: {_first_line(e)}") from e
+    if source.gguf_file:
+        drop_quantization_flags(model)
+    model.config.name_or_path = source.name
+    model.eval()
+    return model
+
+
+def drop_quantization_flags(model: nn.Module) -> None:
+    """A GGUF model's weights are plain dequantized tensors, yet transformers flags the model as
+    quantized and refuses to save it; the flags describe the file, not the tensors, so drop them."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    for attr in ("is_quantized", "quantization_method"):
+        if hasattr(model, attr):
+            try:
+                setattr(model, attr, False if attr == "is_quantized" else None)
+            except AttributeError:
+                pass
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    kwargs = {"trust_remote_code": trust_remote_code, "revision": revision}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise FieldError("model.name", f"cannot load the tokenizer of {source.name}: {_first_line(e)}") from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def meta_model(source: ModelSource, task: str | None = None, trust_remote_code: bool = False) -> nn.Module:
+    """The model built on the meta device from its config alone: shapes, no weights, no download.
+
+    The class is the one named in the config's `architectures` unless `task` says otherwise.
+    """
+    import transformers
+
+    config = load_config(source, trust_remote_code)
+    cls = None
+    if task is None and getattr(config, "architectures", None):
+        cls = getattr(transformers, config.architectures[0], None)
+    if cls is None:
+        cls = auto_class(task or "causal-lm")
+    with torch.device("meta"):
+        if cls.__name__.startswith("Auto"):
+            return cls.from_config(config, trust_remote_code=trust_remote_code)
+        return cls(config)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

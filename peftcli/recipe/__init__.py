@@ -1,0 +1,132 @@
+"""The YAML recipe: read it (parse.py), type it (schema.py), check it (checks.py), write it back.
+
+`load_recipe` returns a `Recipe` whose model and data names are already resolved (``recipe.model.source``,
+``recipe.data.train_source``); every fault is a RecipeError naming the file, line and key. `--set
+key.path=value` overrides exactly like the file.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from peftcli.recipe.checks import check
+from peftcli.recipe.parse import KeySource, RecipeError, build, dump_yaml, join_key, parse_yaml, show
+from peftcli.recipe.schema import (
+    ACCEPTS,
+    DATA_FORMATS,
+    TAGGED,
+    TASKS,
+    DataSection,
+    ModelSection,
+    Recipe,
+    TrainSection,
+    method_configs,
+)
+
+__all__ = [
+    "DATA_FORMATS",
+    "TASKS",
+    "DataSection",
+    "ModelSection",
+    "Recipe",
+    "RecipeError",
+    "TrainSection",
+    "dump_recipe",
+    "load_recipe",
+    "parse_override",
+    "read_run_recipe",
+]
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.max_steps=10` -> (["train", "max_steps"], 10); the value is read as YAML."""
+    key, eq, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not eq or not all(parts):
+        raise RecipeError("", f"--set expects key.path=value (e.g. --set train.max_steps=10), got {text!r}")
+    value, _ = parse_yaml(raw, "--set " + key.strip(), with_lines=False)
+    return parts, value
+
+
+def load_recipe(
+    path: str | Path | None, overrides: Iterable[str] = (), data: dict | None = None, paths: bool = True
+) -> Recipe:
+    """Read, override and validate a recipe. Raises RecipeError (exit code 2) on any fault.
+
+    `data` is an already-parsed recipe (then `path` only names it in messages). Relative paths in the
+    recipe are relative to the working directory. `paths=False` checks everything but the files the recipe
+    names (a recipe read back from a run dir, whose data may have moved since).
+    """
+    src = KeySource(str(path) if path is not None else None)
+    where = src.path or ""
+    if data is None:
+        data, src.lines = _read(Path(path), where)
+    if not isinstance(data, dict):
+        raise RecipeError("", f"the recipe must be a mapping of sections, got {show(data)}", where)
+    data = copy.deepcopy(data)  # overrides must not change the caller's dict
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for i, k in enumerate(keys[:-1]):
+            if node.get(k) is None:
+                node[k] = {}
+            elif not isinstance(node[k], dict):
+                raise RecipeError(
+                    join_key(tuple(keys[: i + 1])),
+                    f"is {show(node[k])}, not a section, so it has no key {keys[i + 1]!r}",
+                    "--set " + ".".join(keys),
+                )
+            node = node[k]
+        node[keys[-1]] = value
+        src.overridden.append(tuple(keys))
+    recipe = build(Recipe, data, src, ACCEPTS, TAGGED)
+    check(recipe, src, paths=paths)
+    return recipe
+
+
+def _read(path: Path, where: str) -> tuple[Any, dict]:
+    """(data, {key path: line}) of a recipe file; RecipeError for a file that is missing, unreadable,
+    not UTF-8, or empty."""
+    if not path.is_file():
+        raise RecipeError("", "recipe file not found" if not path.exists() else "not a file", where)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise RecipeError("", f"cannot read the recipe: {e.strerror}", where) from e
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        bad = f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})"
+        raise RecipeError("", bad, f"{where}:{line}") from e
+    if not text.strip():
+        raise RecipeError("", "the recipe is empty", where)
+    data, lines = parse_yaml(text, where)
+    if data is None:
+        raise RecipeError("", "the recipe is empty (only comments)", where)
+    return data, lines
+
+
+def read_run_recipe(path: str | Path) -> Recipe:
+    """A run dir's recipe.yaml, as `peft train` wrote it: checked like any recipe except for the files it
+    names (the data may have moved since). Runs written before methods had sections of their own list every
+    method's keys under `method:`; those that belong to other methods are dropped."""
+    data, _ = _read(Path(path), str(path))
+    section = data.get("method") if isinstance(data, dict) else None
+    if isinstance(section, dict):
+        configs = method_configs()
+        chosen = configs.get(section.get("name", next(iter(configs))))
+        if chosen is not None:
+            own = {f.name for f in dataclasses.fields(chosen)}
+            foreign = {f.name for cls in configs.values() for f in dataclasses.fields(cls)} - own
+            data["method"] = {k: v for k, v in section.items() if k not in foreign}
+    return load_recipe(path, data=data, paths=False)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML, every default filled in; load_recipe reads it back unchanged."""
+    return dump_yaml(recipe.to_dict())

@@ -1,0 +1,67 @@
+"""What `--resume` needs beyond the adapter files: every trainable parameter as it is, the optimizer's
+tensors and the RNG states (safetensors), and the step (JSON). No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from peftcli import fileio
+from peftcli.errors import UserError
+from peftcli.runs.rundir import OPTIMIZER_NAME, STATE_NAME
+
+
+def save_training_state(directory: str | Path, model: nn.Module, optimizer, state: dict) -> None:
+    """Everything --resume needs beyond the adapter files: every trainable parameter as it is (some
+    methods save a derived form in the adapter, e.g. prefix tuning's projected prefixes), the
+    optimizer's tensors, the RNG states; `state` is JSON data (step, seed, ...)."""
+    directory = Path(directory)
+    opt = optimizer.state_dict()
+    tensors = {
+        f"state.{idx}.{name}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+        for idx, slots in opt["state"].items()
+        for name, v in slots.items()
+    }
+    tensors.update(
+        {
+            f"param.{name}": p.detach().cpu().contiguous()
+            for name, p in model.named_parameters()
+            if p.requires_grad
+        }
+    )
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    fileio.atomic_write(directory / OPTIMIZER_NAME, lambda tmp: save_file(tensors, tmp))
+    fileio.write_json(directory / STATE_NAME, {**state, "param_groups": opt["param_groups"]})
+
+
+def load_training_state(directory: str | Path, model: nn.Module, optimizer) -> dict:
+    directory = Path(directory)
+    try:
+        state = json.loads((directory / STATE_NAME).read_text(encoding="utf-8"))
+        tensors = load_file(str(directory / OPTIMIZER_NAME))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"checkpoint {directory} is incomplete or unreadable: {e}") from e
+    slots: dict[int, dict] = {}
+    params = dict(model.named_parameters())
+    for key, value in tensors.items():
+        kind, _, rest = key.partition(".")
+        if kind == "state":
+            idx, name = rest.split(".", 1)
+            slots.setdefault(int(idx), {})[name] = value
+        elif kind == "param":
+            if rest not in params:
+                raise UserError(f"checkpoint {directory} does not fit this model: no parameter {rest}")
+            with torch.no_grad():
+                params[rest].copy_(value)
+    optimizer.load_state_dict({"state": slots, "param_groups": state.pop("param_groups")})
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return state

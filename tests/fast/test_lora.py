@@ -1,0 +1,64 @@
+"""fast/lora.py: LoRA's in-place forward gives the formula's loss and gradients, and adds in place."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from tiny import assert_lora_dropout, assert_lora_dtypes, assert_lora_formula, lora_layer
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from peftcli.fast import lora as fast_lora
+from peftcli.methods import lora
+
+
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "mkl"])
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_inplace_forward_has_the_plain_formula_loss_and_gradients(kind, onednn):
+    assert_lora_formula(kind, lambda layer: fast_lora.install(layer, onednn))
+
+
+def test_autocast_and_fp32_factors_on_a_half_base():
+    assert_lora_dtypes(fast_lora.install)
+
+
+def test_dropout_is_skipped_at_zero_and_applied_otherwise():
+    assert_lora_dropout(fast_lora.install)
+
+
+def graph_ops(tensor: torch.Tensor) -> Counter[str]:
+    """How many nodes of each type the autograd graph of `tensor` has."""
+    ops, seen, stack = Counter(), set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            ops[type(node).__name__] += 1
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return ops
+
+
+@pytest.mark.parametrize("base", [nn.Linear(12, 10), Conv1D(10, 12)], ids=["linear", "conv1d"])
+def test_forward_adds_in_place_without_a_gradient_copy(base):
+    # The low-rank term goes into the base output with one addmm_; an in-place add on a view would
+    # record CopySlices (a full-size gradient copy), and the plain formula a full-size Mul.
+    layer = lora_layer(base.requires_grad_(False), fast_lora.install)
+    ops = graph_ops(layer(torch.randn(3, 5, 12, requires_grad=True)))
+    # two products: the frozen base's (a Linear's through oneDNN, see frozen_linear) and the low-rank add
+    if isinstance(base, nn.Linear):
+        assert ops["_FrozenLinearBackward"] == 1 and ops["AddmmBackward0"] == 1
+    else:
+        assert ops["AddmmBackward0"] == 2
+    assert not ops.keys() & {"CopySlices", "MulBackward0", "AddBackward0"}
+
+
+def test_undo_restores_the_plain_forward():
+    layer = lora_layer(nn.Linear(12, 10))
+    undo = fast_lora.install(layer)
+    assert layer.run is not lora.run
+    undo()
+    assert layer.run is lora.run
+    ops = graph_ops(layer(torch.randn(3, 12, requires_grad=True)))
+    assert "_FrozenLinearBackward" not in ops  # the plain forward: F.linear throughout
