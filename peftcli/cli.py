@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -37,8 +38,21 @@ class _NoteHandler(logging.Handler):
         stderr.print(f"[dim]note:[/] {escape(record.getMessage())}", highlight=False, soft_wrap=True)
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from peftcli import __version__
+
+        print(f"peftcli {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")):
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: bool = typer.Option(
+        False, "--version", callback=_show_version, is_eager=True, help="Print the version and exit."
+    ),
+):
     global _debug
     _debug = debug or bool(os.environ.get("PEFTCLI_DEBUG"))
     logger = logging.getLogger("peftcli")
@@ -57,15 +71,27 @@ def _handle_errors(fn: Callable) -> Callable:
         except UserError as e:
             if _debug:
                 traceback.print_exc()
+            if e.exit_code == 0:  # not a fault: something to say (a finished run asked to resume)
+                stdout.print(escape(str(e)), highlight=False, soft_wrap=True)
+                raise typer.Exit(0) from None
             stderr.print(
                 f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True
             )
             raise typer.Exit(e.exit_code) from None
-        except KeyboardInterrupt:
-            stderr.print("interrupted")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as e:
+            stderr.print("terminated" if isinstance(e, Terminated) else "interrupted")
+            raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None
 
     return wrapper
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `kill`, `timeout` and job schedulers send): unwinds like Ctrl-C, so that nothing is left
+    half-written, and exits 143. Training checkpoints first (train/loop.py handles it between steps)."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
 
 
 def _quiet_libraries() -> None:
@@ -89,17 +115,29 @@ def _quiet_libraries() -> None:
 @app.command()
 @_handle_errors
 def train(
-    recipe: Path = typer.Argument(..., help="The YAML recipe."),
+    recipe: Path = typer.Argument(..., help="The YAML recipe, or (with --resume) a run's output dir."),
     set_: list[str] = typer.Option(
         [], "--set", help="Override a recipe key: --set train.max_steps=10 (repeatable)."
     ),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output_dir."),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Continue from the newest checkpoint: of RUN_DIR, or of the recipe's output_dir.",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous run in output_dir."),
 ):
-    """Train a PEFT adapter as the recipe says; writes the adapter, metrics and a report."""
-    from peftcli.recipe import load_recipe
+    """Train a PEFT adapter as the recipe says; writes the adapter, metrics and a report.
 
-    loaded = load_recipe(recipe, set_)
+    `peft train RUN_DIR --resume` continues a run from its own recipe.yaml (with any --set changes that a
+    resumed run may make, such as a larger train.max_steps)."""
+    from peftcli.recipe import load_recipe, load_run_recipe
+
+    if recipe.is_dir():
+        if not resume:
+            raise UserError(f"{recipe} is a directory: to continue the run in it, add --resume")
+        loaded = load_run_recipe(recipe, set_)
+    else:
+        loaded = load_recipe(recipe, set_)
     _quiet_libraries()
     from peftcli.train.run import run
 
@@ -141,10 +179,19 @@ def count(
         print(json.dumps([c.to_dict() for c in counts], indent=2))
         return
     table = Table(title=f"Parameters: {model_name}")
-    for column in ("method", "trainable", "total", "trainable %"):
-        table.add_column(column, justify="left" if column == "method" else "right")
+    columns = ["method", "trainable", "total", "trainable %"] + (
+        ["not applicable"] if any(c.error for c in counts) else []
+    )
+    for column in columns:
+        table.add_column(
+            column, justify="right" if column in ("trainable", "total", "trainable %") else "left"
+        )
     for c in counts:
-        table.add_row(c.method, f"{c.trainable:,}", f"{c.total:,}", f"{c.trainable_percent:.4f}")
+        if c.error:
+            table.add_row(c.method, "-", "-", "-", escape(c.error))
+        else:
+            cells = [c.method, f"{c.trainable:,}", f"{c.total:,}", f"{c.trainable_percent:.4f}"]
+            table.add_row(*cells, *([""] if len(columns) > 4 else []))
     stdout.print(table)
 
 
@@ -216,6 +263,7 @@ def predict(
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
     except BrokenPipeError:  # `peft count ... | head`

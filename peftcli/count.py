@@ -23,12 +23,15 @@ class Count:
     method: str
     trainable: int
     total: int
+    error: str | None = None  # why the method does not apply to this model (then the counts are 0)
 
     @property
     def trainable_percent(self) -> float:
         return 100.0 * self.trainable / self.total if self.total else 0.0
 
     def to_dict(self) -> dict:
+        if self.error:
+            return {"method": self.method, "error": self.error}
         return {
             "method": self.method,
             "trainable": self.trainable,
@@ -43,15 +46,22 @@ def count_methods(
     task: str | None = None,
     trust_remote_code: bool = False,
 ) -> list[Count]:
-    """One Count per method: from the config's shapes where they are modelled, else on the meta model."""
+    """One Count per method: from the config's shapes where they are modelled, else on the meta model. A
+    method that does not apply to the model gets a Count with its reason."""
     source = resolve(model) if isinstance(model, str) else model
     shapes = config_shapes(source, task, trust_remote_code)
-    if shapes is not None:
-        try:
-            return [shape_count(shapes, method) for method in methods]
-        except (NotModelled, UserError):  # the meta model tells the same, or says what is wrong
-            pass
-    return meta_counts(source, methods, task, trust_remote_code)
+    counts: dict[int, Count] = {}
+    for i, method in enumerate(methods):
+        if shapes is not None:
+            try:
+                counts[i] = shape_count(shapes, method)
+            except (NotModelled, UserError):  # the meta model tells the same, or says what is wrong
+                pass
+    rest = [i for i in range(len(methods)) if i not in counts]
+    if rest:
+        meta = meta_counts(source, [methods[i] for i in rest], task, trust_remote_code)
+        counts.update(zip(rest, meta, strict=True))
+    return [counts[i] for i in range(len(methods))]
 
 
 def meta_counts(
@@ -78,7 +88,11 @@ def injected_counts(base, methods: list[MethodConfig], task: str | None = None) 
     for i, method in enumerate(methods):
         # The last method may take the base itself: a deep copy of a 175B meta model costs ~0.6 s.
         model = base if i == len(methods) - 1 else copy.deepcopy(base)
-        model = METHODS[method.name].inject(model, method, context)
+        try:
+            model = METHODS[method.name].inject(model, method, context)
+        except UserError as e:
+            counts.append(Count(method.name, 0, 0, error=str(e)))
+            continue
         trainable, total = count_parameters(model)
         counts.append(Count(method.name, trainable, total))
     return counts
@@ -133,7 +147,10 @@ def count_target(
         raise UserError(f"--task: unknown task {task!r}; choose one of {', '.join(TASK_TYPES)}")
     configs = method_configs(base, method_names or [base.name], overrides)
     name = model if isinstance(model, str) else model.name
-    return name, count_methods(model, configs, task)
+    counts = count_methods(model, configs, task)
+    if all(c.error for c in counts):  # nothing to show: the reasons are the answer
+        raise UserError("; ".join(dict.fromkeys(c.error for c in counts)))
+    return name, counts
 
 
 def method_configs(base: MethodConfig, names: list[str], overrides: dict) -> list[MethodConfig]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -32,6 +33,8 @@ from peftcli.data.render import FORMAT_COLUMNS, as_text, render_row, short
 from peftcli.data.sources import DataSource, check_columns
 from peftcli.data.tokenize import causal_examples, classification_examples, pack
 from peftcli.errors import UserError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from peftcli.recipe import DataSection
@@ -97,15 +100,23 @@ def _label_key(value, feature, where: str) -> str | int:
 
 
 def _label_names(dataset: datasets.Dataset, data: DataSection, source: DataSource) -> list[str]:
-    """Class names in id order: a ClassLabel's own order, else the sorted distinct values."""
+    """Class names in id order: a ClassLabel's own order, else the sorted distinct values (at least two)."""
     feature = dataset.features[data.label_column]
-    if isinstance(feature, datasets.ClassLabel):
-        return list(feature.names)
     where = f"{source.where}: column `{data.label_column}`"
-    keys = {_label_key(v, feature, f"{where}, row {n}") for n, v in enumerate(dataset[data.label_column], 1)}
-    if len({type(k) for k in keys}) > 1:
-        raise UserError(f"{where} mixes string and integer labels")
-    return [str(k) for k in sorted(keys)]
+    if isinstance(feature, datasets.ClassLabel):
+        names = list(feature.names)
+    else:
+        keys = {
+            _label_key(v, feature, f"{where}, row {n}") for n, v in enumerate(dataset[data.label_column], 1)
+        }
+        if len({type(k) for k in keys}) > 1:
+            raise UserError(f"{where} mixes string and integer labels")
+        names = [str(k) for k in sorted(keys)]
+    if len(names) < 2:
+        raise UserError(
+            f"{where}: every row has the label `{names[0] if names else ''}`; a classifier needs two or more"
+        )
+    return names
 
 
 def _build(
@@ -137,7 +148,7 @@ def _build(
                 f"{source.where}: label `{key}` (row {number}) never appears in the training data; "
                 f"training labels: {', '.join(label_names)}"
             )
-        text = as_text(row[data.text_column])
+        text = as_text(row[data.text_column], f"{where}: column `{data.text_column}`")
         if text.strip():
             texts.append(text)
             class_ids.append(label_ids[key])
@@ -233,5 +244,8 @@ def prepare_data(
         parts.append((validation, list(range(1, len(validation) + 1)), val_source))
     built = [_build(ds, numbers, source, data, tokenizer, label_names) for ds, numbers, source in parts]
     splits = dict(zip(("train", "validation"), built, strict=False))
-    cache.save(path, splits, label_names)
+    try:
+        cache.save(path, splits, label_names)
+    except (OSError, UserError) as e:  # a cache is a convenience: the run goes on without one
+        log.warning("the tokenized data was not cached (%s): the next run tokenizes it again", e)
     return PreparedData(splits["train"], splits.get("validation"), label_names, pad_id, False, path)

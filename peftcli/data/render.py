@@ -32,9 +32,16 @@ FORMAT_COLUMNS = {
 Spans = list[tuple[int, int]]  # [start, end) character ranges of target text
 
 
-def as_text(value) -> str:
-    """A cell as text: None is empty, anything else its str()."""
-    return "" if value is None else value if isinstance(value, str) else str(value)
+def as_text(value, where: str) -> str:
+    """A cell as text: None is empty, a number its digits; a list, a mapping or a flag is refused (its Python
+    repr is no text anyone meant to train on), naming `where` (source, row, column)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise UserError(f"{where}: expected text, got {short(value)}")
 
 
 def short(value, limit: int = 60) -> str:
@@ -143,13 +150,14 @@ def _render_chat(messages: list[dict], tokenizer, train_on_inputs: bool, where: 
 def render_row(row: dict, data: DataSection, tokenizer, where: str) -> tuple[str, Spans] | None:
     """A row -> (text, target spans), or None when it has nothing to learn."""
     if data.format == "text":
-        text = as_text(row[data.text_column])
+        text = as_text(row[data.text_column], f"{where}: column `{data.text_column}`")
         return (text, [(0, len(text))]) if text.strip() else None
     if data.format == "chat":
         messages = chat_messages(row[data.messages_column], f"{where}: column `{data.messages_column}`")
         return _render_chat(messages, tokenizer, data.train_on_inputs, where)
-    instruction, extra = as_text(row[data.instruction_column]), as_text(row.get(data.input_column)).strip()
-    output = as_text(row[data.output_column])
+    instruction = as_text(row[data.instruction_column], f"{where}: column `{data.instruction_column}`")
+    extra = as_text(row.get(data.input_column), f"{where}: column `{data.input_column}`").strip()
+    output = as_text(row[data.output_column], f"{where}: column `{data.output_column}`")
     if not output.strip():
         return None
     if tokenizer.chat_template:

@@ -115,6 +115,15 @@ class DataSource:
 
     def peek(self, rows: int = 20) -> tuple[list[str], list[dict]]:
         """The column names and the first rows, read cheaply: a file is not loaded whole."""
+        try:
+            return self._peek(rows)
+        except UserError:
+            raise
+        except Exception as e:  # pyarrow, csv, codecs: a file that is not what its name says
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"{self.where}: could not read it as {self.suffix[1:]}: {first}") from e
+
+    def _peek(self, rows: int) -> tuple[list[str], list[dict]]:
         if self.kind != "file":
             dataset = self.load()
             return dataset.column_names, dataset.select(range(min(rows, len(dataset)))).to_list()

@@ -52,7 +52,7 @@ def check_merged(
     """Load the written dir with plain transformers; (max |logit difference|, tolerance) or CheckFailed."""
     try:
         model, info = auto_class(task).from_pretrained(
-            str(directory), dtype=torch.float32, output_loading_info=True
+            str(directory), dtype=torch.float32, output_loading_info=True, trust_remote_code=False
         )
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckFailed(f"the merged model does not load with transformers: {e}") from e

@@ -35,10 +35,12 @@ from rich.console import Console
 from torch import Tensor, nn
 
 from peftcli.errors import UserError
+from peftcli.fileio import disk_errors, make_readable
 from peftcli.merge.check import check_merged, logits_of, probe_batch
 from peftcli.merge.stream import INDEX_NAME, SINGLE_NAME, stream_plan, write_streamed
 from peftcli.models.load import classification_config, load_config
 from peftcli.models.sources import ModelSource
+from peftcli.runs import lock
 from peftcli.runs.adapter import AdapterDir
 
 OUTPUT_DTYPES = {
@@ -81,34 +83,37 @@ def merge_to_dir(
     started = time.perf_counter()
     console = console or Console()
     say = lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
-    output = Path(output)
+    output = Path(output).expanduser()
     if output.exists() or output.is_symlink():
         raise UserError(f"--output {output} already exists: peft merge never overwrites; choose a new path")
     out_dtype = _parse_dtype(dtype)
-    adapter = AdapterDir(adapter_dir, base)
+    adapter = AdapterDir(Path(adapter_dir).expanduser(), base)
     if not getattr(adapter.module, "MERGEABLE", False):
         why = getattr(adapter.module, "WHY_NOT_MERGEABLE", "the method does not fold into the weights")
         raise UserError(f"cannot merge {adapter.path}, a {adapter.config['peft_type']} adapter: {why}")
-    plan = None
-    shards = safetensors_shards(adapter.base_source)
-    if shards:
-        plan, reason = stream_plan(adapter, _base_config(adapter), shards, Path(adapter.base_source.path))
-        if plan is None:
-            say(f"note: loading the whole base model instead of streaming it: {reason}")
-    out_dtype = out_dtype or (plan.base_dtype if plan else _config_dtype(adapter))
-    how = f"{'streamed tensor by tensor' if plan else 'loaded in memory'}, {_dtype_name(out_dtype)}"
-    say(f"merge: {adapter.method.name} adapter {adapter.path} into {adapter.base} ({how})")
+    with lock.hold(adapter.path, "peft merge"):  # no run rewrites the adapter while it is read
+        plan = None
+        shards = safetensors_shards(adapter.base_source)
+        if shards:
+            plan, reason = stream_plan(adapter, _base_config(adapter), shards, Path(adapter.base_source.path))
+            if plan is None:
+                say(f"note: loading the whole base model instead of streaming it: {reason}")
+        out_dtype = out_dtype or (plan.base_dtype if plan else _config_dtype(adapter))
+        how = f"{'streamed tensor by tensor' if plan else 'loaded in memory'}, {_dtype_name(out_dtype)}"
+        say(f"merge: {adapter.method.name} adapter {adapter.path} into {adapter.base} ({how})")
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
-    try:
-        diff, tolerance = _write(adapter, plan, tmp, out_dtype, verify, max_shard_size, say)
-        if output.exists() or output.is_symlink():
-            raise UserError(f"--output {output} appeared while merging: left untouched")
-        os.rename(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+        try:
+            with disk_errors(f"the merged model to {output}"):
+                diff, tolerance = _write(adapter, plan, tmp, out_dtype, verify, max_shard_size, say)
+            make_readable(tmp)  # a model dir, not a private temp dir
+            if output.exists() or output.is_symlink():
+                raise UserError(f"--output {output} appeared while merging: left untouched")
+            os.rename(tmp, output)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     size = sum(f.stat().st_size for f in output.glob("*.safetensors"))
     say(f"done: merged model ({size / 1e6:,.1f} MB of weights) in {output}")
     seconds = time.perf_counter() - started

@@ -45,7 +45,7 @@ MERGEABLE = False
 WHY_NOT_MERGEABLE = (
     "prefix tuning adds key/value positions in front of every attention layer's input; no change to the "
     "weights reproduces attention over extra positions, so it cannot be folded into the base model. "
-    "Serve the base model with the adapter instead (`peft generate --adapter DIR`)."
+    "Serve the base model with the adapter instead (`peft generate RUN_DIR`)."
 )
 
 # Checkpointed layers run without their cache (transformers drops it so the backward replay does not append

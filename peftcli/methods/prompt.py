@@ -44,7 +44,7 @@ MERGEABLE = False
 WHY_NOT_MERGEABLE = (
     "prompt tuning adds input positions (learned embeddings in front of every input), not a change to any "
     "weight, so it cannot be folded into the base model. Serve the base model with the adapter instead "
-    "(`peft generate --adapter DIR`)."
+    "(`peft generate RUN_DIR`)."
 )
 INIT_NAMES = {"random": "RANDOM", "text": "TEXT", "vocab": "SAMPLE_VOCAB"}  # ours -> HF PEFT's
 
@@ -161,7 +161,7 @@ def find_tokenizer(model):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(name, local_files_only=True)
+        return AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=False)
     except Exception:  # whatever the reason (no files, an unknown tokenizer class ...), there is none to use
         return None
 

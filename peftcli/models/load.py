@@ -8,6 +8,10 @@ reads no weights.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -22,16 +26,63 @@ TASK_AUTO_CLASSES = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# Encoder-only architectures: their attention sees every position, later ones too. As a causal LM each
+# token would be trained to predict a token it can already see.
+ENCODER_ONLY = {
+    "albert", "bert", "camembert", "data2vec-text", "deberta", "deberta-v2", "distilbert", "electra",
+    "ernie", "megatron-bert", "modernbert", "mpnet", "nezha", "rembert", "roberta", "roformer", "xlm",
+    "xlm-roberta", "xmod",
+}  # fmt: skip
+
+
+@contextlib.contextmanager
+def reading(source: ModelSource, what: str) -> Iterator[None]:
+    """Any fault while transformers reads the model's files (a damaged or cut-short file, a format it
+    cannot read) becomes one line naming the model; --debug shows the traceback."""
+    try:
+        yield
+    except FieldError:
+        raise
+    except Exception as e:  # readers of many formats raise many types: this is the boundary
+        raise FieldError("model.name", f"cannot {what} {source.name}: {_first_line(e)}") from e
+
+
 def load_config(source: ModelSource, trust_remote_code: bool = False, revision: str | None = None):
     from transformers import AutoConfig
 
     kwargs = {"trust_remote_code": trust_remote_code, "revision": revision}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
-    try:
+    with reading(source, "read the config of"):
         return AutoConfig.from_pretrained(source.path, **kwargs)
-    except (OSError, ValueError) as e:
-        raise FieldError("model.name", f"cannot read the config of {source.name}: {_first_line(e)}") from e
+
+
+def check_task(config, task: str, source: ModelSource) -> None:
+    """Refuse an encoder-only model for causal-lm (unless its config makes it a decoder)."""
+    model_type = getattr(config, "model_type", None)
+    if task == "causal-lm" and model_type in ENCODER_ONLY and not getattr(config, "is_decoder", False):
+        raise FieldError(
+            "model.task",
+            f"causal-lm needs a decoder, and {source.name} is a {model_type} encoder: its attention sees "
+            "later tokens, so it would learn to copy the next token rather than predict it; use "
+            "model.task: sequence-classification, or a decoder model",
+        )
+
+
+def check_weights(source: ModelSource) -> None:
+    """A local model dir must hold safetensors weights: pickle files (pytorch_model.bin) are never loaded."""
+    if not source.is_local or source.gguf_file:
+        return
+    root = Path(source.path)
+    if any(root.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in root.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles:
+        raise FieldError(
+            "model.name",
+            f"{source.name} holds only pickle weights ({', '.join(pickles)}), which peftcli never loads: "
+            "a pickle can run code; save the model with safetensors (save_pretrained does by default)",
+        )
 
 
 def auto_class(task: str):
@@ -67,9 +118,13 @@ def load_model(
 ) -> nn.Module:
     """Load the base model with real weights, in eval mode, ready for a method to be injected."""
     config = load_config(source, trust_remote_code, revision)
+    check_task(config, task, source)
+    check_weights(source)
     if task == "sequence-classification":
         config = classification_config(config, num_labels, label_names)
     kwargs = {"config": config, "trust_remote_code": trust_remote_code, "revision": revision}
+    if not source.gguf_file:
+        kwargs["use_safetensors"] = True  # a hub model with pickle weights only is refused, not unpickled
     if task == "sequence-classification":
         # A base with a head of another size (or none) gets a fresh head of the recipe's size.
         kwargs["ignore_mismatched_sizes"] = True
@@ -77,10 +132,8 @@ def load_model(
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
         kwargs["dtype"] = DTYPES.get(dtype, torch.float32)
-    try:
+    with reading(source, f"load {task} weights of"):
         model = auto_class(task).from_pretrained(source.path, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        raise FieldError("model.name", f"cannot load {source.name} for {task}: {_first_line(e)}") from e
     if source.gguf_file:
         drop_quantization_flags(model)
     model.config.name_or_path = source.name
@@ -109,10 +162,8 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False, revisio
     kwargs = {"trust_remote_code": trust_remote_code, "revision": revision}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
-    try:
+    with reading(source, "load the tokenizer of"):
         tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
-    except (OSError, ValueError) as e:
-        raise FieldError("model.name", f"cannot load the tokenizer of {source.name}: {_first_line(e)}") from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -131,7 +182,7 @@ def meta_model(source: ModelSource, task: str | None = None, trust_remote_code: 
         cls = getattr(transformers, config.architectures[0], None)
     if cls is None:
         cls = auto_class(task or "causal-lm")
-    with torch.device("meta"):
+    with torch.device("meta"), reading(source, "build"):
         if cls.__name__.startswith("Auto"):
             return cls.from_config(config, trust_remote_code=trust_remote_code)
         return cls(config)

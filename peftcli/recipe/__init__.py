@@ -38,6 +38,7 @@ __all__ = [
     "dump_recipe",
     "load_recipe",
     "parse_override",
+    "load_run_recipe",
     "read_run_recipe",
 ]
 
@@ -111,11 +112,10 @@ def _read(path: Path, where: str) -> tuple[Any, dict]:
     return data, lines
 
 
-def read_run_recipe(path: str | Path) -> Recipe:
-    """A run dir's recipe.yaml, as `peft train` wrote it: checked like any recipe except for the files it
-    names (the data may have moved since). Runs written before methods had sections of their own list every
+def _run_recipe_data(path: Path) -> dict:
+    """A run dir's recipe.yaml as data. Runs written before methods had sections of their own list every
     method's keys under `method:`; those that belong to other methods are dropped."""
-    data, _ = _read(Path(path), str(path))
+    data, _ = _read(path, str(path))
     section = data.get("method") if isinstance(data, dict) else None
     if isinstance(section, dict):
         configs = method_configs()
@@ -124,7 +124,26 @@ def read_run_recipe(path: str | Path) -> Recipe:
             own = {f.name for f in dataclasses.fields(chosen)}
             foreign = {f.name for cls in configs.values() for f in dataclasses.fields(cls)} - own
             data["method"] = {k: v for k, v in section.items() if k not in foreign}
-    return load_recipe(path, data=data, paths=False)
+    return data
+
+
+def read_run_recipe(path: str | Path) -> Recipe:
+    """A run dir's recipe.yaml, as `peft train` wrote it: checked like any recipe except for the files it
+    names (the data may have moved since)."""
+    return load_recipe(path, data=_run_recipe_data(Path(path)), paths=False)
+
+
+def load_run_recipe(run_dir: str | Path, overrides: Iterable[str] = ()) -> Recipe:
+    """The recipe to continue the run in `run_dir`: its recipe.yaml (its files must be there again), with
+    `overrides`; its output_dir is `run_dir` itself, wherever the run was started from."""
+    path = Path(run_dir) / "recipe.yaml"
+    if not path.is_file():
+        raise RecipeError("", f"{run_dir} holds no recipe.yaml: not a peft train output dir", str(run_dir))
+    if any(text.strip().startswith("output_dir") for text in overrides):
+        raise RecipeError("output_dir", f"is {run_dir}, the run being continued", "--set output_dir")
+    recipe = load_recipe(path, overrides, data=_run_recipe_data(path))
+    recipe.output_dir = str(run_dir)
+    return recipe
 
 
 def dump_recipe(recipe: Recipe) -> str:

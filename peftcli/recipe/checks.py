@@ -35,6 +35,10 @@ def check(recipe: Recipe, src: KeySource, paths: bool = True) -> None:
         _resolve(lambda: m.source, fail)
     if m.num_labels is not None and m.num_labels < 2:
         fail("model.num_labels", f"must be >= 2, got {m.num_labels}")
+    if m.num_labels is not None and m.task != "sequence-classification":
+        fail(
+            "model.num_labels", f"applies to model.task: sequence-classification, and model.task is {m.task}"
+        )
 
     method.check(lambda key, message: fail(f"method.{key}", message))
     if paths and method.from_adapter is not None and not Path(method.from_adapter).expanduser().is_dir():

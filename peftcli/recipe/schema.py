@@ -16,6 +16,7 @@ from typing import Any, Literal
 from peftcli.data.sources import VALIDATION_SPLITS, DataSource
 from peftcli.methods import METHODS, MethodConfig, lora
 from peftcli.models.sources import ModelSource, resolve
+from peftcli.recipe.changes import RESUMABLE
 
 TASKS = ("causal-lm", "sequence-classification")
 DATA_FORMATS = ("text", "instruction", "chat", "classification")
@@ -68,8 +69,10 @@ class DataSection:
 
 @dataclass
 class TrainSection:
-    max_steps: int | None = None  # optimizer steps; wins over epochs when both are set
-    epochs: float | None = None  # default: 1 epoch when neither is set
+    # How long to train: optimizer steps, which win over epochs when both are set; default 1 epoch. Either
+    # may change when a run is resumed (see recipe/changes.py for what else may change then).
+    max_steps: int | None = field(default=None, metadata=RESUMABLE)
+    epochs: float | None = field(default=None, metadata=RESUMABLE)
     batch_size: int = 4  # per process, per micro-step
     gradient_accumulation: int = 1
     learning_rate: float = 2.0e-4
@@ -78,23 +81,24 @@ class TrainSection:
     scheduler: Literal["constant", "linear", "cosine"] = "cosine"
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0  # null: no clipping
-    eval_every: int | None = None  # steps; null: only before and after training
-    eval_batch_size: int | None = None  # default: batch_size
-    max_eval_batches: int | None = None  # cap an eval pass; null: the whole validation set
-    save_every: int | None = None  # steps; null: only at the end
-    keep_checkpoints: int = 2
-    log_every: int = 1
+    eval_every: int | None = field(default=None, metadata=RESUMABLE)  # steps; null: only before and after
+    eval_batch_size: int | None = field(default=None, metadata=RESUMABLE)  # default: batch_size
+    # cap an eval pass; null: the whole validation set
+    max_eval_batches: int | None = field(default=None, metadata=RESUMABLE)
+    save_every: int | None = field(default=None, metadata=RESUMABLE)  # steps; null: only at the end
+    keep_checkpoints: int = field(default=2, metadata=RESUMABLE)
+    log_every: int = field(default=1, metadata=RESUMABLE)
     seed: int = 42
     # auto: bf16 on a GPU that has it, else fp32
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     # Recompute activations in backward instead of keeping them. true: every layer (least memory);
     # mlp: the SwiGLU MLPs' gate and up projections; up: up's only (mlp and up need lean_layers and a
     # Llama-family model); auto: up where that applies, else nothing; false: nothing (fastest)
-    gradient_checkpointing: bool | Literal["auto", "up", "mlp"] = "auto"
+    gradient_checkpointing: bool | Literal["auto", "up", "mlp"] = field(default="auto", metadata=RESUMABLE)
     # Cross-entropy over vocabulary chunks of rows, never holding every token's fp32 logits at once.
-    chunked_loss: bool = True
+    chunked_loss: bool = field(default=True, metadata=RESUMABLE)
     # Llama-family SwiGLU MLPs and RMSNorms keep less for backward and recompute the rest (same math).
-    lean_layers: bool = True
+    lean_layers: bool = field(default=True, metadata=RESUMABLE)
 
 
 @dataclass

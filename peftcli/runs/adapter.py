@@ -199,7 +199,7 @@ class AdapterDir:
             from transformers import AutoTokenizer
 
             try:
-                tokenizer = AutoTokenizer.from_pretrained(str(self.path))
+                tokenizer = AutoTokenizer.from_pretrained(str(self.path), trust_remote_code=False)
             except (OSError, ValueError) as e:
                 raise UserError(f"cannot load the tokenizer saved in {self.path}: {e}") from e
             if tokenizer.pad_token is None:

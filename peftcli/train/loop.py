@@ -9,6 +9,8 @@ and two processes at batch size 4 compute the same loss and the same update.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 import math
 import signal
 import time
@@ -32,8 +34,9 @@ from peftcli.methods.modules import adapted_layers, count_parameters
 from peftcli.models.load import load_model, load_tokenizer
 from peftcli.recipe import Recipe
 from peftcli.runs import adapter as adapter_files
-from peftcli.runs import rundir
 from peftcli.train import loss, schedule, state
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,7 +83,9 @@ def inject(model, recipe: Recipe, tokenizer):
                 f"method.from_adapter: {method.from_adapter} is a {loaded.name} adapter, "
                 f"the recipe's method is {method.name}"
             )
-        recipe.method = loaded
+        recipe.method = dataclasses.replace(
+            loaded, from_adapter=method.from_adapter
+        )  # what trains, and from where
         return model
     return METHODS[method.name].inject(model, method, Context(recipe.model.task, tokenizer))
 
@@ -115,14 +120,11 @@ def make_optimizer(model, recipe: Recipe) -> torch.optim.Optimizer:
     )
 
 
-def setup(
-    recipe: Recipe, resume: bool = False, overwrite: bool = False, console: Console | None = None
-) -> Setup:
-    """Everything the loop needs: data, model with the method injected, optimizer, accelerator; the
-    training state of the newest checkpoint when resuming."""
+def setup(recipe: Recipe, resume_from: Path | None = None, console: Console | None = None) -> Setup:
+    """Everything the loop needs: data, model with the method injected, optimizer, accelerator; with
+    `resume_from`, that checkpoint's training state."""
     console = console or Console()
-    output_dir = Path(recipe.output_dir)
-    resume_from = rundir.check_output_dir(output_dir, resume, overwrite)
+    output_dir = Path(recipe.output_dir).expanduser()
     check_data_source(recipe.data)  # bad data is refused before the model is loaded
 
     train, m = recipe.train, recipe.model
@@ -143,6 +145,12 @@ def setup(
     with accelerator.main_process_first():
         data = prepare_data(recipe.data, tokenizer, m.task, train.seed)
     say(f"data: {data.describe()}")
+    check_batch_size(train, len(data.train), accelerator.num_processes)
+    if m.num_labels and data.label_names and m.num_labels != len(data.label_names):
+        raise UserError(
+            f"model.num_labels: {m.num_labels}, but the data has {len(data.label_names)} labels "
+            f"({', '.join(data.label_names)}); leave model.num_labels out to take the data's"
+        )
     say(f"model: loading {m.name}")
     model, speedups, params = build_model(
         recipe, tokenizer, data.label_names, autocast=accelerator.mixed_precision != "no"
@@ -178,6 +186,27 @@ def setup(
         s.start_step = saved["step"]
         say(f"resuming from {resume_from} (step {s.start_step} of {total_steps})")
     return s
+
+
+def check_batch_size(train, examples: int, processes: int) -> None:
+    """A micro-batch larger than the data is refused (it would only repeat examples, and memory grows with
+    it); a step's whole batch larger than the data is allowed, with a note that it repeats examples."""
+    per_step = train.batch_size * processes
+    if per_step > examples:
+        spread = f" x {processes} processes" if processes > 1 else ""
+        raise UserError(
+            f"train.batch_size: {train.batch_size}{spread} is more than the {examples} training examples; "
+            f"use at most {max(1, examples // processes)}"
+        )
+    if per_step * train.gradient_accumulation > examples:
+        log.warning(
+            "a step's batch (train.batch_size %d x train.gradient_accumulation %d%s) is more than the %d "
+            "training examples: every step sees some of them twice",
+            train.batch_size,
+            train.gradient_accumulation,
+            f" x {processes} processes" if processes > 1 else "",
+            examples,
+        )
 
 
 def build_model(recipe: Recipe, tokenizer, label_names: list[str] | None, autocast: bool):
@@ -272,14 +301,18 @@ def evaluate(s: Setup) -> dict[str, float] | None:
 
 
 class _Interrupt:
-    """First Ctrl-C asks the loop to checkpoint and stop; a second one stops at once."""
+    """Ctrl-C, or SIGTERM (what `kill`, `timeout` and job schedulers send), asks the loop to checkpoint and
+    stop after the current step; a second one stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous = {}
 
     def __enter__(self):
-        self._previous = signal.signal(signal.SIGINT, self._handle)
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
@@ -288,7 +321,8 @@ class _Interrupt:
         self.requested = True
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self._previous)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def fit(s: Setup, log: Callable[[dict], None], save_checkpoint: Callable[[int], None]) -> dict:
@@ -333,7 +367,8 @@ def fit(s: Setup, log: Callable[[dict], None], save_checkpoint: Callable[[int], 
             summary["steps"] = done
             # Every process must agree to stop, or the next step's collectives would hang.
             stop = bool(acc.reduce(torch.tensor(float(interrupt.requested), device=acc.device), "sum"))
-            if stop or (t.save_every and done % t.save_every == 0 and done != s.total_steps):
+            # The last step is checkpointed too: a finished run can be resumed with a larger max_steps.
+            if stop or done == s.total_steps or (t.save_every and done % t.save_every == 0):
                 save_checkpoint(done)
             if stop:
                 summary["stopped"] = f"interrupted at step {done}"

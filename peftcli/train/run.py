@@ -4,6 +4,10 @@ adapter and the report.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import os
 import time
 from pathlib import Path
 
@@ -11,12 +15,16 @@ from rich.console import Console
 
 from peftcli import fileio, report
 from peftcli.errors import UserError
-from peftcli.recipe import Recipe, dump_recipe
+from peftcli.fileio import disk_errors
+from peftcli.recipe import Recipe, dump_recipe, read_run_recipe
+from peftcli.recipe.changes import resume_changes
 from peftcli.runs import adapter as adapter_files
-from peftcli.runs import rundir
+from peftcli.runs import lock, rundir
 from peftcli.runs.adapter import RECIPE_NAME
 from peftcli.train import state
 from peftcli.train.loop import Setup, eval_line, evaluate, fit, setup
+
+log = logging.getLogger(__name__)
 
 
 class TrainingStopped(UserError):
@@ -37,7 +45,9 @@ def save_checkpoint(s: Setup, step: int) -> None:
         save_adapter_files(s, directory)
         state.save_training_state(directory, model, s.optimizer, {"step": step, "seed": s.recipe.train.seed})
 
-    rundir.write_checkpoint(s.output_dir, step, s.recipe.train.keep_checkpoints, write)
+    with disk_errors(f"checkpoint step {step} in {s.output_dir / 'checkpoints'}"):
+        rundir.write_checkpoint(s.output_dir, step, s.recipe.train.keep_checkpoints, write)
+    rundir.discard_set_aside(s.output_dir)  # a good state of its own: a run it replaces can go
 
 
 def save_adapter_files(s: Setup, directory: Path) -> None:
@@ -51,6 +61,11 @@ def save_adapter_files(s: Setup, directory: Path) -> None:
     )
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun / accelerate launch (read before any process group exists), or a lone process."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
 def run(
     recipe: Recipe,
     resume: bool = False,
@@ -58,19 +73,85 @@ def run(
     console: Console | None = None,
     recipe_path: str | None = None,
 ) -> dict:
-    """The whole `peft train`: returns the report summary."""
+    """The whole `peft train`: returns the report summary.
+
+    The output dir is checked before anything loads, locked for the run, and never left without a good
+    state: see runs/rundir.py for --overwrite and resume_plan for --resume.
+    """
     console = console or Console()
-    started = time.perf_counter()
-    s = setup(recipe, resume=resume, overwrite=overwrite, console=console)
-    main = s.accelerator.is_main_process
-    out = s.output_dir
-    metrics = None
+    out = Path(recipe.output_dir).expanduser()
+    rundir.check_writable(out)
+    main = is_main_process()
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        if overwrite and not resume:
-            rundir.clear_previous_run(out)
+    with lock.hold(out, "peft train") if main else contextlib.nullcontext():
+        if main and rundir.restore_set_aside(out):
+            console.print(f"note: put back the run in {out} that an interrupted --overwrite had set aside")
+        resume_from = rundir.check_output_dir(out, resume, overwrite, readable=state.checkpoint_problem)
+        changes = resume_plan(out, recipe) if resume else {}
+        replacing = main and overwrite and any((out / m).exists() for m in rundir.RUN_MARKERS)
+        if replacing:
+            rundir.set_aside(out)
+        try:
+            return _train(recipe, resume_from, changes, console, recipe_path)
+        except BaseException:
+            if replacing:
+                rundir.restore_set_aside(out)  # a no-op once the new run has a good state
+            raise
+
+
+def resume_plan(out: Path, recipe: Recipe) -> dict:
+    """The changes to the run's recipe that resuming it with `recipe` makes: refused (with every difference
+    listed) unless all may change; a finished run with no more steps asked for is said to be complete."""
+    if not (out / RECIPE_NAME).is_file():  # checkpoints copied without it: nothing to compare with
+        log.warning("%s has no %s: the recipe given now is taken as the run's", out, RECIPE_NAME)
+        return {}
+    try:
+        saved = read_run_recipe(out / RECIPE_NAME)
+    except UserError as e:
+        raise UserError(
+            f"--resume: {out / RECIPE_NAME} does not read, so the run cannot be compared: {e}"
+        ) from e
+    refused, allowed = resume_changes(saved, recipe)
+    if refused:
+        raise UserError(
+            f"--resume: the recipe differs from the run's own ({out / RECIPE_NAME}) in settings a resumed "
+            f"run cannot change: {'; '.join(refused)}. Resume with the run's recipe "
+            f"(peft train --resume {out}) or start a new run in another output_dir"
+        )
+    report_path = out / rundir.REPORT_NAME
+    done = json.loads(report_path.read_text()) if report_path.is_file() else None
+    budget = ("train.max_steps", "train.epochs")
+    if done and done.get("stopped") is None and not any(key in allowed for key in budget):
+        raise RunComplete(f"{out} is complete ({done.get('steps')} steps): nothing to resume")
+    return {key: list(values) for key, values in allowed.items()}
+
+
+class RunComplete(UserError):
+    """--resume on a finished run: said, not an error."""
+
+    exit_code = 0
+
+
+def _train(recipe: Recipe, resume_from: Path | None, changes: dict, console: Console, recipe_path) -> dict:
+    started = time.perf_counter()
+    s = setup(recipe, resume_from=resume_from, console=console)
+    main = s.accelerator.is_main_process
+    out = s.output_dir
+    if s.start_step > s.total_steps:
+        raise UserError(
+            f"train.max_steps: the run has trained {s.start_step} steps already, more than the "
+            f"{s.total_steps} this recipe asks for; resume with at least as many"
+        )
+    metrics = None
+    if main:
         fileio.write_text(out / RECIPE_NAME, dump_recipe(recipe))
-        metrics = rundir.MetricsLog(out / "metrics.jsonl", keep_until_step=s.start_step if resume else None)
+        keep = s.start_step if resume_from is not None else None
+        metrics = rundir.MetricsLog(out / rundir.METRICS_NAME, keep_until_step=keep, changed=changes)
+        if changes:
+            console.print(
+                "resuming with " + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+            )
 
     def log(record: dict) -> None:
         if metrics is not None:
@@ -87,17 +168,17 @@ def run(
             console.print(eval_line({"step": s.total_steps, **final_eval}))
     s.accelerator.wait_for_everyone()
     if main and not summary.get("interrupted"):
-        save_adapter_files(s, out)
-        rundir.save_tokenizer(s.tokenizer, out)
-        all_metrics = metrics.read()
-        report.write_report(
-            out, _report(s, summary, final_eval, all_metrics, started, recipe_path), all_metrics
-        )
+        with disk_errors(f"the adapter and report in {out}"):
+            save_adapter_files(s, out)
+            rundir.save_tokenizer(s.tokenizer, out)
+            all_metrics = metrics.read()
+            report.write_report(
+                out, _report(s, summary, final_eval, all_metrics, started, recipe_path), all_metrics
+            )
+        rundir.discard_set_aside(out)
     if summary.get("interrupted"):
         raise TrainingStopped(
-            f"{summary['stopped']}; checkpoint saved. Continue with: "
-            f"peft train {recipe_path or 'RECIPE'} --resume",
-            exit_code=130,
+            f"{summary['stopped']}; checkpoint saved. Continue with: peft train --resume {out}", exit_code=130
         )
     if summary["stopped"]:
         raise TrainingStopped(f"training stopped: {summary['stopped']}; the last good adapter is in {out}")

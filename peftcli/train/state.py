@@ -65,3 +65,13 @@ def load_training_state(directory: str | Path, model: nn.Module, optimizer) -> d
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     return state
+
+
+def checkpoint_problem(directory: Path) -> str | None:
+    """Why the training state in checkpoint `directory` cannot be read (a file cut short, say), or None."""
+    try:
+        json.loads((directory / STATE_NAME).read_text(encoding="utf-8"))
+        load_file(str(directory / OPTIMIZER_NAME))
+    except Exception as e:  # json, OS and safetensors' own errors alike
+        return f"{type(e).__name__}: {e}".splitlines()[0]
+    return None
