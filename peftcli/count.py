@@ -8,6 +8,7 @@ two equal.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -59,8 +60,15 @@ def count_methods(
                 pass
     rest = [i for i in range(len(methods)) if i not in counts]
     if rest:
-        meta = meta_counts(source, [methods[i] for i in rest], task, trust_remote_code)
-        counts.update(zip(rest, meta, strict=True))
+        from peftcli.models.load import meta_model
+
+        base = meta_model(source, task, trust_remote_code)
+        for n, i in enumerate(rest):
+            model = base if n == len(rest) - 1 else copy.deepcopy(base)  # see injected_counts
+            try:
+                counts[i] = injected_counts(model, [methods[i]], task)[0]
+            except UserError as e:
+                counts[i] = Count(methods[i].name, 0, 0, error=str(e))
     return [counts[i] for i in range(len(methods))]
 
 
@@ -79,8 +87,6 @@ def meta_counts(
 
 def injected_counts(base, methods: list[MethodConfig], task: str | None = None) -> list[Count]:
     """One Count per method, each injected into its own copy of `base` (the last into `base` itself)."""
-    import copy
-
     from peftcli.methods.modules import count_parameters
 
     context = Context(task or _task_of(base))
@@ -88,11 +94,7 @@ def injected_counts(base, methods: list[MethodConfig], task: str | None = None) 
     for i, method in enumerate(methods):
         # The last method may take the base itself: a deep copy of a 175B meta model costs ~0.6 s.
         model = base if i == len(methods) - 1 else copy.deepcopy(base)
-        try:
-            model = METHODS[method.name].inject(model, method, context)
-        except UserError as e:
-            counts.append(Count(method.name, 0, 0, error=str(e)))
-            continue
+        model = METHODS[method.name].inject(model, method, context)
         trainable, total = count_parameters(model)
         counts.append(Count(method.name, trainable, total))
     return counts

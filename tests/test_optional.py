@@ -13,6 +13,6 @@ def test_an_installed_package_is_imported():
 
 
 def test_a_missing_package_names_the_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    with pytest.raises(UserError, match=r"plots need.*`matplotlib`.*pip install 'peftcli\[plot\]'"):
-        need("matplotlib.figure", "plot", "plots")
+    monkeypatch.setitem(sys.modules, "somelib", None)  # import somelib -> ImportError
+    with pytest.raises(UserError, match=r"plots needs.*`somelib`.*pip install 'peftcli\[plot\]'"):
+        need("somelib.figure", "plot", "plots")

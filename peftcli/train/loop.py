@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from peftcli.models.load import load_model, load_tokenizer
 from peftcli.recipe import Recipe
 from peftcli.runs import adapter as adapter_files
 from peftcli.train import loss, schedule, state
+from peftcli.train.signals import StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -145,12 +145,7 @@ def setup(recipe: Recipe, resume_from: Path | None = None, console: Console | No
     with accelerator.main_process_first():
         data = prepare_data(recipe.data, tokenizer, m.task, train.seed)
     say(f"data: {data.describe()}")
-    check_batch_size(train, len(data.train), accelerator.num_processes)
-    if m.num_labels and data.label_names and m.num_labels != len(data.label_names):
-        raise UserError(
-            f"model.num_labels: {m.num_labels}, but the data has {len(data.label_names)} labels "
-            f"({', '.join(data.label_names)}); leave model.num_labels out to take the data's"
-        )
+    check_data(recipe, data, accelerator.num_processes)
     say(f"model: loading {m.name}")
     model, speedups, params = build_model(
         recipe, tokenizer, data.label_names, autocast=accelerator.mixed_precision != "no"
@@ -188,9 +183,17 @@ def setup(recipe: Recipe, resume_from: Path | None = None, console: Console | No
     return s
 
 
-def check_batch_size(train, examples: int, processes: int) -> None:
-    """A micro-batch larger than the data is refused (it would only repeat examples, and memory grows with
-    it); a step's whole batch larger than the data is allowed, with a note that it repeats examples."""
+def check_data(recipe: Recipe, data, processes: int) -> None:
+    """What the data must agree with: model.num_labels, and the batch size. A micro-batch larger than the
+    data is refused (it would only repeat examples, and memory grows with it); a step's whole batch larger
+    than the data is allowed, with a note that it repeats examples."""
+    num_labels, labels = recipe.model.num_labels, data.label_names
+    if num_labels and labels and num_labels != len(labels):
+        raise UserError(
+            f"model.num_labels: {num_labels}, but the data has {len(labels)} labels "
+            f"({', '.join(labels)}); leave model.num_labels out to take the data's"
+        )
+    train, examples = recipe.train, len(data.train)
     per_step = train.batch_size * processes
     if per_step > examples:
         spread = f" x {processes} processes" if processes > 1 else ""
@@ -300,31 +303,6 @@ def evaluate(s: Setup) -> dict[str, float] | None:
 # the loop
 
 
-class _Interrupt:
-    """Ctrl-C, or SIGTERM (what `kill`, `timeout` and job schedulers send), asks the loop to checkpoint and
-    stop after the current step; a second one stops at once."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def fit(s: Setup, log: Callable[[dict], None], save_checkpoint: Callable[[int], None]) -> dict:
     """Train from s.start_step to s.total_steps. `log(record)` receives every metrics line;
     `save_checkpoint(step)` is called every train.save_every steps and on Ctrl-C."""
@@ -341,7 +319,7 @@ def fit(s: Setup, log: Callable[[dict], None], save_checkpoint: Callable[[int], 
         console=s.console,
         disable=not acc.is_main_process,
     )
-    with _Interrupt() as interrupt, progress:
+    with StopRequest() as interrupt, progress:
         bar = progress.add_task("train", total=s.total_steps, completed=s.start_step, info="")
         for step in range(s.start_step, s.total_steps):
             started = time.perf_counter()

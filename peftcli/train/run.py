@@ -82,22 +82,32 @@ def run(
     out = Path(recipe.output_dir).expanduser()
     rundir.check_writable(out)
     main = is_main_process()
+    made = main and not out.exists()
     if main:
         out.mkdir(parents=True, exist_ok=True)
-    with lock.hold(out, "peft train") if main else contextlib.nullcontext():
-        if main and rundir.restore_set_aside(out):
-            console.print(f"note: put back the run in {out} that an interrupted --overwrite had set aside")
-        resume_from = rundir.check_output_dir(out, resume, overwrite, readable=state.checkpoint_problem)
-        changes = resume_plan(out, recipe) if resume else {}
-        replacing = main and overwrite and any((out / m).exists() for m in rundir.RUN_MARKERS)
+    try:
+        with lock.hold(out, "peft train") if main else contextlib.nullcontext():
+            return _run_locked(recipe, out, main, resume, overwrite, console, recipe_path)
+    finally:
+        if made and not any(out.iterdir()):  # a run refused before it wrote anything leaves no dir
+            out.rmdir()
+
+
+def _run_locked(recipe: Recipe, out: Path, main: bool, resume: bool, overwrite: bool, console, recipe_path):
+    """The run, with the output dir held: a replaced run is set aside until the new one has a good state."""
+    if main and rundir.restore_set_aside(out):
+        console.print(f"note: put back the run in {out} that an interrupted --overwrite had set aside")
+    resume_from = rundir.check_output_dir(out, resume, overwrite, readable=state.checkpoint_problem)
+    changes = resume_plan(out, recipe) if resume else {}
+    replacing = main and overwrite and any((out / m).exists() for m in rundir.RUN_MARKERS)
+    if replacing:
+        rundir.set_aside(out)
+    try:
+        return _train(recipe, resume_from, changes, console, recipe_path)
+    except BaseException:
         if replacing:
-            rundir.set_aside(out)
-        try:
-            return _train(recipe, resume_from, changes, console, recipe_path)
-        except BaseException:
-            if replacing:
-                rundir.restore_set_aside(out)  # a no-op once the new run has a good state
-            raise
+            rundir.restore_set_aside(out)  # a no-op once the new run has a good state
+        raise
 
 
 def resume_plan(out: Path, recipe: Recipe) -> dict:

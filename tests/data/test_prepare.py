@@ -445,8 +445,11 @@ def test_empty_dataset(tmp_path, tok, content):
 def test_all_examples_empty_after_tokenization(tmp_path, tok, plain_tok):
     with pytest.raises(UserError, match=r"d\.jsonl: all 2 rows are empty after tokenization"):
         prep(tmp_path, tok, train=write(tmp_path / "d.jsonl", [{"text": ""}, {"text": None}]))
-    rows = [{"text": " ", "label": "a"}]
-    with pytest.raises(UserError, match=r"c\.jsonl: all 1 rows are empty after tokenization"):
+    rows = [
+        {"text": " ", "label": "a"},
+        {"text": "", "label": "b"},
+    ]  # two classes: one would be refused first
+    with pytest.raises(UserError, match=r"c\.jsonl: all 2 rows are empty after tokenization"):
         prep(
             tmp_path,
             tok,
