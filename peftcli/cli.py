@@ -151,7 +151,9 @@ def count(
 @app.command()
 @_handle_errors
 def merge(
-    adapter_dir: Path = typer.Argument(..., help="A LoRA/BitFit adapter directory (ours or HF PEFT's)."),
+    adapter_dir: Path = typer.Argument(
+        ..., help="An adapter directory (ours or HF PEFT's) of a method that folds into the weights."
+    ),
     output: Path = typer.Option(
         ..., "--output", "-o", help="Where to write the merged model (must not exist)."
     ),

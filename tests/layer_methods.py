@@ -174,3 +174,62 @@ def assert_merge_equals_unmerged(case: Case, arch: str, tmp_path) -> None:
     assert ours.keys() == theirs.keys()
     for key in ours:
         assert max_diff(ours[key], theirs[key]) <= 1e-6, key
+
+
+# --------------------------------------------------------------------------------------------------
+# The checks above as one test class: a method's test module subclasses it with its cases and imports
+# `pytest_generate_tests`, which parametrizes the tests of every such class in that module.
+
+
+class CommonChecks:
+    """The properties every method of adapted linear layers must have, on each of `cases` (id -> Case):
+    `arch` runs on `archs`, `hf_arch` on those of them HF PEFT adapts, `count_arch` on those plus RoBERTa
+    and OPT (counts only)."""
+
+    cases: dict[str, Case] = {}
+    archs: tuple[str, ...] = ("llama", "gpt2", "bert")
+
+    def test_output_equals_base_at_init(self, case, arch):
+        assert_identity_at_init(case, arch)
+
+    def test_only_the_method_and_head_train(self, case, arch):
+        assert_only_parts_train(case, arch)
+
+    def test_counts_equal_hf(self, case, count_arch):
+        assert_counts_equal_hf(case, count_arch)
+
+    def test_save_load_round_trip(self, case, arch, tmp_path):
+        assert_round_trip(case, arch, tmp_path)
+
+    def test_hf_peft_loads_our_adapter(self, case, hf_arch, tmp_path):
+        assert_hf_loads_ours(case, hf_arch, tmp_path)
+
+    def test_we_load_hf_peft_adapter(self, case, hf_arch, tmp_path):
+        assert_we_load_hf(case, hf_arch, tmp_path)
+
+    def test_merge_equals_unmerged_and_hf_merge(self, case, arch, tmp_path):
+        assert_merge_equals_unmerged(case, arch, tmp_path)
+
+    def test_a_bf16_base_keeps_fp32_parts(self, case):
+        assert_half_base_trains_fp32_parts(case)
+
+
+def pytest_generate_tests(metafunc) -> None:
+    """Parametrize CommonChecks' tests by the subclass's cases and architectures."""
+    cls = metafunc.cls
+    if cls is None or not issubclass(cls, CommonChecks):
+        return
+    names = metafunc.fixturenames
+    rows, ids = [], []
+    for case_id, case in cls.cases.items():
+        hf_archs = [a for a in cls.archs if a in case.hf_archs]
+        archs = {
+            "arch": cls.archs,
+            "hf_arch": hf_archs,
+            "count_arch": [*hf_archs, "roberta", "opt"],
+        }
+        key = next((k for k in archs if k in names), None)
+        for arch in archs[key] if key else [None]:
+            rows.append((case, arch) if key else (case,))
+            ids.append(f"{case_id}-{arch}" if key else case_id)
+    metafunc.parametrize(["case", key] if key else ["case"], rows, ids=ids)

@@ -22,6 +22,11 @@ A method module owns everything about its method, so adding one is a new module 
 
 Method modules import no torch until a model is touched (peftcli/lazy.py): `peft count` reads their
 configs and counts in half a second.
+
+The methods that wrap linear layers (LoRA, IA3, VeRA, LoHa, LoKr, OFT) share `modules.AdaptedLayer` (their
+forward is their own ``run(layer, x)``), ``targeting.inject_layers`` (which layers, modules_to_save),
+``base.count_layers`` and the adapter_config field readers in base.py; tensors all of a method's layers read
+(VeRA's projections) are one ``modules.SharedTensors``, saved once under model-level keys.
 """
 
 from __future__ import annotations

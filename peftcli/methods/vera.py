@@ -200,9 +200,15 @@ def adapter_state(model) -> dict[str, Tensor]:
 def load_adapter_state(model, state: dict[str, Tensor]) -> None:
     """Without save_projection the projections come from the key: any in the file are left out, as HF PEFT
     leaves them."""
-    if not modules.shared_tensors(model, NAME, saved_only=True) and any(k in state for k in PROJECTION_KEYS):
+    saved = bool(modules.shared_tensors(model, NAME, saved_only=True))
+    if not saved and any(k in state for k in PROJECTION_KEYS):
         log.warning("save_projection is false: the projections in the adapter file are not used")
         state = {k: v for k, v in state.items() if k not in PROJECTION_KEYS}
+    if saved and vera_layers(model) and not all(k in state for k in PROJECTION_KEYS):
+        raise modules.AdapterError(
+            "adapter_config.json says save_projection is true but the adapter file holds no projections "
+            f"({', '.join(PROJECTION_KEYS)})"
+        )
     modules.load_layer_state(model, NAME, state)
 
 

@@ -7,15 +7,9 @@ import pytest
 import torch
 from layer_methods import (
     Case,
-    assert_counts_equal_hf,
-    assert_half_base_trains_fp32_parts,
-    assert_hf_loads_ours,
-    assert_identity_at_init,
-    assert_merge_equals_unmerged,
-    assert_only_parts_train,
-    assert_round_trip,
-    assert_we_load_hf,
+    CommonChecks,
     injected,
+    pytest_generate_tests,  # noqa: F401  (it parametrizes CommonChecks here)
 )
 from tiny import tiny_model
 from torch import nn
@@ -26,46 +20,10 @@ from peftcli.methods import Context, ia3, make_config
 from peftcli.recipe import RecipeError, load_recipe
 
 CASE = Case("ia3", {}, peft.IA3Config, {}, parts=("ia3_l",), hf_random_init={"init_ia3_weights": False})
-ARCHS = ["llama", "gpt2", "bert"]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_output_equals_base_at_init(arch):
-    assert_identity_at_init(CASE, arch)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_only_the_vectors_and_head_train(arch):
-    assert_only_parts_train(CASE, arch)
-
-
-@pytest.mark.parametrize("arch", [*ARCHS, "roberta", "opt"])
-def test_counts_equal_hf(arch):
-    assert_counts_equal_hf(CASE, arch)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_save_load_round_trip(arch, tmp_path):
-    assert_round_trip(CASE, arch, tmp_path)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_hf_peft_loads_our_adapter(arch, tmp_path):
-    assert_hf_loads_ours(CASE, arch, tmp_path)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_we_load_hf_peft_adapter(arch, tmp_path):
-    assert_we_load_hf(CASE, arch, tmp_path)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_merge_equals_unmerged_and_hf_merge(arch, tmp_path):
-    assert_merge_equals_unmerged(CASE, arch, tmp_path)
-
-
-def test_a_bf16_base_keeps_fp32_vectors():
-    assert_half_base_trains_fp32_parts(CASE)
+class TestAgainstHfPeft(CommonChecks):
+    cases = {"default": CASE}
 
 
 # --------------------------------------------------------------------------------------------------

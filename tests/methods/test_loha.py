@@ -7,16 +7,10 @@ import pytest
 import torch
 from layer_methods import (
     Case,
-    assert_counts_equal_hf,
-    assert_half_base_trains_fp32_parts,
-    assert_hf_loads_ours,
+    CommonChecks,
     assert_hf_refuses_conv1d,
-    assert_identity_at_init,
-    assert_merge_equals_unmerged,
-    assert_only_parts_train,
-    assert_round_trip,
-    assert_we_load_hf,
     injected,
+    pytest_generate_tests,  # noqa: F401  (it parametrizes CommonChecks here)
 )
 from tiny import batch, logits, tiny_model
 from torch import nn
@@ -34,51 +28,14 @@ CASE = Case(
     hf_archs=("llama", "bert"),
     hf_random_init={"init_weights": False},
 )
-HF_ARCHS = ["llama", "bert"]
-ARCHS = [*HF_ARCHS, "gpt2"]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_output_equals_base_at_init(arch):
-    assert_identity_at_init(CASE, arch)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_only_the_factors_and_head_train(arch):
-    assert_only_parts_train(CASE, arch)
-
-
-@pytest.mark.parametrize("arch", [*HF_ARCHS, "roberta", "opt"])
-def test_counts_equal_hf(arch):
-    assert_counts_equal_hf(CASE, arch)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_save_load_round_trip(arch, tmp_path):
-    assert_round_trip(CASE, arch, tmp_path)
-
-
-@pytest.mark.parametrize("arch", HF_ARCHS)
-def test_hf_peft_loads_our_adapter(arch, tmp_path):
-    assert_hf_loads_ours(CASE, arch, tmp_path)
-
-
-@pytest.mark.parametrize("arch", HF_ARCHS)
-def test_we_load_hf_peft_adapter(arch, tmp_path):
-    assert_we_load_hf(CASE, arch, tmp_path)
+class TestAgainstHfPeft(CommonChecks):
+    cases = {"rank4": CASE}
 
 
 def test_gpt2_conv1d_is_adapted_here_and_refused_by_hf_peft(tmp_path):
     assert_hf_refuses_conv1d(CASE, tmp_path)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_merge_equals_unmerged_and_hf_merge(arch, tmp_path):
-    assert_merge_equals_unmerged(CASE, arch, tmp_path)
-
-
-def test_a_bf16_base_keeps_fp32_factors():
-    assert_half_base_trains_fp32_parts(CASE)
 
 
 # --------------------------------------------------------------------------------------------------

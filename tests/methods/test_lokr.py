@@ -7,16 +7,10 @@ import pytest
 import torch
 from layer_methods import (
     Case,
-    assert_counts_equal_hf,
-    assert_half_base_trains_fp32_parts,
-    assert_hf_loads_ours,
+    CommonChecks,
     assert_hf_refuses_conv1d,
-    assert_identity_at_init,
-    assert_merge_equals_unmerged,
-    assert_only_parts_train,
-    assert_round_trip,
-    assert_we_load_hf,
     injected,
+    pytest_generate_tests,  # noqa: F401  (it parametrizes CommonChecks here)
 )
 from peft.tuners.lokr.layer import factorization as hf_factorization
 from tiny import logits, tiny_model
@@ -46,60 +40,14 @@ DECOMPOSED = Case(
     hf_archs=("llama", "bert"),
     hf_random_init={"init_weights": False},
 )
-CASES = [CASE, DECOMPOSED]
-IDS = ["whole", "decomposed"]
-HF_ARCHS = ["llama", "bert"]
-ARCHS = [*HF_ARCHS, "gpt2"]
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-@pytest.mark.parametrize("arch", ARCHS)
-def test_output_equals_base_at_init(arch, case):
-    assert_identity_at_init(case, arch)
-
-
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-@pytest.mark.parametrize("arch", ARCHS)
-def test_only_the_factors_and_head_train(arch, case):
-    assert_only_parts_train(case, arch)
-
-
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-@pytest.mark.parametrize("arch", [*HF_ARCHS, "roberta", "opt"])
-def test_counts_equal_hf(arch, case):
-    assert_counts_equal_hf(case, arch)
-
-
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-@pytest.mark.parametrize("arch", ARCHS)
-def test_save_load_round_trip(arch, case, tmp_path):
-    assert_round_trip(case, arch, tmp_path)
-
-
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-@pytest.mark.parametrize("arch", HF_ARCHS)
-def test_hf_peft_loads_our_adapter(arch, case, tmp_path):
-    assert_hf_loads_ours(case, arch, tmp_path)
-
-
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-@pytest.mark.parametrize("arch", HF_ARCHS)
-def test_we_load_hf_peft_adapter(arch, case, tmp_path):
-    assert_we_load_hf(case, arch, tmp_path)
+class TestAgainstHfPeft(CommonChecks):
+    cases = {"whole": CASE, "decomposed": DECOMPOSED}
 
 
 def test_gpt2_conv1d_is_adapted_here_and_refused_by_hf_peft(tmp_path):
     assert_hf_refuses_conv1d(CASE, tmp_path)
-
-
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-@pytest.mark.parametrize("arch", ARCHS)
-def test_merge_equals_unmerged_and_hf_merge(arch, case, tmp_path):
-    assert_merge_equals_unmerged(case, arch, tmp_path)
-
-
-def test_a_bf16_base_keeps_fp32_factors():
-    assert_half_base_trains_fp32_parts(DECOMPOSED)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,16 +12,10 @@ import torch
 from layer_methods import (
     NOISE,
     Case,
-    assert_counts_equal_hf,
-    assert_half_base_trains_fp32_parts,
-    assert_hf_loads_ours,
-    assert_identity_at_init,
-    assert_merge_equals_unmerged,
-    assert_only_parts_train,
-    assert_round_trip,
-    assert_we_load_hf,
+    CommonChecks,
     injected,
     max_diff,
+    pytest_generate_tests,  # noqa: F401  (it parametrizes CommonChecks here)
 )
 from peft.tuners.vera.model import _kaiming_init
 from safetensors.torch import load_file
@@ -48,49 +42,10 @@ UNSAVED = Case(
     {"r": 4, "save_projection": False, "projection_prng_key": 7},
     parts=CASE.parts,
 )
-ARCHS = ["llama", "gpt2", "bert"]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_output_equals_base_at_init(arch):
-    assert_identity_at_init(CASE, arch)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_only_the_vectors_and_head_train(arch):
-    assert_only_parts_train(CASE, arch)
-
-
-@pytest.mark.parametrize("arch", [*ARCHS, "roberta", "opt"])
-def test_counts_equal_hf(arch):
-    assert_counts_equal_hf(CASE, arch)
-
-
-@pytest.mark.parametrize("case", [CASE, UNSAVED], ids=["saved", "unsaved"])
-@pytest.mark.parametrize("arch", ARCHS)
-def test_save_load_round_trip(arch, case, tmp_path):
-    assert_round_trip(case, arch, tmp_path)
-
-
-@pytest.mark.parametrize("case", [CASE, UNSAVED], ids=["saved", "unsaved"])
-@pytest.mark.parametrize("arch", ARCHS)
-def test_hf_peft_loads_our_adapter(arch, case, tmp_path):
-    assert_hf_loads_ours(case, arch, tmp_path)
-
-
-@pytest.mark.parametrize("case", [CASE, UNSAVED], ids=["saved", "unsaved"])
-@pytest.mark.parametrize("arch", ARCHS)
-def test_we_load_hf_peft_adapter(arch, case, tmp_path):
-    assert_we_load_hf(case, arch, tmp_path)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_merge_equals_unmerged_and_hf_merge(arch, tmp_path):
-    assert_merge_equals_unmerged(CASE, arch, tmp_path)
-
-
-def test_a_bf16_base_keeps_fp32_vectors():
-    assert_half_base_trains_fp32_parts(CASE)
+class TestAgainstHfPeft(CommonChecks):
+    cases = {"saved": CASE, "unsaved": UNSAVED}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -168,6 +123,13 @@ def test_projections_in_a_file_that_does_not_save_them_are_ignored(tmp_path):
     }
     vera.load_adapter_state(model, state)  # as HF PEFT: the key's projections stay
     assert model.model.layers[0].self_attn.q_proj.shared.vera_A.any()
+
+
+def test_a_file_without_the_projections_it_says_it_saves_is_refused():
+    model, _ = injected(CASE, "llama")
+    state = {k: v for k, v in vera.adapter_state(model).items() if k != "base_model.vera_B"}
+    with pytest.raises(UserError, match="save_projection is true but the adapter file holds no projections"):
+        vera.load_adapter_state(model, state)
 
 
 def test_projections_are_drawn_on_a_meta_base():
