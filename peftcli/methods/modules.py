@@ -1,5 +1,5 @@
 """The torch side every method shares: the adapted-layer wrapper, freezing, finding and swapping modules,
-``modules_to_save``, and the adapter state's keys.
+``modules_to_save``, tensors all of a method's layers share, and the adapter state's keys.
 
 Adapter state dict keys follow HF PEFT's on-disk layout: ``base_model.model.<module path>.<param>``.
 """
@@ -72,7 +72,8 @@ class AdaptedLayer(nn.Module):
         return self.label
 
     def extra_repr(self) -> str:
-        shown = {k: v for k, v in vars(self).items() if k in ("rank", "alpha", "scale", "bottleneck")}
+        keys = ("rank", "alpha", "scale", "bottleneck", "is_feedforward", "num_blocks", "block_size")
+        shown = {k: v for k, v in vars(self).items() if k in keys}
         return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
 
 
