@@ -153,8 +153,8 @@ def count(
     method: list[str] = typer.Option(
         [], "--method", "-m", help="Method to count (repeatable); default lora."
     ),
-    rank: int | None = typer.Option(None, help="LoRA rank."),
-    alpha: float | None = typer.Option(None, help="LoRA alpha."),
+    rank: int | None = typer.Option(None, help="Rank (LoRA, VeRA, LoHa, LoKr)."),
+    alpha: float | None = typer.Option(None, help="Alpha (LoRA, LoHa, LoKr)."),
     target_modules: str | None = typer.Option(None, help="Comma-separated names, or all-linear."),
     num_virtual_tokens: int | None = typer.Option(None, help="Prefix/prompt tuning length."),
     bottleneck: int | None = typer.Option(None, help="Bottleneck adapter size."),
@@ -198,7 +198,9 @@ def count(
 @app.command()
 @_handle_errors
 def merge(
-    adapter_dir: Path = typer.Argument(..., help="A LoRA/BitFit adapter directory (ours or HF PEFT's)."),
+    adapter_dir: Path = typer.Argument(
+        ..., help="An adapter directory (ours or HF PEFT's) of a method that folds into the weights."
+    ),
     output: Path = typer.Option(
         ..., "--output", "-o", help="Where to write the merged model (must not exist)."
     ),

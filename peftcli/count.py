@@ -142,12 +142,10 @@ def count_target(
             )
         model, base, task = adapter.base_source, adapter.method, task or adapter.task
     else:
-        from peftcli.recipe import Recipe
-
-        model, base = target, Recipe().method  # the recipe's default method
+        model, base = target, None  # each method with its own defaults
     if task is not None and task not in TASK_TYPES:
         raise UserError(f"--task: unknown task {task!r}; choose one of {', '.join(TASK_TYPES)}")
-    configs = method_configs(base, method_names or [base.name], overrides)
+    configs = method_configs(base, method_names or [base.name if base else "lora"], overrides)
     name = model if isinstance(model, str) else model.name
     counts = count_methods(model, configs, task)
     if all(c.error for c in counts):  # nothing to show: the reasons are the answer
@@ -155,14 +153,16 @@ def count_target(
     return name, counts
 
 
-def method_configs(base: MethodConfig, names: list[str], overrides: dict) -> list[MethodConfig]:
-    """One Config per method name: the fields `base` shares with it, then the command line's flags (None:
-    not given; a flag the method has no field for does not apply to it)."""
+def method_configs(base: MethodConfig | None, names: list[str], overrides: dict) -> list[MethodConfig]:
+    """One Config per method name: the fields `base` (a recipe's or an adapter's method; None: none) shares
+    with it, then the command line's flags (None: not given; a flag the method has no field for does not
+    apply to it)."""
     configs = []
     for name in names:
         cls = _method_class(name)
         fields = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in dataclasses.asdict(base).items() if k in fields}
+        shared = dataclasses.asdict(base).items() if base is not None else ()
+        values = {k: v for k, v in shared if k in fields}
         for key, value in overrides.items():
             if value is None:
                 continue

@@ -37,9 +37,8 @@ GPT3_175B = {
 
 META = """
 import json, sys
-from peftcli.methods import make_config
-from peftcli.count import meta_counts, method_sections
-counts = meta_counts(sys.argv[1], method_sections(make_config("lora"), sys.argv[2:], {}))
+from peftcli.count import meta_counts, method_configs
+counts = meta_counts(sys.argv[1], method_configs(None, sys.argv[2:], {}))
 print(json.dumps([c.to_dict() for c in counts]))
 """
 

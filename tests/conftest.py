@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-# tests/tiny.py holds shared checks; let pytest explain their failing asserts in detail.
-pytest.register_assert_rewrite("tiny")
+# tests/tiny.py and tests/layer_methods.py hold shared checks; let pytest explain their failing asserts.
+pytest.register_assert_rewrite("tiny", "layer_methods")
 
 # tests/tiny.py is imported as `tiny` by every test module.
 sys.path.insert(0, str(Path(__file__).parent))

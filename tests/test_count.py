@@ -4,7 +4,17 @@ import json
 
 import pytest
 import torch
-from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from peft import (
+    IA3Config,
+    LoHaConfig,
+    LoKrConfig,
+    LoraConfig,
+    OFTConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    VeraConfig,
+    get_peft_model,
+)
 from tiny import llama_2_7b_config, tiny_config
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config
 from typer.testing import CliRunner
@@ -49,6 +59,53 @@ def test_counts_equal_hf_peft(tmp_path, arch):
     ]
     for count, ref in zip(ours, refs, strict=True):
         assert (count.trainable, count.total) == _hf_count(config, task, ref), count.method
+
+
+# The methods of adapted layers, ours and HF PEFT's config for the same adapter; HF PEFT 0.21 leaves GPT-2's
+# Conv1D layers out of LoHa, LoKr and OFT (tests/models/test_shapes.py holds those counts to the meta model).
+LAYER_METHODS = [
+    (make_config("ia3"), lambda task_type: IA3Config(task_type=task_type), True),
+    (make_config("vera", rank=16), lambda task_type: VeraConfig(task_type=task_type, r=16), True),
+    (make_config("loha", rank=4), lambda task_type: LoHaConfig(task_type=task_type, r=4), False),
+    (
+        make_config("lokr", rank=2, decompose_both=True),
+        lambda task_type: LoKrConfig(task_type=task_type, r=2, decompose_both=True),
+        False,
+    ),
+    (
+        make_config("oft", block_size=8),
+        lambda task_type: OFTConfig(task_type=task_type, oft_block_size=8),
+        False,
+    ),
+]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "bert", "roberta"])
+def test_layer_method_counts_equal_hf_peft(tmp_path, arch):
+    config = tiny_config(arch)
+    task = "causal-lm" if arch in ("llama", "gpt2", "opt") else "sequence-classification"
+    task_type = "CAUSAL_LM" if task == "causal-lm" else "SEQ_CLS"
+    cases = [(ours, ref) for ours, ref, conv1d in LAYER_METHODS if arch != "gpt2" or conv1d]
+    counts = count_methods(_config_dir(tmp_path, config), [ours for ours, _ in cases], task)
+    for count, (_, ref) in zip(counts, cases, strict=True):
+        assert (count.trainable, count.total) == _hf_count(config, task, ref(task_type)), count.method
+
+
+def test_gpt3_175b_layer_method_counts(tmp_path):
+    """From the shapes alone, each method's own arithmetic: c_attn (12288 -> 3 x 12288) and, for IA3, the
+    feed-forward output projection (49152 -> 12288, its input scaled), in 96 layers."""
+    config = GPT2Config(vocab_size=50257, n_positions=2048, n_embd=12288, n_layer=96, n_head=96)
+    methods = [make_config(name) for name in ("ia3", "vera", "loha", "lokr", "oft")]
+    counts = {c.method: c.trainable for c in count_methods(_config_dir(tmp_path, config), methods)}
+    d = 12288
+    assert counts == {
+        "ia3": 96 * (3 * d + 4 * d),
+        "vera": 96 * (3 * d + 256),
+        "loha": 96 * 2 * 8 * (d + 3 * d),
+        # in 12288 = 96 x 128, out 36864 = 192 x 192: W1 (192, 96) whole, W2 (192, 128) a rank-8 product
+        "lokr": 96 * (192 * 96 + 8 * (192 + 128)),
+        "oft": 96 * (d // 32) * 32 * 31 // 2,
+    }
 
 
 def test_llama_7b_lora_count_from_cli(tmp_path):

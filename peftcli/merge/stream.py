@@ -2,7 +2,8 @@
 
 The plan is made from the base's safetensors headers and a meta-device model before any tensor is read:
 each checkpoint key is mapped to the model's key, each adapted layer's weight to the method's fold
-(LoRA: W + scale * B @ A), and every other adapter tensor (BitFit biases, ``modules_to_save``) to the base
+(LoRA: W + scale * B @ A; and its bias where the method changes it, IA3), and every other adapter tensor
+(BitFit biases, ``modules_to_save``) to the base
 tensor it replaces. The writer then reads one base tensor at a time, changes it if the adapter touches it,
 casts it and appends it to the output shard through shards.py; nothing else is held. to_dir.py decides
 when this applies.
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 from peftcli import fileio
 from peftcli.errors import UserError
 from peftcli.merge import shards as st
-from peftcli.methods.modules import KEY_PREFIX, AdaptedLayer, adapted_layers
+from peftcli.methods.modules import KEY_PREFIX, AdaptedLayer, adapted_layers, shared_tensors
 from peftcli.models.load import auto_class
 from peftcli.runs.adapter import AdapterDir, apply_adapter
 
@@ -39,7 +40,7 @@ class Plan:
     shards: list[list[tuple[str, tuple[Path, st.TensorInfo] | None]]]
     shapes: dict[str, tuple[int, ...]]  # output key -> shape
     dtypes: dict[str, torch.dtype]  # output key -> dtype before the cast
-    # weight key -> (the adapted layer, holding the adapter's tensors, and the method's fold)
+    # weight (or bias) key -> (the adapted layer, holding the adapter's tensors, and the method's fold)
     folds: dict[str, tuple[AdaptedLayer, Callable[[AdaptedLayer, Tensor], Tensor]]]
     replaced: dict[str, Tensor]  # key -> the adapter's tensor (BitFit biases, modules_to_save)
     base_dtype: torch.dtype  # the floating dtype most of the base's elements have
@@ -92,6 +93,13 @@ def _adapter_tensors(adapter: AdapterDir, meta: nn.Module, expected: dict) -> tu
             layer.get_submodule(owner).register_parameter(leaf, nn.Parameter(adapter.state[key], False))
             layer_keys.add(key)
         folds[f"{name}.weight"] = (layer, adapter.module.fold)
+        if getattr(adapter.module, "fold_bias", None) and layer.base.bias is not None:
+            folds[f"{name}.bias"] = (layer, adapter.module.fold_bias)
+    # Tensors the layers share (VeRA's projections) are real even on the meta model: loaded or drawn.
+    shared = shared_tensors(meta)
+    if any(t.is_meta for t in shared.values()):
+        raise _CannotStream(f"{adapter.method.name}'s shared tensors are not materialised")
+    layer_keys.update(shared)
     # Every other adapter tensor (BitFit's biases, modules_to_save) is the new value of a base tensor.
     replaced = {key.removeprefix(KEY_PREFIX): t for key, t in adapter.state.items() if key not in layer_keys}
     unknown = sorted(set(folds).union(replaced) - set(expected))

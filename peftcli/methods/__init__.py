@@ -17,10 +17,16 @@ A method module owns everything about its method, so adding one is a new module 
 - ``adapter_config(model, config, task) -> dict`` / ``config_from_adapter(fields) -> Config``: its fields
   of adapter_config.json, both ways; a field that changes the math and is not supported raises UserError.
 - ``merge(model)``; a method of adapted layers that merges also has ``fold(layer, weight) -> weight``,
-  which `peft merge` applies tensor by tensor.
+  which `peft merge` applies tensor by tensor, and ``fold_bias(layer, bias) -> bias`` where merging changes
+  the bias too (IA3).
 
 Method modules import no torch until a model is touched (peftcli/lazy.py): `peft count` reads their
 configs and counts in half a second.
+
+The methods that wrap linear layers (LoRA, IA3, VeRA, LoHa, LoKr, OFT) share `modules.AdaptedLayer` (their
+forward is their own ``run(layer, x)``), ``targeting.inject_layers`` (which layers, modules_to_save),
+``base.count_layers`` and the adapter_config field readers in base.py; tensors all of a method's layers read
+(VeRA's projections) are one ``modules.SharedTensors``, saved once under model-level keys.
 """
 
 from __future__ import annotations
@@ -28,12 +34,14 @@ from __future__ import annotations
 from types import ModuleType
 
 from peftcli.errors import UserError, did_you_mean
-from peftcli.methods import adapter, bitfit, lora, prefix, prompt
+from peftcli.methods import adapter, bitfit, ia3, loha, lokr, lora, oft, prefix, prompt, vera
 from peftcli.methods.base import Context, MethodConfig
 
 __all__ = ["METHODS", "TASK_TYPES", "Context", "MethodConfig", "by_peft_type", "config_class", "make_config"]
 
-METHODS: dict[str, ModuleType] = {m.NAME: m for m in (lora, prefix, prompt, adapter, bitfit)}
+METHODS: dict[str, ModuleType] = {
+    m.NAME: m for m in (lora, prefix, prompt, adapter, bitfit, ia3, vera, loha, lokr, oft)
+}
 
 TASK_TYPES = {"causal-lm": "CAUSAL_LM", "sequence-classification": "SEQ_CLS"}  # ours -> HF PEFT's task_type
 

@@ -16,7 +16,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn
 
 from peftcli.errors import UserError, did_you_mean
-from peftcli.methods.layout import CLASSIFIER_HEADS
+from peftcli.methods.layout import CLASSIFIER_HEADS, DEFAULT_TARGETS, default_targets, inside, select_targets
+from peftcli.models.shapes import NotModelled
+
+if typing.TYPE_CHECKING:
+    from peftcli.models.shapes import Linear as ShapeLinear
+    from peftcli.models.shapes import Shapes
 
 Fail = Callable[[str, str], NoReturn]
 
@@ -162,3 +167,89 @@ def prompt_learning_modules_to_save(fields: dict) -> list[str] | None:
     if fields.get("task_type") == "SEQ_CLS" and unique == CLASSIFIER_HEADS:
         return None
     return unique
+
+
+# --------------------------------------------------------------------------------------------------
+# What the methods that wrap linear layers share (LoRA's relatives: IA3, VeRA, LoHa, LoKr, OFT)
+
+
+def targets_or_default(
+    targets: list[str] | str | None,
+    model_type: str | None,
+    method: str,
+    table: dict[str, list[str]] = DEFAULT_TARGETS,
+) -> list[str] | str:
+    """The recipe's targets, else the architecture's usual ones from `table` (LoRA's unless the method has its
+    own); `method` names the method in the error for an architecture the table does not know."""
+    return default_targets(model_type, table, method) if targets is None else targets
+
+
+def count_layers(
+    shapes: Shapes, targets: list[str] | str, saved: list[str], per_layer: Callable[[str, ShapeLinear], int]
+) -> tuple[int, int]:
+    """(trainable, added) of a method that wraps the linear layers `targets` picks (the output head left
+    out of all-linear, layers inside `saved` modules left to them), `per_layer(name, layer)` each: what
+    inject() adds, by the same rules (layout.py) on names and sizes."""
+    skip = {shapes.output_head} if targets == "all-linear" and shapes.output_head else set()
+    names = select_targets(list(shapes.linears), targets, skip)
+    names = [n for n in names if not inside(n, saved)]
+    if not names:
+        raise NotModelled("inject() refuses this")
+    added = sum(per_layer(name, shapes.linears[name]) for name in names)
+    return added, added
+
+
+def refuse_unsupported(fields: dict, unsupported: dict[str, object], method: str) -> None:
+    """Refuse, by name, an adapter_config.json field whose value changes the math (or which layers the method
+    covers) and is not supported here; `unsupported`: field -> the one value supported (its default)."""
+    for field, default in unsupported.items():
+        value = fields.get(field, default)
+        if value != default and (default or value):  # [] or {} for None: still the default
+            raise UserError(
+                f"adapter_config.json: {field} = {value!r} is not supported by peftcli's {method} "
+                f"(it changes the adapter's math or layers; supported: {default!r})"
+            )
+
+
+def int_field(fields: dict, field: str, default: int, minimum: int = 1) -> int:
+    value = fields.get(field, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise adapter_field_error(field, f"expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def number_field(
+    fields: dict, field: str, default: float, low: float = 0.0, high: float | None = None
+) -> float:
+    """A number in [low, high) (high None: no upper bound); null reads as the default."""
+    value = fields.get(field, default)
+    value = default if value is None else value
+    in_range = isinstance(value, (int, float)) and low <= value and (high is None or value < high)
+    if isinstance(value, bool) or not in_range:
+        bounds = f"[{low:g}, {high:g})" if high is not None else f">= {low:g}"
+        raise adapter_field_error(field, f"expected a number {bounds}, got {value!r}")
+    return float(value)
+
+
+def bool_field(fields: dict, field: str, default: bool) -> bool:
+    value = fields.get(field, default)
+    if not isinstance(value, bool):
+        raise adapter_field_error(field, f"expected true or false, got {value!r}")
+    return value
+
+
+def targets_field(fields: dict, field: str = "target_modules") -> list[str] | str | None:
+    """target_modules as HF PEFT writes it (a list in any order, a regular expression, or null)."""
+    targets = fields.get(field)
+    if targets is None or isinstance(targets, str):
+        return targets
+    if not is_str_list(targets):
+        raise adapter_field_error(
+            field, f"expected a list of module names, a regular expression or null, got {targets!r}"
+        )
+    return sorted(targets)  # HF PEFT writes a set; order never matters for matching
+
+
+def alpha_number(alpha: float) -> int | float:
+    """An alpha as HF PEFT's configs hold it: an integer where it is one."""
+    return int(alpha) if float(alpha).is_integer() else alpha

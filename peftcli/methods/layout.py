@@ -107,14 +107,16 @@ def _no_match_message(target: str, names: list[str]) -> str:
     return f"{lead}{did_you_mean(target, leaves)}; layer names here: {', '.join(leaves)}"
 
 
-def default_targets(model_type: str | None) -> list[str]:
-    """The architecture's usual LoRA targets, for a recipe that names none."""
-    if model_type not in DEFAULT_TARGETS:
+def default_targets(
+    model_type: str | None, table: dict[str, list[str]] = DEFAULT_TARGETS, method: str = "LoRA"
+) -> list[str]:
+    """The architecture's usual targets (LoRA's, or a method's own `table`), for a recipe that names none."""
+    if model_type not in table:
         raise UserError(
-            f"method.target_modules: no default LoRA targets for model type {model_type!r}; "
+            f"method.target_modules: no default {method} targets for model type {model_type!r}; "
             "set method.target_modules (e.g. [q_proj, v_proj] or all-linear)"
         )
-    return DEFAULT_TARGETS[model_type]
+    return table[model_type]
 
 
 def default_modules_to_save(requested: list[str] | None, task: str) -> list[str]:

@@ -1,5 +1,5 @@
 """The torch side every method shares: the adapted-layer wrapper, freezing, finding and swapping modules,
-``modules_to_save``, and the adapter state's keys.
+``modules_to_save``, tensors all of a method's layers share, and the adapter state's keys.
 
 Adapter state dict keys follow HF PEFT's on-disk layout: ``base_model.model.<module path>.<param>``.
 """
@@ -72,7 +72,8 @@ class AdaptedLayer(nn.Module):
         return self.label
 
     def extra_repr(self) -> str:
-        shown = {k: v for k, v in vars(self).items() if k in ("rank", "alpha", "scale", "bottleneck")}
+        keys = ("rank", "alpha", "scale", "bottleneck", "is_feedforward", "num_blocks", "block_size")
+        shown = {k: v for k, v in vars(self).items() if k in keys}
         return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
 
 
@@ -83,6 +84,11 @@ def adapted_layers(model: nn.Module, method: str | None = None) -> list[tuple[st
         for name, m in model.named_modules()
         if isinstance(m, AdaptedLayer) and (method is None or m.method == method)
     ]
+
+
+def model_type(model: nn.Module) -> str | None:
+    """The transformers config's model_type (``llama``), which picks an architecture's default targets."""
+    return getattr(getattr(model, "config", None), "model_type", None)
 
 
 def freeze(model: nn.Module) -> None:
@@ -265,8 +271,10 @@ def layer_parameters(model: nn.Module, method: str) -> dict[str, nn.Parameter]:
 
 
 def layer_state(model: nn.Module, method: str) -> dict[str, Tensor]:
-    """The adapter file's tensors for a method of adapted layers: their parts plus modules_to_save."""
+    """The adapter file's tensors for a method of adapted layers: their parts, the shared tensors they save
+    (VeRA's projections) and modules_to_save."""
     state = {key: p.detach() for key, p in layer_parameters(model, method).items()}
+    state.update({key: t.detach() for key, t in shared_tensors(model, method, saved_only=True).items()})
     state.update(modules_to_save_state(model))
     return state
 
@@ -275,14 +283,19 @@ def load_layer_state(model: nn.Module, method: str, state: dict[str, Tensor]) ->
     params = layer_parameters(model, method)
     if not params:
         raise AdapterError(f"the model holds no {method} layers: inject them before loading their weights")
-    load_state_strict(model, params, state)
+    load_state_strict(model, {**params, **shared_tensors(model, method, saved_only=True)}, state)
 
 
 def merge_layers(
-    model: nn.Module, method: str, fold: Callable[[AdaptedLayer, Tensor], Tensor], title: str
+    model: nn.Module,
+    method: str,
+    fold: Callable[[AdaptedLayer, Tensor], Tensor],
+    title: str,
+    fold_bias: Callable[[AdaptedLayer, Tensor], Tensor] | None = None,
 ) -> nn.Module:
-    """Replace each adapted layer by its base with ``weight = fold(layer, weight)``; unwrap the saved modules.
-    `title`: the method as messages name it (LoRA).
+    """Replace each adapted layer by its base with ``weight = fold(layer, weight)`` (and, for a method that
+    changes the bias too, ``bias = fold_bias(layer, bias)``); unwrap the saved modules. `title`: the method
+    as messages name it (LoRA).
 
     Every check before the first change: a tied weight (which the fold would change under another name too)
     leaves the model as it was.
@@ -296,12 +309,54 @@ def merge_layers(
                 "(tied embeddings), which the merge would change too"
             )
     for name, layer in layers:
-        weight = layer.base.weight
+        weight, bias = layer.base.weight, layer.base.bias
         with torch.no_grad():
             weight.copy_(fold(layer, weight))
+            if fold_bias is not None and bias is not None:
+                bias.copy_(fold_bias(layer, bias))
         set_submodule(model, name, layer.base)
     unwrap_modules_to_save(model)
     return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Tensors all layers of one method share (VeRA's frozen random projections)
+
+
+class SharedTensors(nn.Module):
+    """Frozen tensors every adapted layer of one method reads: one module object that each layer holds as
+    ``.shared``, so the model holds the tensors once and ``model.to(...)`` moves them once.
+
+    Buffers, not parameters: they never train, and HF PEFT counts no buffer among a model's parameters.
+    They stay out of the model's own state dict (``persistent=False``); the adapter file holds them once,
+    under model-level keys (``base_model.vera_A``), when ``saved``; otherwise the method rebuilds them.
+    """
+
+    def __init__(self, tensors: dict[str, Tensor], saved: bool):
+        super().__init__()
+        self.saved = saved
+        for name, tensor in tensors.items():
+            self.register_buffer(name, tensor, persistent=False)
+
+    def state(self) -> dict[str, Tensor]:
+        """The tensors under their adapter-file keys: ``base_model.<name>``."""
+        return {f"{SHARED_PREFIX}{name}": t for name, t in self.named_buffers(recurse=False)}
+
+
+SHARED_PREFIX = "base_model."
+
+
+def shared_tensors(
+    model: nn.Module, method: str | None = None, saved_only: bool = False
+) -> dict[str, Tensor]:
+    """The shared tensors of one method's layers (or every method's), each once, under its adapter-file key;
+    `saved_only`: those the adapter file holds."""
+    found: dict[str, Tensor] = {}
+    for _, layer in adapted_layers(model, method):
+        shared = getattr(layer, "shared", None)
+        if isinstance(shared, SharedTensors) and (shared.saved or not saved_only):
+            found.update(shared.state())
+    return found
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

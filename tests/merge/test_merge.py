@@ -234,6 +234,46 @@ def test_streaming_writes_what_merging_the_loaded_model_writes(tmp_path, bases, 
             assert torch.equal(tensor, expected[key]), (directory, key)
 
 
+LAYER_METHODS = [
+    ("llama", make_config("ia3")),
+    ("gpt2", make_config("ia3")),  # Conv1D layers with biases: the output scale folds into them too
+    ("bert", make_config("ia3")),
+    ("llama", make_config("vera", rank=4, target_modules="all-linear")),
+    ("gpt2", make_config("vera", rank=4, save_projection=False)),  # projections drawn again from the key
+    ("llama", make_config("loha", rank=2)),
+    ("llama", make_config("lokr", rank=2, target_modules="all-linear")),
+    ("gpt2", make_config("oft", block_size=8)),
+    ("bert", make_config("oft", num_blocks=4, use_cayley_neumann=False)),
+]
+
+
+@pytest.mark.parametrize(
+    ("arch", "section"), LAYER_METHODS, ids=[f"{a}-{s.name}-{i}" for i, (a, s) in enumerate(LAYER_METHODS)]
+)
+def test_layer_methods_stream_what_they_merge_in_memory(tmp_path, bases, arch, section, monkeypatch):
+    """Each method's fold, tensor by tensor (VeRA's shared projections, IA3's biases included), writes what
+    its merge of the loaded model writes, and the check passes."""
+    task = CLASSIFY if arch == "bert" else "causal-lm"
+    labels = LABELS if arch == "bert" else None
+    expected_logits = make_adapter(tmp_path / "adapter", bases[arch], task, section, labels)
+    model = models.load_model(resolve(str(bases[arch])), task, label_names=labels)
+    model, _ = checkpoint.load_adapter(model, tmp_path / "adapter")
+    expected = METHODS[section.name].merge(model).state_dict()
+
+    streamed = merge.merge_to_dir(tmp_path / "adapter", tmp_path / "streamed")
+    assert streamed.streamed and streamed.max_abs_diff <= 1e-4
+    monkeypatch.setattr(merge, "safetensors_shards", lambda source: None)
+    assert not merge.merge_to_dir(tmp_path / "adapter", tmp_path / "in-memory").streamed
+    for directory in ("streamed", "in-memory"):
+        written = written_tensors(tmp_path / directory)
+        assert set(written) == set(expected) - ({"lm_head.weight"} if arch == "gpt2" else set())
+        for key, tensor in written.items():
+            assert torch.equal(tensor, expected[key]), (directory, key)
+    merged = load_merged(tmp_path / "streamed", task)
+    assert (logits(merged) - expected_logits).abs().max() <= 1e-5
+    assert (logits(merged) - logits(tiny_model(arch, task))).abs().max() > 1e-3  # the adapter did matter
+
+
 @pytest.mark.parametrize("streamed", [True, False])
 def test_trained_embedding_unties_it_from_the_head(tmp_path, bases, streamed, monkeypatch):
     """gpt2 ties lm_head to wte; training wte in full (modules_to_save) leaves lm_head with the base's."""

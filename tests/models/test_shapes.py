@@ -65,6 +65,18 @@ METHODS = [
     make_config("adapter", reduction_factor=4, target_modules=["k_proj", "c_attn"]),
     make_config("bitfit"),
     make_config("bitfit", biases=["q_proj", "c_fc"]),
+    make_config("ia3"),
+    make_config(
+        "ia3", target_modules="all-linear", feedforward_modules=r".*(down_proj|mlp\.c_proj|\.output\.dense)"
+    ),
+    make_config("vera", rank=4),
+    make_config("vera", rank=3, target_modules="all-linear", modules_to_save=["embed_tokens", "wte"]),
+    make_config("loha", rank=2),
+    make_config("loha", rank=3, target_modules="all-linear"),
+    make_config("lokr", rank=2),
+    make_config("lokr", rank=1, decompose_both=True, decompose_factor=4, target_modules="all-linear"),
+    make_config("oft", block_size=8),
+    make_config("oft", num_blocks=3, block_share=True, target_modules="all-linear"),
 ]
 
 

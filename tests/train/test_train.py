@@ -115,6 +115,16 @@ METHOD_CASES = [
     ("llama", "text", {"name": "adapter", "placement": "houlsby"}),
     ("bert", "classification", {"name": "bitfit"}),
     ("bert", "classification", {"name": "lora", "rank": 4}),
+    ("llama", "chat", {"name": "ia3"}),
+    ("bert", "classification", {"name": "ia3"}),
+    ("gpt2", "text", {"name": "vera", "rank": 16}),
+    ("bert", "classification", {"name": "vera", "rank": 16}),
+    ("llama", "instruction", {"name": "loha", "rank": 4}),
+    ("bert", "classification", {"name": "loha", "rank": 4}),
+    ("gpt2", "chat", {"name": "lokr", "rank": 4}),
+    ("bert", "classification", {"name": "lokr", "rank": 4}),
+    ("llama", "chat", {"name": "oft", "block_size": 8}),
+    ("bert", "classification", {"name": "oft", "block_size": 8}),
 ]
 
 
@@ -154,8 +164,20 @@ def test_train_writes_a_reloadable_run(tmp_path, bases, arch, fmt, method):
         assert isinstance(run_generate(out, "What is 3 plus 3?", max_new_tokens=3), str)
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, bases):
-    method = {"name": "lora", "rank": 4, "dropout": 0.1}  # dropout: the RNG state must be restored too
+# Each with some randomness in training (dropout of inputs, rows, whole layers): the RNG state must be
+# restored too.
+RESUMED = [
+    {"name": "lora", "rank": 4, "dropout": 0.1},
+    {"name": "ia3"},
+    {"name": "vera", "rank": 8, "dropout": 0.1},
+    {"name": "loha", "rank": 2, "rank_dropout": 0.2, "module_dropout": 0.2},
+    {"name": "lokr", "rank": 2, "rank_dropout": 0.2, "rank_dropout_scale": True},
+    {"name": "oft", "block_size": 8, "block_share": True},
+]
+
+
+@pytest.mark.parametrize("method", RESUMED, ids=[m["name"] for m in RESUMED])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, bases, method):
     path = write_recipe(
         tmp_path,
         bases["llama"],
