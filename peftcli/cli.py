@@ -236,7 +236,7 @@ def generate(
     _quiet_libraries()
     from peftcli.infer import run_generate
 
-    text = run_generate(
+    run_generate(
         run_dir,
         prompt,
         max_new_tokens=max_new_tokens,
@@ -246,8 +246,98 @@ def generate(
         seed=seed,
         base=base,
         raw=raw,
+        on_text=_write_now,
     )
-    print(text)
+    print()
+
+
+def _write_now(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+@app.command()
+@_handle_errors
+def chat(
+    run_dir: Path = typer.Argument(..., help="A training output dir or an adapter dir."),
+    max_new_tokens: int = typer.Option(256, min=1, help="Most tokens per reply."),
+    system: str | None = typer.Option(None, help="A system message to start the conversation with."),
+    sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
+    temperature: float = typer.Option(0.7, min=0.0, help="Sampling temperature (with --sample)."),
+    top_p: float = typer.Option(0.9, min=0.0, max=1.0, help="Nucleus sampling (with --sample)."),
+    seed: int = typer.Option(0, help="Random seed for sampling."),
+    base: str | None = typer.Option(None, help="Base model (default: the adapter's)."),
+):
+    """Talk to a run: replies stream as they are written; /reset forgets, /exit or Ctrl-D ends."""
+    _quiet_libraries()
+    from peftcli.infer.chat import run_chat
+
+    interactive = sys.stdin.isatty()
+    if interactive:
+        stderr.print(f"chat with {run_dir}: /reset forgets the conversation, /exit or Ctrl-D ends it")
+
+    def lines():
+        while True:
+            try:
+                yield input("> " if interactive else "")
+            except EOFError:
+                return
+
+    sampling = (
+        {"temperature": temperature, "top_p": top_p, "seed": seed} if sample and temperature > 0 else None
+    )
+    try:
+        run_chat(
+            run_dir,
+            lines(),
+            _write_now,
+            max_new_tokens=max_new_tokens,
+            system=system,
+            base=base,
+            sampling=sampling,
+        )
+    except KeyboardInterrupt:  # at the prompt: the end of the conversation, not an error
+        print()
+    if interactive:
+        print()
+
+
+@app.command()
+@_handle_errors
+def export(
+    run_dir: Path = typer.Argument(..., help="A training output dir or an adapter dir."),
+    gguf: Path = typer.Option(..., "--gguf", help="The GGUF file to write (must not exist)."),
+    quant: str | None = typer.Option(
+        None, help="f16 | bf16 | q8_0 | q4_0 | q4_1 (f32 too); default: a GGUF base's own types, else f16."
+    ),
+    adapter_only: bool = typer.Option(
+        False, "--adapter-only", help="Write the LoRA alone, as llama.cpp's --lora reads it."
+    ),
+    ollama: Path | None = typer.Option(
+        None, "--ollama", help="Also write an Ollama Modelfile into this dir."
+    ),
+    base: str | None = typer.Option(None, help="Base model (default: the adapter's)."),
+    probe: list[str] = typer.Option([], "--probe", help="A probe prompt for the check (repeatable)."),
+    no_verify: bool = typer.Option(
+        False, "--no-verify", help="Skip the check that llama.cpp loads the file and answers like peftcli."
+    ),
+):
+    """Write a run as GGUF for llama.cpp, Ollama and LM Studio, checked by llama.cpp itself."""
+    _quiet_libraries()
+    from peftcli.export.run import export_run
+    from peftcli.export.verify import PROBES
+
+    export_run(
+        run_dir,
+        gguf,
+        quant=quant,
+        adapter_only=adapter_only,
+        ollama=ollama,
+        base=base,
+        verify=not no_verify,
+        probes=tuple(probe) or PROBES,
+        console=stdout,
+    )
 
 
 @app.command()

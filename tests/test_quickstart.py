@@ -53,6 +53,15 @@ def test_example_recipe_runs_shortened(tmp_path, recipe, monkeypatch):
             "8",
         )
         assert answer.returncode == 0 and answer.stdout.strip(), answer.stderr[-2000:]
+        # the shortened quickstart adapter as GGUF, checked by llama.cpp: merged at q8_0 (the packaged model
+        # is q4_1; its types are the default), and the adapter alone on the packaged file
+        for flags in (["--quant", "q8_0"], [], ["--adapter-only", "--ollama", str(tmp_path / "ollama")]):
+            out = tmp_path / f"export-{len(flags)}.gguf"
+            exported = peft("export", str(out.parent / "run"), "--gguf", str(out), *flags)
+            assert exported.returncode == 0, exported.stdout[-2000:] + exported.stderr[-2000:]
+            assert "identical greedy continuations" in exported.stdout and out.is_file()
+            assert "note: llama.cpp" not in exported.stdout  # no warnings while loading
+        assert (tmp_path / "ollama" / "Modelfile").read_text().startswith("FROM ")
     else:
         label = peft("predict", str(out), "--text", "The ferry was three hours late and nobody told us why.")
         assert label.returncode == 0, label.stderr[-2000:]

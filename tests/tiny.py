@@ -65,10 +65,19 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
     for s in SPECIALS:
         vocab[s] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok = _byte_level(models.BPE(vocab=vocab, merges=[]))
+    tok.add_special_tokens(SPECIALS)
+    return _with_chat_specials(tok)
+
+
+def _byte_level(model) -> Tokenizer:
+    tok = Tokenizer(model)
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(SPECIALS)
+    return tok
+
+
+def _with_chat_specials(tok: Tokenizer) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",
@@ -402,3 +411,93 @@ def write_gguf(path, values, arch="llama", tensors=("token_embd.weight", "blk.0.
     writer.write_tensors_to_file()
     writer.close()
     return str(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Byte-level BPE with merges (what llama.cpp's "gpt2" tokenizer model reads), and runs on it for export
+
+
+def bpe_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
+    """A GPT-2-style byte-level BPE tokenizer trained in-process on a few sentences: real merges, the chat
+    specials of tiny_tokenizer() (ids 0-4) and its chat template."""
+    from tokenizers import trainers
+
+    tok = _byte_level(models.BPE())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    text = ["the quick brown fox jumps over the lazy dog", "hello world, what is the capital of France?"]
+    tok.train_from_iterator(text * 20, trainer)
+    return _with_chat_specials(tok)
+
+
+def save_bpe_base(directory: str | Path, arch: str, seed: int = 0, scale: float = 0.4, **config) -> Path:
+    """A tiny causal LM with bpe_tokenizer()'s vocabulary and weights ~ N(0, scale) (the default init
+    makes near-uniform logits, whose argmax any rounding flips), saved with the tokenizer."""
+    directory = Path(directory)
+    tokenizer = bpe_tokenizer()
+    model_config = tiny_config(arch)
+    model_config.vocab_size = len(tokenizer)
+    for key, value in config.items():
+        setattr(model_config, key, value)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(model_config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim > 1:
+                p.normal_(0, scale)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def save_lora_run(
+    directory: str | Path, base: str | Path, seed: int = 1, data_format: str = "chat", **lora_fields
+) -> Path:
+    """A `peft train`-like output dir on `base`: a LoRA with random factors, the base's tokenizer and a
+    recipe."""
+    import yaml
+
+    from peftcli.models.load import load_model, load_tokenizer
+    from peftcli.models.sources import resolve
+
+    directory = Path(directory)
+    fields = {"rank": 4, "alpha": 8.0, "target_modules": "all-linear", **lora_fields}
+    method = make_config("lora", **fields)
+    model = lora.inject(load_model(resolve(str(base))), method, Context("causal-lm"))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(model):
+            layer.lora_A.weight.copy_(torch.randn(layer.lora_A.weight.shape, generator=g) * 0.2)
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.2)
+    checkpoint.save_adapter(model, method, "causal-lm", str(base), directory)
+    load_tokenizer(resolve(str(base))).save_pretrained(directory)
+    recipe = {
+        "model": {"name": str(base), "task": "causal-lm"},
+        "method": {"name": "lora", **{k: v for k, v in fields.items() if k != "modules_to_save"}},
+        "data": {"train": "data.jsonl", "format": data_format, "max_length": 64},
+    }
+    (directory / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return directory
+
+
+def save_gguf_base(path: str | Path, arch: str, quant: str = "f32", **config) -> Path:
+    """A tiny causal LM with bpe_tokenizer()'s vocabulary as one GGUF file, written by peft export's writer
+    (a GGUF base like the packaged SmolLM2, in miniature)."""
+    from peftcli.export.arch import check_exportable
+    from peftcli.export.gguf import model_metadata, model_tensors, write_gguf
+    from peftcli.export.quant import FILE_TYPES, QUANTS
+    from peftcli.export.tokenizer import tokenizer_metadata
+
+    path = Path(path)
+    model = AutoModelForCausalLM.from_pretrained(save_bpe_base(path.with_suffix(".hf"), arch, **config))
+    kind = check_exportable(model.config, "causal-lm")
+    keys = tokenizer_metadata(bpe_tokenizer(), model.config.vocab_size, None)
+    metadata = model_metadata(
+        model.config, kind, "tiny", keys, FILE_TYPES[quant], quant not in ("f32", "f16")
+    )
+    write_gguf(path, kind, metadata, model_tensors(model, kind, QUANTS[quant]))
+    return path

@@ -88,9 +88,7 @@ def merge_to_dir(
         raise UserError(f"--output {output} already exists: peft merge never overwrites; choose a new path")
     out_dtype = _parse_dtype(dtype)
     adapter = AdapterDir(Path(adapter_dir).expanduser(), base)
-    if not getattr(adapter.module, "MERGEABLE", False):
-        why = getattr(adapter.module, "WHY_NOT_MERGEABLE", "the method does not fold into the weights")
-        raise UserError(f"cannot merge {adapter.path}, a {adapter.config['peft_type']} adapter: {why}")
+    check_mergeable(adapter)
     with lock.hold(adapter.path, "peft merge"):  # no run rewrites the adapter while it is read
         plan = None
         shards = safetensors_shards(adapter.base_source)
@@ -135,8 +133,7 @@ def _write(
         model = adapter.load_model(dtype="float32")  # the check's reference precision
         probe = probe_batch(model.config)
         reference = logits_of(model, probe) if verify else None
-        model = adapter.module.merge(model)
-        _untie_split_embeddings(model)
+        model = merge_in_memory(adapter, model)
         model.to(out_dtype).save_pretrained(directory, max_shard_size=max_shard_size)
         del model
         gc.collect()
@@ -147,6 +144,23 @@ def _write(
     diff, tolerance = check_merged(directory, adapter.task, probe, reference, out_dtype)
     say(f"check: max |logit difference| vs base + adapter = {diff:.2e} (tolerance {tolerance:.1e}): ok")
     return diff, tolerance
+
+
+def check_mergeable(adapter: AdapterDir) -> None:
+    """Refuse, before anything is loaded, a method that does not fold into the weights."""
+    if not getattr(adapter.module, "MERGEABLE", False):
+        why = getattr(adapter.module, "WHY_NOT_MERGEABLE", "the method does not fold into the weights")
+        raise UserError(f"cannot merge {adapter.path}, a {adapter.config['peft_type']} adapter: {why}")
+
+
+def merge_in_memory(adapter: AdapterDir, model: nn.Module | None = None) -> nn.Module:
+    """Base + adapter (`model`, else loaded in float32) with the adapter folded in: the plain transformers
+    model, its head untied from the embedding where the adapter trained one of them in full."""
+    if model is None:
+        model = adapter.load_model(dtype="float32")
+    model = adapter.module.merge(model)
+    _untie_split_embeddings(model)
+    return model
 
 
 def _parse_dtype(dtype: str | None) -> torch.dtype | None:

@@ -1,9 +1,11 @@
 """A GGUF file's metadata and tensor names, read straight from its header (GGUF versions 2 and 3).
 
-Only what `peft count` needs to tell a model's shapes (shapes.py): no tensor data, no torch, and not the
-gguf package's reader (only its table of tensor type sizes), whose full parse of a 49k-token vocabulary
-takes ~5 s here. An array value comes
-back as an Array (its item type and length), never its items. It checks what transformers'
+What `peft count` needs to tell a model's shapes (shapes.py), and what the fast GGUF loader
+(gguf_load.py) and `peft export` need besides: the tensor table (name, shape, type, where its data lies)
+and, on request, the arrays' items (the vocabulary). No tensor data, no torch, and not the gguf package's
+reader (only its table of tensor type sizes), whose full parse of a 49k-token vocabulary takes ~5 s here
+(38 s under load) where this one takes a tenth of a second. Without `arrays`, an array value comes back
+as an Array (its item type and length). It checks what transformers'
 reader would refuse: strings that are not UTF-8, a key or a tensor given twice, an unknown tensor type,
 tensor data running past the end of the file (a partial download).
 
@@ -46,8 +48,36 @@ class Array:
     length: int
 
 
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of the table: its data is ``nbytes`` bytes at ``offset`` from the start of the file."""
+
+    name: str
+    shape: tuple[int, ...]  # row-major, as numpy and torch order it: ggml's dimensions reversed
+    ggml_type: int
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class GGUFFile:
+    metadata: dict[str, object]
+    tensors: list[TensorInfo]  # in file order
+    types: dict[str, tuple[int, int | None]]  # key -> (value type, item type of an array)
+
+    def tensor(self, name: str) -> TensorInfo | None:
+        return next((t for t in self.tensors if t.name == name), None)
+
+
 def read_header(path: str) -> tuple[dict[str, object], list[str]]:
-    """(metadata by key, tensor names in file order)."""
+    """(metadata by key, tensor names in file order); arrays as their Array (item type, length)."""
+    gguf = read_gguf(path)
+    return gguf.metadata, [t.name for t in gguf.tensors]
+
+
+def read_gguf(path: str, arrays: bool = False) -> GGUFFile:
+    """The metadata and the tensor table. With `arrays`, an array value comes back as a list of its items
+    (a vocabulary of 49k strings takes ~0.1 s), else as its Array."""
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as blob:
         try:
             if blob[:4] != b"GGUF":
@@ -55,7 +85,7 @@ def read_header(path: str) -> tuple[dict[str, object], list[str]]:
             version, tensor_count, kv_count = struct.unpack_from("<IQQ", blob, 4)
             if version not in (2, 3):  # 1 had 32-bit lengths; a byte-swapped file reads as a huge version
                 raise GGUFError(f"GGUF version {version}")
-            pos, metadata = 24, {}
+            pos, metadata, types = 24, {}, {}
             for _ in range(kv_count):
                 key, pos = _string(blob, pos)
                 (value_type,) = struct.unpack_from("<I", blob, pos)
@@ -63,27 +93,34 @@ def read_header(path: str) -> tuple[dict[str, object], list[str]]:
                     raise GGUFError(f"metadata key {key} given twice")
                 if key == "general.alignment" and value_type != 4:
                     raise GGUFError("general.alignment is not a u32")
-                metadata[key], pos = _value(blob, pos + 4, value_type)
+                item_type = struct.unpack_from("<I", blob, pos + 4)[0] if value_type == _ARRAY else None
+                types[key] = (value_type, item_type)
+                metadata[key], pos = _value(blob, pos + 4, value_type, arrays)
             alignment = metadata.get("general.alignment", 32)
             if alignment <= 0 or alignment & (alignment - 1):
                 raise GGUFError(f"general.alignment {alignment} is not a power of two")
-            names, data_end = [], 0
+            table = []
             for _ in range(tensor_count):
                 name, pos = _string(blob, pos)
                 (ndims,) = struct.unpack_from("<I", blob, pos)
                 dims = struct.unpack_from(f"<{ndims}Q", blob, pos + 4)
                 ggml_type, offset = struct.unpack_from("<IQ", blob, pos + 4 + 8 * ndims)
                 pos += 4 + 8 * ndims + 12
-                data_end = max(data_end, offset + _tensor_bytes(name, dims, ggml_type))
-                names.append(name)
+                table.append((name, dims, ggml_type, offset, _tensor_bytes(name, dims, ggml_type)))
         except struct.error as e:  # ran past the end
             raise GGUFError(f"truncated header: {e}") from e
+        names = [name for name, *_ in table]
         if len(set(names)) != len(names):
             raise GGUFError("a tensor is named twice")
         data_start = -(-pos // alignment) * alignment
+        data_end = max((offset + nbytes for *_, offset, nbytes in table), default=0)
         if data_start + data_end > len(blob):  # what a partial download looks like
             raise GGUFError("the tensor data runs past the end of the file")
-    return metadata, names
+    tensors = [
+        TensorInfo(name, tuple(reversed(dims)), ggml_type, data_start + offset, nbytes)
+        for name, dims, ggml_type, offset, nbytes in table
+    ]
+    return GGUFFile(metadata, tensors, types)
 
 
 def _tensor_bytes(name: str, dims: tuple[int, ...], ggml_type: int) -> int:
@@ -109,20 +146,29 @@ def _string(blob, pos: int) -> tuple[str, int]:
     return blob[pos + 8 : end].decode("utf-8"), end  # strict: a UnicodeDecodeError is a ValueError too
 
 
-def _value(blob, pos: int, value_type: int) -> tuple[object, int]:
+def _value(blob, pos: int, value_type: int, arrays: bool = False) -> tuple[object, int]:
     if value_type == STRING_TYPE:
         return _string(blob, pos)
     if value_type == _ARRAY:
         item_type, length = struct.unpack_from("<IQ", blob, pos)
         pos += 12
-        if item_type == STRING_TYPE:  # each item its own length: checked, not kept
+        items: list = []
+        if item_type == STRING_TYPE:  # each item its own length: always checked, kept with `arrays`
             for _ in range(length):
-                _, pos = _string(blob, pos)
+                item, pos = _string(blob, pos)
+                if arrays:
+                    items.append(item)
         elif item_type in _SCALARS:
-            pos += length * struct.calcsize(_SCALARS[item_type])
+            fmt = _SCALARS[item_type]
+            size = length * struct.calcsize(fmt)
+            if pos + size > len(blob):
+                raise GGUFError("an array runs past the end of the file")
+            if arrays:
+                items = list(struct.unpack_from(f"<{length}{fmt[1]}", blob, pos))
+            pos += size
         else:
             raise GGUFError(f"array of type {item_type}")
-        return Array(item_type, length), pos
+        return (items if arrays else Array(item_type, length)), pos
     if value_type not in _SCALARS:
         raise GGUFError(f"value type {value_type}")
     fmt = _SCALARS[value_type]

@@ -52,6 +52,11 @@ def load_config(source: ModelSource, trust_remote_code: bool = False, revision: 
 
     kwargs = {"trust_remote_code": trust_remote_code, "revision": revision}
     if source.gguf_file:
+        from peftcli.models.gguf_load import fast_gguf, gguf_config
+
+        path = f"{source.path}/{source.gguf_file}"
+        if (gguf := fast_gguf(path)) is not None:  # the header alone, not transformers' full parse
+            return gguf_config(gguf, path)
         kwargs["gguf_file"] = source.gguf_file
     with reading(source, "read the config of"):
         return AutoConfig.from_pretrained(source.path, **kwargs)
@@ -116,7 +121,14 @@ def load_model(
     trust_remote_code: bool = False,
     revision: str | None = None,
 ) -> nn.Module:
-    """Load the base model with real weights, in eval mode, ready for a method to be injected."""
+    """Load the base model with real weights, in eval mode, ready for a method to be injected.
+
+    A llama-architecture GGUF file loads in one pass (gguf_load.py) where transformers would parse it twice;
+    the result is the same model, tensor for tensor."""
+    if source.gguf_file and task == "causal-lm":
+        model = _load_gguf_fast(source, dtype)
+        if model is not None:
+            return model
     config = load_config(source, trust_remote_code, revision)
     check_task(config, task, source)
     check_weights(source)
@@ -138,6 +150,22 @@ def load_model(
         drop_quantization_flags(model)
     model.config.name_or_path = source.name
     model.eval()
+    return model
+
+
+def _load_gguf_fast(source: ModelSource, dtype: str) -> nn.Module | None:
+    from peftcli.models.gguf_header import GGUFError
+    from peftcli.models.gguf_load import fast_gguf, load_llama_gguf
+
+    path = f"{source.path}/{source.gguf_file}"
+    gguf = fast_gguf(path)
+    if gguf is None:
+        return None
+    try:
+        model = load_llama_gguf(path, gguf, DTYPES.get(dtype, torch.float32))
+    except GGUFError:  # tensors that do not fit: transformers' loader says what is wrong
+        return None
+    model.config.name_or_path = source.name
     return model
 
 

@@ -57,7 +57,9 @@ def save_adapter(
     }
     if config.get("prompt_tuning_init") == "TEXT" and not config.get("tokenizer_name_or_path"):
         config["tokenizer_name_or_path"] = base_model  # HF PEFT refuses a text init without one
-    fileio.atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    fileio.atomic_write(
+        directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"})
+    )
     fileio.write_json(directory / CONFIG_NAME, config)
     if label_names:
         fileio.write_json(directory / LABELS_NAME, label_names)
@@ -126,7 +128,8 @@ class AdapterDir:
         name = self.base_override or self.config.get("base_model_name_or_path")
         if not name:
             raise UserError(
-                f"{self.config_path} names no base model (base_model_name_or_path is empty): pass --base MODEL"
+                f"{self.config_path} names no base model (base_model_name_or_path is empty): "
+                "pass --base MODEL"
             )
         return name
 
@@ -164,7 +167,11 @@ class AdapterDir:
         best = None
         for key, tensor in sorted(self.state.items()):
             parts = key.split(".")
-            if parts[-1] != "weight" or tensor.ndim != 2 or not any(h in parts[:-1] for h in CLASSIFIER_HEADS):
+            if (
+                parts[-1] != "weight"
+                or tensor.ndim != 2
+                or not any(h in parts[:-1] for h in CLASSIFIER_HEADS)
+            ):
                 continue
             if parts[-2] in CLASSIFIER_HEADS or parts[-2] == "out_proj":
                 best = tensor.shape[0]
@@ -303,7 +310,9 @@ def method_module(config: dict, where: str = CONFIG_NAME):
     module = by_peft_type(config.get("peft_type"))
     if module is None:
         supported = ", ".join(m.PEFT_TYPE for m in METHODS.values())
-        raise UserError(f"{where}: peft_type {config.get('peft_type')!r} is not supported here (supported: {supported})")
+        raise UserError(
+            f"{where}: peft_type {config.get('peft_type')!r} is not supported here (supported: {supported})"
+        )
     return module
 
 

@@ -81,7 +81,8 @@ def hold(directory: Path, what: str) -> Iterator[None]:
                 holder = {"pid": "?", "host": "?", "time": _mtime(path), "command": "starting"}
             if holder is not None and _alive(holder):
                 raise Locked(
-                    f"{directory} is in use by another process ({_describe(holder)}); {what} waits for no one: "
+                    f"{directory} is in use by another process ({_describe(holder)}); "
+                    f"{what} waits for no one: "
                     f"try again when it is done (a stale lock is {path}: remove it if that process is gone)"
                 ) from None
             path.unlink(missing_ok=True)  # its holder is gone: take it over

@@ -179,13 +179,17 @@ class MetricsLog:
     """
 
     def __init__(self, path: Path, keep_until_step: int | None = None, changed: dict | None = None):
-        """Start the file afresh, or (resuming) keep the lines up to `keep_until_step` from the first append."""
+        """Start the file afresh, or (resuming) keep lines up to `keep_until_step` from the first append."""
         self.path = path
         self._resumed = None
         if keep_until_step is None:
             fileio.write_text(path, "")
         else:
-            self._resumed = {"type": "resume", "step": keep_until_step, **({"changed": changed} if changed else {})}
+            self._resumed = {
+                "type": "resume",
+                "step": keep_until_step,
+                **({"changed": changed} if changed else {}),
+            }
 
     def append(self, record: dict) -> None:
         if self._resumed is not None:

@@ -1,7 +1,6 @@
 import pytest
 
 from peftcli.errors import UserError
-from peftcli.runs import adapter as checkpoint
 from peftcli.runs import rundir
 
 
@@ -53,7 +52,11 @@ def test_metrics_log_keeps_lines_up_to_the_resumed_step(tmp_path):
     for step in (1, 2, 3):
         log.append({"type": "train", "step": step})
     resumed = rundir.MetricsLog(tmp_path / "metrics.jsonl", keep_until_step=2)
-    assert [r["step"] for r in resumed.read()] == [1, 2, 3]  # a resume that fails before logging changes nothing
+    assert [r["step"] for r in resumed.read()] == [
+        1,
+        2,
+        3,
+    ]  # a resume that fails before logging changes nothing
     resumed.append({"type": "train", "step": 3})
     assert [(r["type"], r["step"]) for r in resumed.read()] == [
         ("train", 1),

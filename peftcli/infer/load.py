@@ -1,0 +1,78 @@
+"""Load a run (or a bare adapter dir) for inference: the base model once, the adapter on it, eval mode.
+
+With ``fold=True`` (what generate and chat use) a method that folds into the weights (LoRA, BitFit) is
+merged in memory (the method's own ``merge``, the one `peft merge` uses), so decoding runs the plain
+transformers model at its own speed; where it cannot fold (prefix/prompt tuning, adapters, a LoRA on a
+tied weight) the model keeps the method's layers. No training-time machinery is involved: no activation
+checkpointing, no fast-path kernels, no gradients.
+
+The adapter dir is a `peft train` output dir (adapter files, tokenizer, recipe.yaml, labels.json at its
+root) or a bare adapter dir, ours or HF PEFT's (no tokenizer: the base model's is used).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from peftcli.errors import UserError
+from peftcli.runs.adapter import AdapterDir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InferenceInfo:
+    run_dir: Path
+    base: str  # the base model as loaded (--base or the adapter's base_model_name_or_path)
+    task: str  # causal-lm | sequence-classification
+    method: str  # the peftcli method name, e.g. lora
+    label_names: list[str] | None  # classification labels in id order, when the run saved them
+    data_format: str | None  # recipe.yaml's data.format; None for a bare adapter dir
+    max_length: int | None  # recipe.yaml's data.max_length: longer text to classify is truncated
+    device: torch.device
+    folded: bool = False  # the adapter was merged into the weights
+
+
+def load_for_inference(
+    run_dir: str | Path, base: str | None = None, fold: bool = False
+) -> tuple[nn.Module, object, InferenceInfo]:
+    """(model with the adapter loaded (merged where `fold` and the method allows), in eval mode; tokenizer;
+    InferenceInfo)."""
+    return load_adapter_dir(AdapterDir(run_dir, base), fold)
+
+
+def load_adapter_dir(adapter: AdapterDir, fold: bool = False) -> tuple[nn.Module, object, InferenceInfo]:
+    recipe = adapter.recipe
+    model = adapter.load_model(dtype=recipe.model.dtype if recipe else "auto")
+    folded = False
+    if fold and getattr(adapter.module, "MERGEABLE", False):
+        try:
+            model = adapter.module.merge(model)  # checks everything before changing anything
+            folded = True
+        except UserError as e:  # e.g. a LoRA on a tied embedding: decode through the method's layers
+            log.debug("not folded: %s", e)
+    tokenizer = adapter.load_tokenizer()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    info = InferenceInfo(
+        run_dir=adapter.path,
+        base=adapter.base,
+        task=adapter.task,
+        method=adapter.method.name,
+        label_names=adapter.label_names,
+        data_format=recipe.data.format if recipe else None,
+        max_length=recipe.data.max_length if recipe else _tokenizer_limit(tokenizer),
+        device=device,
+        folded=folded,
+    )
+    return model, tokenizer, info
+
+
+def _tokenizer_limit(tokenizer) -> int | None:
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and limit < 1_000_000 else None  # else: transformers' "no limit"

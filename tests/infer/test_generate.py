@@ -1,0 +1,73 @@
+"""`peft generate`'s fast path: the adapter folded in memory gives the unfolded model's tokens, the text
+streams piece by piece into the answer it returns, a chat answer ends at the end-of-turn token, and a GGUF
+base is read once, without transformers' GGUF parser."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import save_bpe_base, save_gguf_base, save_lora_run
+from typer.testing import CliRunner
+
+from peftcli.cli import app
+from peftcli.infer import load_for_inference, run_generate
+from peftcli.infer.generate import continue_ids
+from peftcli.infer.prompt import encode_prompt, end_of_turn_id, stop_ids
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("generate")
+    return save_lora_run(root / "run", save_bpe_base(root / "base", "llama"))
+
+
+def test_folded_and_unfolded_models_pick_the_same_tokens(run):
+    folded, tokenizer, info = load_for_inference(run, fold=True)
+    unfolded, _, plain = load_for_inference(run)
+    assert info.folded and not plain.folded
+    assert not any("lora" in name for name, _ in folded.named_modules())
+    ids, _ = encode_prompt(tokenizer, "hello world", "chat")
+    stop = stop_ids(tokenizer, "chat")
+    assert continue_ids(folded, tokenizer, ids, 24, stop) == continue_ids(unfolded, tokenizer, ids, 24, stop)
+
+
+def test_the_answer_streams_in_pieces(run):
+    pieces = []
+    text = run_generate(run, "what is the capital of France?", max_new_tokens=16, on_text=pieces.append)
+    assert len(pieces) > 1 and "".join(pieces).strip() == text
+    result = CliRunner().invoke(
+        app, ["generate", str(run), "--prompt", "hello world", "--max-new-tokens", "16"]
+    )
+    assert result.exit_code == 0 and result.stdout.strip() == run_generate(
+        run, "hello world", max_new_tokens=16
+    )
+
+
+def test_a_chat_answer_ends_at_the_end_of_turn_token(run):
+    """The tiny template ends turns with <|im_end|>, which is not its EOS (</s>): generation stops there."""
+    model, tokenizer, _ = load_for_inference(run, fold=True)
+    turn_end = end_of_turn_id(tokenizer)
+    assert (
+        stop_ids(tokenizer, "chat") == [tokenizer.eos_token_id, turn_end]
+        and turn_end != tokenizer.eos_token_id
+    )
+    assert stop_ids(tokenizer, "raw") == [tokenizer.eos_token_id]
+    ids, _ = encode_prompt(tokenizer, "hello world", "chat")
+    free = continue_ids(model, tokenizer, ids, 12, [])
+    # make the third greedy token a stop token: the answer is the two before it
+    assert continue_ids(model, tokenizer, ids, 12, [free[2]]) == free[:2]
+
+
+def test_a_gguf_base_is_read_once_without_transformers_gguf_parser(tmp_path, monkeypatch):
+    base = save_gguf_base(tmp_path / "base.gguf", "llama", "q8_0")
+    run = save_lora_run(tmp_path / "run", base)
+    expected = run_generate(run, "hello world", max_new_tokens=8)
+
+    def parsed(*args, **kwargs):
+        raise AssertionError("transformers parsed the GGUF file")
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    monkeypatch.setattr(gguf_utils, "load_gguf_checkpoint", parsed)
+    with torch.no_grad():
+        assert run_generate(run, "hello world", max_new_tokens=8) == expected
