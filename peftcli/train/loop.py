@@ -70,8 +70,9 @@ def _mixed_precision(setting: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def inject(model, recipe: Recipe, tokenizer):
-    """The recipe's method in `model`: fresh, or loaded from method.from_adapter."""
+def inject(model, recipe: Recipe, tokenizer, initial: dict | None = None):
+    """The recipe's method in `model`: fresh (or, resuming, from the checkpoint's `initial` state of the
+    method), or loaded from method.from_adapter."""
     method = recipe.method
     if method.from_adapter:
         model, loaded = adapter_files.load_adapter(model, method.from_adapter)
@@ -80,9 +81,11 @@ def inject(model, recipe: Recipe, tokenizer):
                 f"method.from_adapter: {method.from_adapter} is a {loaded.name} adapter, "
                 f"the recipe's method is {method.name}"
             )
+        for key in type(loaded).TRAINING_FIELDS:  # not in the adapter files: the recipe's
+            setattr(loaded, key, getattr(method, key))
         recipe.method = loaded
         return model
-    return METHODS[method.name].inject(model, method, Context(recipe.model.task, tokenizer))
+    return METHODS[method.name].inject(model, method, Context(recipe.model.task, tokenizer, initial))
 
 
 def upcast_trainable(model, autocast: bool) -> None:
@@ -102,17 +105,28 @@ def upcast_trainable(model, autocast: bool) -> None:
 
 
 def make_optimizer(model, recipe: Recipe) -> torch.optim.Optimizer:
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
+    """AdamW over the trainable parameters: one group per (weight decay, learning-rate scale).
+
+    No weight decay on 1-D parameters (biases, norms; virtual-token rows stay 2-D and do decay). The scale
+    (``lr_scale``, which train_step multiplies the schedule's rate by) is the method's
+    ``learning_rate_scales`` where it has one (LoRA+), else 1. Decayed groups come first, so a run without
+    scales has the two groups it always had.
+    """
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise UserError(f"method {recipe.method.name}: nothing to train on this model")
-    # No weight decay on 1-D parameters (biases, norms, virtual-token rows stay 2-D and do decay).
-    groups = [
-        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": recipe.train.weight_decay},
-        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+    scales_of = getattr(METHODS[recipe.method.name], "learning_rate_scales", None)
+    scales = scales_of(model, recipe.method) if scales_of else {}
+    groups: dict[tuple[bool, float], list] = {}
+    for decayed in (True, False):
+        for name, p in named:
+            if (p.ndim >= 2) == decayed:
+                groups.setdefault((decayed, scales.get(name, 1.0)), []).append(p)
+    param_groups = [
+        {"params": params, "weight_decay": recipe.train.weight_decay if decayed else 0.0, "lr_scale": scale}
+        for (decayed, scale), params in groups.items()
     ]
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=recipe.train.learning_rate, betas=tuple(recipe.train.betas)
-    )
+    return torch.optim.AdamW(param_groups, lr=recipe.train.learning_rate, betas=tuple(recipe.train.betas))
 
 
 def setup(
@@ -144,8 +158,9 @@ def setup(
         data = prepare_data(recipe.data, tokenizer, m.task, train.seed)
     say(f"data: {data.describe()}")
     say(f"model: loading {m.name}")
+    initial = state.load_initial_state(resume_from) if resume_from is not None else None
     model, speedups, params = build_model(
-        recipe, tokenizer, data.label_names, autocast=accelerator.mixed_precision != "no"
+        recipe, tokenizer, data.label_names, autocast=accelerator.mixed_precision != "no", initial=initial
     )
     say(
         f"method: {recipe.method.name}: {params['trainable']:,} trainable of {params['total']:,} parameters "
@@ -180,9 +195,11 @@ def setup(
     return s
 
 
-def build_model(recipe: Recipe, tokenizer, label_names: list[str] | None, autocast: bool):
+def build_model(
+    recipe: Recipe, tokenizer, label_names: list[str] | None, autocast: bool, initial: dict | None = None
+):
     """(the base model with the recipe's method injected and its speed-ups installed, the speed-ups,
-    the parameter counts)."""
+    the parameter counts). `initial`: a resumed run's starting point of the method (see inject)."""
     m = recipe.model
     model = load_model(
         m.source,
@@ -194,7 +211,7 @@ def build_model(recipe: Recipe, tokenizer, label_names: list[str] | None, autoca
         revision=m.revision,
     )
     set_seed(recipe.train.seed)  # the adapter's init does not depend on how much randomness loading used
-    model = inject(model, recipe, tokenizer)
+    model = inject(model, recipe, tokenizer, initial)
     upcast_trainable(model, autocast)
     speedups = fast.install(model, recipe.train, m.task)
     trainable, total = count_parameters(model)
@@ -357,7 +374,7 @@ def train_step(s: Setup, step: int) -> dict:
     global_targets, global_tokens = (int(x) for x in acc.reduce(counts, "sum"))
     lr = schedule.learning_rate(t, step, s.total_steps)
     for group in s.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     step_loss = torch.zeros((), device=acc.device)
     for i, batch in enumerate(batches):
         # Only the last micro-batch syncs gradients across processes.

@@ -11,6 +11,7 @@ from rich.console import Console
 
 from peftcli import fileio, report
 from peftcli.errors import UserError
+from peftcli.methods import METHODS
 from peftcli.recipe import Recipe, dump_recipe
 from peftcli.runs import adapter as adapter_files
 from peftcli.runs import rundir
@@ -33,9 +34,13 @@ def save_checkpoint(s: Setup, step: int) -> None:
         return
     model = s.accelerator.unwrap_model(s.model)
 
+    initial_state = getattr(METHODS[s.recipe.method.name], "initial_state", None)
+    initial = initial_state(model) if initial_state else None
+
     def write(directory: Path) -> None:
         save_adapter_files(s, directory)
-        state.save_training_state(directory, model, s.optimizer, {"step": step, "seed": s.recipe.train.seed})
+        step_state = {"step": step, "seed": s.recipe.train.seed}
+        state.save_training_state(directory, model, s.optimizer, step_state, initial)
 
     rundir.write_checkpoint(s.output_dir, step, s.recipe.train.keep_checkpoints, write)
 
