@@ -229,15 +229,17 @@ def child(args) -> None:
         order = json.loads(line)
         if order["cmd"] == "exit":
             break
-        seconds = []
+        seconds, cpu_seconds = [], []
         for _ in range(order["steps"]):
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             losses.append(step())
             seconds.append(time.perf_counter() - started)
+            cpu_seconds.append(time.process_time() - cpu_started)
         print(
             json.dumps(
                 {
                     "seconds": seconds,
+                    "cpu_seconds": cpu_seconds,
                     "losses": losses,
                     "peak_memory_bytes": _rss_high_water(),
                     "process_peak_bytes": _process_peak(),
@@ -443,6 +445,7 @@ def parent(args) -> dict:
             for c in children.values():
                 c.run(args.warmup)
             seconds: dict[str, list[float]] = {s: [] for s in sides}
+            cpu_seconds: dict[str, list[float]] = {s: [] for s in sides}
             last: dict[str, dict] = {}
             rates = []
             for round_ in range(args.rounds):
@@ -451,9 +454,14 @@ def parent(args) -> dict:
                 for side in order:
                     last[side] = children[side].run(args.steps)
                     seconds[side] += last[side]["seconds"]
+                    cpu_seconds[side] += last[side]["cpu_seconds"]
                 print(
                     f"round {round_ + 1}/{args.rounds}: "
-                    + "  ".join(f"{s} {statistics.median(last[s]['seconds']):.3f} s" for s in sides)
+                    + "  ".join(
+                        f"{s} {statistics.median(last[s]['seconds']):.3f} s "
+                        f"(cpu {statistics.median(last[s]['cpu_seconds']):.3f} s)"
+                        for s in sides
+                    )
                     + f"  matmul {rates[-1] / 1e9:.0f} GFLOP/s",
                     flush=True,
                 )
@@ -467,6 +475,9 @@ def parent(args) -> dict:
         step_seconds = statistics.median(seconds[side])
         results[side] = {
             "step_seconds": step_seconds,
+            # CPU time of the side's process (all threads) per step: on a loaded machine it leaves out the
+            # time spent waiting for a core, which wall time counts
+            "cpu_step_seconds": statistics.median(cpu_seconds[side]),
             "tokens_per_second": tokens / step_seconds,
             "peak_memory_bytes": last[side]["peak_memory_bytes"],
             "process_peak_bytes": last[side]["process_peak_bytes"],
@@ -475,6 +486,7 @@ def parent(args) -> dict:
             "flops_fraction": flops["total"] / step_seconds / peak_rate,
             "losses": last[side]["losses"],
             "all_step_seconds": seconds[side],
+            "all_cpu_step_seconds": cpu_seconds[side],
             **{k: v for k, v in ready[side].items() if k not in ("ready", "load_peak_bytes")},
         }
     summary = {
@@ -510,13 +522,13 @@ def print_summary(summary: dict) -> None:
     )
     print(
         f"{'side':<20}{'step s':>9}{'tok/s':>9}{'peak GiB':>10}{'+load GiB':>11}{'GFLOP/s':>9}{'of peak':>9}"
-        "  first losses"
+        f"{'cpu s':>9}  first losses"
     )
     for side, r in summary["sides"].items():
         print(
             f"{side:<20}{r['step_seconds']:>9.3f}{r['tokens_per_second']:>9.0f}"
             f"{r['peak_memory_bytes'] / gib:>10.2f}{r['process_peak_bytes'] / gib:>11.2f}"
-            f"{r['flops_per_second'] / 1e9:>9.0f}{r['flops_fraction']:>9.0%}  "
+            f"{r['flops_per_second'] / 1e9:>9.0f}{r['flops_fraction']:>9.0%}{r['cpu_step_seconds']:>9.3f}  "
             + " ".join(f"{x:.6f}" for x in r["losses"][:3])
         )
     if "speedup" in summary:

@@ -255,6 +255,31 @@ def test_training_from_an_adapter_keeps_the_recipe_s_loraplus_ratio(tmp_path, ba
     assert sorted({g["lr_scale"] for g in s.optimizer.param_groups}) == [1.0, 8.0]
 
 
+@pytest.mark.parametrize(
+    ("arch", "fmt", "rows"), [("llama", "chat", CHAT), ("bert", "classification", CLASSES)], ids=["lm", "cls"]
+)
+def test_the_cli_trains_merges_and_uses_dora_with_pissa_and_loraplus(tmp_path, bases, arch, fmt, rows):
+    method = {"name": "lora", "rank": 4, "use_dora": True, "init": "pissa", "loraplus_lr_ratio": 4.0}
+    path = write_recipe(tmp_path, bases[arch], rows, fmt, method, max_steps=2)
+    trained = train_cli(str(path))
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    out = tmp_path / "run"
+    saved = json.loads((out / checkpoint.CONFIG_NAME).read_text())
+    assert (saved["r"], saved["use_dora"], saved["init_lora_weights"]) == (8, True, True)
+    merged = subprocess.run(
+        [sys.executable, "-m", "peftcli.cli", "merge", str(out), "--output", str(tmp_path / "merged")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert merged.returncode == 0 and "check: max |logit difference|" in merged.stdout, merged.stderr[-2000:]
+    if fmt == "classification":
+        assert run_predict(out, "good trip").split(" ")[0] in ("neg", "pos")
+    else:
+        assert isinstance(run_generate(out, "What is 3 plus 3?", max_new_tokens=3), str)
+
+
 def test_existing_run_is_never_overwritten_silently(tmp_path, bases):
     path = write_recipe(tmp_path, bases["gpt2"], TEXT, "text", max_steps=1)
     assert train_cli(str(path)).returncode == 0
