@@ -49,6 +49,7 @@ def test_counts_equal_hf_peft(tmp_path, arch):
             make_config("lora", rank=4),
             make_config("prefix-tuning", num_virtual_tokens=5),
             make_config("prompt-tuning", num_virtual_tokens=5),
+            make_config("lora", rank=4, use_dora=True, init="pissa", loraplus_lr_ratio=16.0),
         ],
         task,
     )
@@ -56,6 +57,7 @@ def test_counts_equal_hf_peft(tmp_path, arch):
         LoraConfig(task_type=task_type, r=4, lora_alpha=16),
         PrefixTuningConfig(task_type=task_type, num_virtual_tokens=5),
         PromptTuningConfig(task_type=task_type, num_virtual_tokens=5),
+        LoraConfig(task_type=task_type, r=4, lora_alpha=16, use_dora=True, init_lora_weights="pissa"),
     ]
     for count, ref in zip(ours, refs, strict=True):
         assert (count.trainable, count.total) == _hf_count(config, task, ref), count.method

@@ -56,7 +56,8 @@ def _isolated_cache(tmp_path, monkeypatch):
 
 def hf_config(kind: str, task: str, **fields):
     if kind == "lora":
-        return peft.LoraConfig(task_type=HF_TASK[task], r=4, lora_alpha=8, init_lora_weights=False, **fields)
+        fields = {"lora_alpha": 8, "init_lora_weights": False, **fields}
+        return peft.LoraConfig(task_type=HF_TASK[task], r=4, **fields)
     if kind == "prefix-tuning":
         return peft.PrefixTuningConfig(task_type=HF_TASK[task], num_virtual_tokens=4, **fields)
     return peft.PromptTuningConfig(task_type=HF_TASK[task], num_virtual_tokens=4, **fields)
@@ -203,7 +204,7 @@ def test_fields_peftcli_does_not_use_are_noted(tmp_path, bases, caplog):
 
 @pytest.mark.parametrize(
     "fields",
-    [{"use_dora": True}, {"lora_bias": True}, {"rank_pattern": {"q_proj": 2}}, {"bias": "all"}],
+    [{"layers_to_transform": [0]}, {"lora_bias": True}, {"rank_pattern": {"q_proj": 2}}, {"bias": "all"}],
     ids=lambda f: next(iter(f)),
 )
 def test_a_field_that_changes_the_math_is_refused_by_name(tmp_path, bases, fields):
@@ -284,3 +285,33 @@ def test_train_starts_from_the_hf_adapter_and_hf_loads_the_result(tmp_path, base
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
         assert (logits(merged) - logits(ours)).abs().max() <= 1e-4
         assert (tmp_path / "merged" / "tokenizer_config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"use_dora": True}, {"init_lora_weights": "pissa"}, {"init_lora_weights": "olora", "use_dora": True}],
+    ids=["dora", "pissa-unconverted", "olora-dora-unconverted"],
+)
+def test_train_continues_an_hf_dora_or_pissa_adapter_and_hf_loads_the_result(tmp_path, bases, fields):
+    # An unconverted PiSSA/OLoRA adapter belongs to the residual of the base it names: both sides recompute
+    # it on load. The continued adapter is saved converted, a plain LoRA of the original base.
+    hf = hf_adapter(tmp_path / "hf", bases["llama"], "lora", "causal-lm", **fields)
+    s = train.setup(write_recipe(tmp_path, bases["llama"], "lora", tmp_path / "hf"))
+    assert (logits(s.accelerator.unwrap_model(s.model).eval()) - logits(hf)).abs().max() <= 1e-5
+    assert (
+        train_run(write_recipe(tmp_path, bases["llama"], "lora", tmp_path / "hf"), overwrite=True)["steps"]
+        == 2
+    )
+    saved = json.loads((tmp_path / "run" / checkpoint.CONFIG_NAME).read_text())
+    converted = "init_lora_weights" in fields
+    assert (saved["r"], saved["init_lora_weights"], saved["use_dora"]) == (
+        8 if converted else 4,
+        True,
+        bool(fields.get("use_dora")),
+    )
+    again = peft.PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(bases["llama"]), tmp_path / "run"
+    )
+    ours, _, _ = generate.load_for_inference(tmp_path / "run")
+    assert (logits(again.eval()) - logits(ours)).abs().max() <= 1e-5
+    assert (logits(ours) - logits(hf)).abs().max() > 1e-4  # it trained

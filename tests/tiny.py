@@ -362,10 +362,11 @@ def assert_lora_formula(kind: str, install: Callable | None = None) -> None:
     assert layer.scale == 2.0
 
 
-def assert_lora_dtypes(install: Callable | None = None) -> None:
-    """Under autocast the output is bf16 and close to fp32's; fp32 factors on a bf16 base get fp32 grads."""
+def assert_lora_dtypes(install: Callable | None = None, **fields) -> None:
+    """Under autocast the output is bf16 and close to fp32's; fp32 parts on a bf16 base give a bf16 output
+    and get fp32 grads. `fields`: more of wrap_layer's arguments (use_dora)."""
     torch.manual_seed(0)
-    layer = lora_layer(nn.Linear(16, 8), install)
+    layer = lora_layer(nn.Linear(16, 8), install, **fields)
     nn.init.normal_(layer.lora_B.weight)
     x = torch.randn(2, 3, 16)
     reference = layer(x)
@@ -373,10 +374,13 @@ def assert_lora_dtypes(install: Callable | None = None) -> None:
         out = layer(x)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05)
-    half = lora_layer(nn.Linear(16, 8).bfloat16(), install)
-    half.lora_A.float(), half.lora_B.float()  # a trainer may keep the factors in fp32
-    half(x.bfloat16()).float().sum().backward()
-    assert half.lora_B.weight.grad.dtype == torch.float32
+    half = lora_layer(nn.Linear(16, 8).bfloat16(), install, **fields)
+    for part in half.parts().values():
+        part.data = part.data.float()  # what the training setup does on a half-precision base
+    out = half(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert all(part.grad.dtype == torch.float32 for part in half.parts().values())
 
 
 def assert_lora_dropout(install: Callable | None = None) -> None:

@@ -5,8 +5,8 @@ logits, the loss is cross-entropy over them. `install` puts the recipe's choices
 to train and returns what undoes them; the training setup calls it once, and nothing else imports this
 package. Each speed-up's tests use the plain path as their oracle.
 
-- lora.py: LoRA's forward on flattened rows with its low-rank term added in place; frozen products on
-  oneDNN (frozen_linear.py).
+- lora.py: LoRA's (and DoRA's) forward on flattened rows with the low-rank term added in place; frozen
+  products on oneDNN (frozen_linear.py).
 - chunked_loss.py: the causal-LM loss a chunk of rows at a time against the frozen head.
 - lean.py: Llama-family SwiGLU MLPs and RMSNorms that keep less for backward; recompute modes.
 - checkpointing.py: whole-layer activation checkpointing (transformers' own).
@@ -49,7 +49,7 @@ def install(model: nn.Module, train, task: str, onednn: bool = True) -> Installe
       recompute parts of the lean MLPs;
     - ``lean_layers``: the lean SwiGLU MLP and RMSNorm;
     - ``chunked_loss`` (causal LM): the chunked loss;
-    - always: LoRA's in-place forward. `onednn=False` keeps every frozen product on MKL.
+    - always: LoRA's (and DoRA's) in-place forward. `onednn=False` keeps every frozen product on MKL.
     """
     installed = Installed()
     mode = train.gradient_checkpointing

@@ -122,11 +122,12 @@ def _recomputed_forward(mlp: nn.Module, x: Tensor) -> Tensor:
 
 
 def _frozen_parts(proj: nn.Module):
-    """(weight, bias, lora_A, lora_B, scale) of a frozen Linear or a dropout-free LoRA layer, else None."""
+    """(weight, bias, lora_A, lora_B, scale) of a frozen Linear or a dropout-free plain LoRA layer (not
+    DoRA, whose magnitude rescales the output), else None."""
     lora_a = lora_b = None
     scale = 0.0
     if isinstance(proj, AdaptedLayer) and proj.method == lora.NAME:
-        if proj.dropout is not None or proj.fan_in_fan_out:
+        if proj.dropout is not None or proj.fan_in_fan_out or lora.is_dora(proj):
             return None
         lora_a, lora_b, scale = proj.lora_A.weight, proj.lora_B.weight, proj.scale
         proj = proj.base

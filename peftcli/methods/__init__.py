@@ -20,6 +20,15 @@ A method module owns everything about its method, so adding one is a new module 
   which `peft merge` applies tensor by tensor, and ``fold_bias(layer, bias) -> bias`` where merging changes
   the bias too (IA3).
 
+Optional, for the training loop:
+
+- ``learning_rate_scales(model, config) -> dict[str, float]``: a trainable parameter's learning rate as a
+  multiple of the schedule's, by parameter name (absent: 1); the optimizer gets one parameter group per
+  scale (LoRA+ trains B faster than A).
+- ``initial_state(model) -> dict[str, Tensor]``: what inject needs to rebuild the same starting point when
+  it is not a function of the seed alone (PiSSA's factors, which also set the residual base weights).
+  Training checkpoints store it, and ``--resume`` hands it back to inject as ``Context.initial``.
+
 Method modules import no torch until a model is touched (peftcli/lazy.py): `peft count` reads their
 configs and counts in half a second.
 

@@ -42,6 +42,9 @@ class MethodConfig:
     # Whether the default modules_to_save (the classification head) must exist; a list the recipe names
     # must always match.
     HEADS_REQUIRED: ClassVar[bool] = False
+    # Keys that steer training only and are not in the adapter files (LoRA+'s ratio): a run that starts
+    # from_adapter takes the adapter's config and keeps the recipe's values of these.
+    TRAINING_FIELDS: ClassVar[tuple[str, ...]] = ()
 
     # Modules trained in full and saved with the adapter. None: the classification head for sequence
     # classification, nothing otherwise.
@@ -66,6 +69,9 @@ class Context:
 
     task: str  # causal-lm | sequence-classification
     tokenizer: object | None = None  # the model's tokenizer, where a method initialises from text
+    # A resumed run's starting point, as the method's `initial_state(model)` gave it when the run began
+    # (tensors by name); None: initialise afresh.
+    initial: dict | None = None
 
 
 def choices(config_cls: type, field: str) -> tuple[str, ...]:

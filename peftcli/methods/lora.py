@@ -7,6 +7,21 @@ wrapped model equals the base model at init. State keys follow HF PEFT's files:
 ``base_model.model.<module path>.lora_A.weight`` and ``...lora_B.weight``. Merging folds
 ``W += scale * B @ A`` into each base layer.
 
+DoRA (Liu et al. 2024, arXiv:2402.09353, ``use_dora``) splits the adapted weight into a magnitude and a
+direction, and trains the magnitude m (out,) beside A and B:
+
+    W' = m / ||W + scale * B A||_row  *  (W + scale * B A),    y = W' x + b
+
+m starts at the row norms of W, so again the model is unchanged at init. The norm is treated as a constant
+in backward (the paper's section 4.3): it is recomputed every forward but keeps no graph, so no (out, in)
+tensor is held for backward. Saved as HF PEFT saves it: ``...lora_magnitude_vector`` beside the factors and
+``use_dora: true``. (The paper writes weights as (in, out) and speaks of column norms: the same numbers.)
+
+LoRA+ (Hayou et al. 2024, arXiv:2402.12354, ``loraplus_lr_ratio``) trains B with a learning rate `ratio`
+times A's (``learning_rate_scales``); nothing changes on disk. PiSSA and OLoRA (``init: pissa | olora``)
+start A and B from the base weight's SVD or QR and train on the residual weight: see lora_init.py, which
+also converts such an adapter to a plain one for the original weights when it is saved.
+
 Everything about the method is here: its recipe section (``Config``), its count from shapes (what
 ``peft count`` answers without torch), its adapter_config.json fields both ways, and the layer. This module
 imports no torch until a layer is built (peftcli/lazy.py).
@@ -17,11 +32,11 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar
 
 from peftcli.errors import UserError
-from peftcli.lazy import LazyModule, nn, torch
-from peftcli.methods import layout
+from peftcli.lazy import F, LazyModule, nn, torch
+from peftcli.methods import layout, lora_files, lora_init
 from peftcli.methods.base import (
     TARGETS_ACCEPTS,
     Context,
@@ -50,7 +65,12 @@ MERGEABLE = True
 @dataclass
 class Config(MethodConfig):
     name: ClassVar[str] = NAME
-    ACCEPTS: ClassVar[dict[str, str]] = {**MethodConfig.ACCEPTS, "target_modules": TARGETS_ACCEPTS}
+    ACCEPTS: ClassVar[dict[str, str]] = {
+        **MethodConfig.ACCEPTS,
+        "target_modules": TARGETS_ACCEPTS,
+        "loraplus_lr_ratio": "a number > 0 (B's learning rate over A's), or null",
+    }
+    TRAINING_FIELDS: ClassVar[tuple[str, ...]] = ("loraplus_lr_ratio",)
 
     rank: int = 8
     alpha: float = 16.0
@@ -59,13 +79,17 @@ class Config(MethodConfig):
     # string is a regular expression matched against the full module name.
     target_modules: list[str] | str | None = None
     use_rslora: bool = False  # scale by alpha / sqrt(rank) instead of alpha / rank (Kalajdzievski 2023)
-    init: Literal["kaiming", "gaussian"] = "kaiming"  # A's init; B starts at zero either way
+    # A's init (B = 0): kaiming | gaussian; or both from the base weight: pissa | pissa_niter_<N> | olora
+    init: str = "kaiming"
+    use_dora: bool = False  # DoRA: a trained magnitude per output row (Liu et al. 2024)
+    loraplus_lr_ratio: float | None = None  # LoRA+: B's learning rate = ratio x A's (Hayou et al. 2024)
 
     def check(self, fail: Fail) -> None:
-        check_positive(self, "rank alpha", fail)
+        check_positive(self, "rank alpha loraplus_lr_ratio", fail)
         if not 0.0 <= self.dropout < 1.0:
             fail("dropout", f"must be in [0, 1), got {self.dropout}")
         check_targets(self.target_modules, fail)
+        lora_init.check_init(self.init, fail)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -79,31 +103,114 @@ def run(layer: AdaptedLayer, x: Tensor) -> Tensor:
     added in the base's dtype (autocast, when on, casts by itself).
     """
     out = layer.base(x)
-    h = x if layer.dropout is None else layer.dropout(x)
-    if h.dtype != layer.lora_A.weight.dtype and not torch.is_autocast_enabled(h.device.type):
-        h = h.to(layer.lora_A.weight.dtype)
+    h = _factor_input(layer, x)
     # (..., in) @ (in, r) @ (r, out): the rank-r path stays cheap; never x @ (A @ B).
     return out + (layer.scale * layer.lora_B(layer.lora_A(h))).to(out.dtype)
 
 
+def run_dora(layer: AdaptedLayer, x: Tensor) -> Tensor:
+    """DoRA: y = b + f * (W x + scale * B A x),  f = m / ||W + scale * B A||_row (detached); x: (..., in).
+
+    Backward keeps the direction's output (tokens, out) for m's gradient, and nothing of the norm. With
+    dropout active, as HF PEFT: the base keeps x and only the rescaled part sees h = dropout(x),
+    y = W x + b + (f - 1) W h + f scale B A h.
+    """
+    h = _factor_input(layer, x)
+    low_rank = layer.lora_B(layer.lora_A(h))  # (..., out)
+    factor = layer.lora_magnitude_vector / weight_norm(layer)  # (out,)
+    weight = layer.base.weight.T if layer.fan_in_fan_out else layer.base.weight  # (out, in)
+    if layer.dropout is not None and layer.training:
+        out = layer.base(x)
+        rescaled = (factor - 1) * F.linear(h.to(weight.dtype), weight) + factor * layer.scale * low_rank
+        return out + rescaled.to(out.dtype)
+    out = F.linear(x, weight)  # W x, without the bias: the magnitude scales the direction only
+    out = (factor * torch.add(out, low_rank, alpha=layer.scale)).to(out.dtype)
+    bias = layer.base.bias
+    return out if bias is None else out + bias.to(out.dtype)
+
+
+def _factor_input(layer: AdaptedLayer, x: Tensor) -> Tensor:
+    """dropout(x), in the factors' dtype (float32 factors on a half-precision base; autocast casts itself)."""
+    h = x if layer.dropout is None else layer.dropout(x)
+    if h.dtype != layer.lora_A.weight.dtype and not torch.is_autocast_enabled(h.device.type):
+        h = h.to(layer.lora_A.weight.dtype)
+    return h
+
+
+def weight_norm(layer: AdaptedLayer) -> Tensor:
+    """||W + scale * B A|| of each output row, (out,), in float32 and outside autograd (DoRA's constant).
+
+    W + scale * B A is one fused product-and-add (addmm), laid out as the base stores W.
+    """
+    weight = layer.base.weight
+    with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+        lora_A, lora_B = layer.lora_A.weight.float(), layer.lora_B.weight.float()
+        if layer.fan_in_fan_out:  # (in, out) + (in, r) @ (r, out)
+            adapted = torch.addmm(weight.float(), lora_A.T, lora_B.T, alpha=layer.scale)
+        else:  # (out, in) + (out, r) @ (r, in)
+            adapted = torch.addmm(weight.float(), lora_B, lora_A, alpha=layer.scale)
+        return row_norms(adapted, layer.fan_in_fan_out)
+
+
+def row_norms(weight: Tensor, fan_in_fan_out: bool) -> Tensor:
+    """The norm of each output row of a weight laid out as the base stores it. An all-zero row (a pruned
+    unit) gets the smallest normal float instead of 0: its magnitude starts at 0, and 0 / 0 would put NaN
+    into every output (HF PEFT's does); m / tiny = 0 keeps the row at zero until training moves it."""
+    norms = torch.linalg.vector_norm(weight, dim=0 if fan_in_fan_out else 1)
+    return norms.clamp_min(torch.finfo(norms.dtype).tiny)
+
+
+def is_dora(layer: AdaptedLayer) -> bool:
+    return getattr(layer, "use_dora", False)
+
+
 def wrap_layer(
-    base, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False, init: str = "kaiming"
+    base,
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    init: str = "kaiming",
+    use_dora: bool = False,
+    initial: tuple[Tensor, Tensor] | None = None,
 ) -> AdaptedLayer:
-    """A frozen ``nn.Linear`` or GPT-2 ``Conv1D`` with LoRA factors beside it.
+    """A frozen ``nn.Linear`` or GPT-2 ``Conv1D`` with LoRA (or DoRA) parts beside it.
 
     A Conv1D stores its weight transposed, (in, out); the factors are plain Linears either way, so only the
-    merge needs to know (``fan_in_fan_out``).
+    merge and DoRA's norm need to know (``fan_in_fan_out``). `initial`: PiSSA/OLoRA's (A0, B0) to start from
+    instead of decomposing the weight (a resumed run's, see ``initial_state``).
     """
     scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
     layer = modules.AdaptedLayer(
-        base, NAME, run, "LoRALinear", casts_input=True, rank=rank, alpha=alpha, scale=scale
+        base,
+        NAME,
+        run_dora if use_dora else run,
+        "DoRALinear" if use_dora else "LoRALinear",
+        casts_input=True,
+        rank=rank,
+        alpha=alpha,
+        scale=scale,
+        init=init,
+        use_dora=use_dora,
+        residual_base=False,  # True once the principal part is taken out of base.weight (PiSSA, OLoRA)
     )
     # None rather than nn.Dropout(0): at p = 0 the forward skips the call and its full-size copy.
     layer.dropout = nn.Dropout(dropout) if dropout > 0 else None
     factory = modules.parameter_factory(base)  # on the meta device: shapes only
+    from_base = lora_init.from_base(init)
+    if from_base:  # float32 factors, as HF PEFT keeps them: the residual is computed with these values
+        factory["dtype"] = torch.promote_types(factory["dtype"], torch.float32)
     layer.lora_A = nn.Linear(layer.in_features, rank, bias=False, **factory)
     layer.lora_B = nn.Linear(rank, layer.out_features, bias=False, **factory)
-    reset_parameters(layer, init)
+    if not from_base:
+        reset_parameters(layer, init)
+    elif not base.weight.is_meta:
+        lora_init.start_from_base(layer, initial)
+    if use_dora:
+        magnitude = torch.empty(layer.out_features, **modules.parameter_factory(base))
+        if not base.weight.is_meta:
+            magnitude = weight_norm(layer).to(magnitude.dtype)
+        layer.lora_magnitude_vector = nn.Parameter(magnitude)
     return layer
 
 
@@ -128,9 +235,20 @@ def delta_weight(lora_A: Tensor, lora_B: Tensor, scale: float, fan_in_fan_out: b
 
 
 def fold(layer: AdaptedLayer, weight: Tensor) -> Tensor:
-    """The base weight with the update folded in: W + scale * B @ A, added in float32, rounded once."""
+    """The base weight with the update folded in, in float32, rounded once: W + scale * B A for LoRA,
+    m / ||W + scale * B A||_row * (W + scale * B A) for DoRA (HF PEFT's merge_and_unload).
+
+    `weight` is the layer's base weight as the adapted model uses it; a PiSSA/OLoRA adapter injected on the
+    meta device (the streamed merge) has not taken the principal part out of it yet: done here.
+    """
+    if lora_init.from_base(layer.init) and not layer.residual_base:
+        weight = lora_init.residual_of(layer, weight)
     delta = delta_weight(layer.lora_A.weight, layer.lora_B.weight, layer.scale, layer.fan_in_fan_out)
-    return (weight.to(delta.dtype) + delta).to(weight.dtype)
+    merged = weight.to(delta.dtype) + delta
+    if is_dora(layer):
+        factor = layer.lora_magnitude_vector.to(delta.dtype) / row_norms(merged, layer.fan_in_fan_out)
+        merged = merged * factor.unsqueeze(0 if layer.fan_in_fan_out else 1)
+    return merged.to(weight.dtype)
 
 
 def lora_layers(model) -> list[tuple[str, AdaptedLayer]]:
@@ -141,22 +259,14 @@ def lora_layers(model) -> list[tuple[str, AdaptedLayer]]:
 # The method contract
 
 
-def resolve_targets(model, config: Config) -> list[str]:
-    """Full names of the layers to wrap: the recipe's targets, else the architecture's usual ones."""
+def resolve_targets(model, config: Config, context: Context) -> list[str]:
+    """Full names of the layers to wrap: the recipe's targets (else the architecture's usual ones), less
+    those inside a module trained in full (the classifier head trains anyway)."""
     targets = config.target_modules
     if targets is None:
         targets = layout.default_targets(getattr(getattr(model, "config", None), "model_type", None))
-    return modules.match_targets(model, targets)
-
-
-def inject(model, config: Config, context: Context):
-    """Freeze `model` and wrap each target layer in a LoRA layer, in place; returns `model`."""
-    if lora_layers(model):
-        raise UserError("the model already holds LoRA layers: merge or reload the base model first")
-    modules.freeze(model)
-    names = resolve_targets(model, config)
-    save_names, required = saved_modules(config, context.task)
-    # A layer inside a module trained in full (the classifier head) gets no LoRA: it trains anyway.
+    names = modules.match_targets(model, targets)
+    save_names, _ = saved_modules(config, context.task)
     inside = [name for name in names if any(layout.covers(s, name) for s in save_names)]
     if inside:
         if len(inside) == len(names):
@@ -165,7 +275,16 @@ def inject(model, config: Config, context: Context):
                 f"modules_to_save {save_names}, which trains in full: nothing left for LoRA"
             )
         log.warning("LoRA leaves out %s: modules_to_save trains it in full", ", ".join(inside))
-        names = [name for name in names if name not in inside]
+    return [name for name in names if name not in inside]
+
+
+def inject(model, config: Config, context: Context):
+    """Freeze `model` and wrap each target layer in a LoRA layer, in place; returns `model`."""
+    if lora_layers(model):
+        raise UserError("the model already holds LoRA layers: merge or reload the base model first")
+    modules.freeze(model)
+    names = resolve_targets(model, config, context)
+    tied = modules.tied_parameters(model) if lora_init.from_base(config.init) else set()
     for name in names:
         layer = model.get_submodule(name)
         in_features, out_features = modules.layer_shape(layer)
@@ -174,14 +293,53 @@ def inject(model, config: Config, context: Context):
                 f"method.rank: {config.rank} is larger than layer `{name}` allows "
                 f"(in {in_features}, out {out_features}): use a rank <= {min(in_features, out_features)}"
             )
-        wrapper = wrap_layer(layer, config.rank, config.alpha, config.dropout, config.use_rslora, config.init)
+        if id(layer.weight) in tied:
+            raise UserError(
+                f"method.init: {config.init} rewrites the weight of `{name}`, which is shared with another "
+                "layer (tied embeddings); leave it out of target_modules or use init: kaiming"
+            )
+        wrapper = wrap_layer(
+            layer,
+            config.rank,
+            config.alpha,
+            config.dropout,
+            config.use_rslora,
+            config.init,
+            config.use_dora,
+            initial=lora_init.initial_for(context, name) if lora_init.from_base(config.init) else None,
+        )
         modules.set_submodule(model, name, wrapper)
+    save_names, required = saved_modules(config, context.task)
     modules.wrap_modules_to_save(model, save_names, required=required)
     return model
 
 
+def initial_state(model) -> dict[str, Tensor]:
+    """PiSSA/OLoRA's initial factors by layer: what a resumed run's inject starts from (Context.initial) to
+    rebuild the same residual weights exactly."""
+    return lora_init.initial_state(lora_layers(model))
+
+
+def learning_rate_scales(model, config: Config) -> dict[str, float]:
+    """LoRA+: each trainable parameter's learning rate over the schedule's, by name (absent: 1).
+
+    B factors get ``loraplus_lr_ratio``, and so do the 1-D parameters (DoRA's magnitudes, a trained head's
+    bias), as in the paper's reference code and HF PEFT's ``create_loraplus_optimizer``.
+    """
+    ratio = config.loraplus_lr_ratio
+    if ratio is None:
+        return {}
+    b_factors = {id(layer.lora_B.weight) for _, layer in lora_layers(model)}
+    return {
+        name: ratio
+        for name, p in model.named_parameters()
+        if p.requires_grad and (id(p) in b_factors or p.ndim == 1)
+    }
+
+
 def adapter_state(model) -> dict[str, Tensor]:
-    return modules.layer_state(model, NAME)
+    """The adapter file's tensors; a PiSSA/OLoRA layer's as the rank-2r LoRA of the original weight."""
+    return lora_init.convert_state(modules.layer_state(model, NAME), lora_layers(model))
 
 
 def load_adapter_state(model, state: dict[str, Tensor]) -> None:
@@ -189,7 +347,7 @@ def load_adapter_state(model, state: dict[str, Tensor]) -> None:
 
 
 def merge(model):
-    """Fold W += scale * B @ A into every base layer and unwrap; returns the plain transformers model."""
+    """Fold each layer's update into its base weight (see `fold`) and unwrap; returns the plain model."""
     return modules.merge_layers(model, NAME, fold, "LoRA")
 
 
@@ -209,12 +367,15 @@ def count(shapes: Shapes, config: Config, saved: list[str]) -> tuple[int, int]:
     layers = [shapes.linears[n] for n in names]
     if not layers or any(config.rank > min(x.in_features, x.out_features) for x in layers):
         raise NotModelled("inject() refuses this")
-    added = sum(config.rank * (x.in_features + x.out_features) for x in layers)
+    # A: (r, in), B: (out, r); DoRA's magnitude: (out,)
+    added = sum(
+        config.rank * (x.in_features + x.out_features) + config.use_dora * x.out_features for x in layers
+    )
     return added, added
 
 
 # --------------------------------------------------------------------------------------------------
-# adapter_config.json, both ways
+# adapter_config.json, both ways (the field mapping lives in lora_files.py)
 
 
 def adapter_config(model, config: Config, task: str) -> dict:
@@ -222,108 +383,9 @@ def adapter_config(model, config: Config, task: str) -> dict:
     layers = lora_layers(model)
     if not layers:
         raise modules.AdapterError("the model holds no LoRA layers: nothing to describe")
-    alpha = int(config.alpha) if float(config.alpha).is_integer() else config.alpha
-    return {
-        "r": config.rank,
-        "lora_alpha": alpha,
-        "lora_dropout": config.dropout,
-        "target_modules": _target_names(model, [name for name, _ in layers]),
-        "exclude_modules": None,
-        "use_rslora": config.use_rslora,
-        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
-        "modules_to_save": saved_modules(config, task)[0] or None,
-        "bias": "none",
-        # HF PEFT's flag for weights stored (in, out); it sets it for Conv1D layers itself as well.
-        "fan_in_fan_out": any(layer.fan_in_fan_out for _, layer in layers),
-        "use_dora": False,
-        "lora_bias": False,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-    }
-
-
-def _target_names(model, wrapped: list[str]) -> list[str]:
-    """The leaf names (``q_proj``) when they pick out exactly the wrapped layers, else the full names.
-
-    HF PEFT matches a list entry as the full name or a ``.``-suffix, against every module; a regex or a
-    path-qualified target may have chosen a subset that the bare leaf names would overshoot.
-    """
-    leaves = sorted({name.rsplit(".", 1)[-1] for name in wrapped})
-    picked = {
-        name
-        for name, _ in model.named_modules()
-        if name and any(name == leaf or name.endswith("." + leaf) for leaf in leaves)
-    }
-    return leaves if picked == set(wrapped) else list(wrapped)
-
-
-# Fields whose non-default value changes the adapter's math or which layers it covers. The defaults
-# are what HF PEFT writes for a plain LoRA.
-_UNSUPPORTED: dict[str, object] = {
-    "use_dora": False,
-    "lora_bias": False,
-    "bias": "none",
-    "rank_pattern": {},
-    "alpha_pattern": {},
-    "layers_to_transform": None,
-    "exclude_modules": None,
-    "trainable_token_indices": None,
-    "layer_replication": None,
-    "target_parameters": None,
-    "use_qalora": False,
-    "alora_invocation_tokens": None,
-    "velora_config": None,
-    "monteclora_config": None,
-    "use_bdlora": None,
-    "arrow_config": None,
-    "kasa_config": None,
-    "megatron_config": None,
-}
-# init_lora_weights values that only shape the starting point; a trained adapter loads as plain LoRA.
-# (PiSSA/OLoRA/CorDA also rewrite the base weights: such an adapter belongs with that residual base.)
-_INIT_ONLY = ("pissa", "olora", "corda", "loftq", "eva", "orthogonal", "lora_ga", "mica")
+    return lora_files.adapter_fields(model, config, layers, saved_modules(config, task)[0])
 
 
 def config_from_adapter(fields: dict) -> Config:
     """The Config of an adapter_config.json written here or by HF PEFT."""
-    for field, default in _UNSUPPORTED.items():
-        value = fields.get(field, default)
-        if value != default and (default or value):  # [] or {} for None: still the default
-            raise UserError(
-                f"adapter_config.json: {field} = {value!r} is not supported by peftcli's LoRA "
-                f"(it changes the adapter's math or layers; supported: {default!r})"
-            )
-    rank, alpha = fields.get("r", 8), fields.get("lora_alpha", 8)
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-        raise UserError(f"adapter_config.json: r must be a positive integer, got {rank!r}")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
-        raise UserError(f"adapter_config.json: lora_alpha must be a positive number, got {alpha!r}")
-    init = fields.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower() == "gaussian":
-        init = "gaussian"
-    elif init is True:
-        init = "kaiming"
-    elif init is False or (isinstance(init, str) and init.lower().startswith(_INIT_ONLY)):
-        log.info(
-            "adapter_config.json: init_lora_weights = %r only sets the starting point; "
-            "loaded as plain LoRA (initialised like HF PEFT's default)",
-            init,
-        )
-        init = "kaiming"
-    else:
-        raise UserError(f"adapter_config.json: init_lora_weights = {init!r} is not a known initialisation")
-    targets = fields.get("target_modules")
-    if isinstance(targets, (list, tuple, set)):
-        targets = sorted(targets)  # HF PEFT writes a set; order never matters for matching
-    modules_to_save = fields.get("modules_to_save")
-    return Config(
-        rank=rank,
-        alpha=float(alpha),
-        dropout=float(fields.get("lora_dropout", 0.0) or 0.0),
-        target_modules=targets,
-        use_rslora=bool(fields.get("use_rslora", False)),
-        init=init,
-        modules_to_save=list(modules_to_save) if modules_to_save is not None else None,
-    )
+    return Config(**lora_files.config_fields(fields))

@@ -34,6 +34,7 @@ from peftcli.models.load import load_model, load_tokenizer
 from peftcli.recipe import Recipe
 from peftcli.runs import adapter as adapter_files
 from peftcli.train import loss, schedule, state
+from peftcli.train.optim import make_optimizer
 from peftcli.train.signals import StopRequest
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,9 @@ def _mixed_precision(setting: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def inject(model, recipe: Recipe, tokenizer):
-    """The recipe's method in `model`: fresh, or loaded from method.from_adapter."""
+def inject(model, recipe: Recipe, tokenizer, initial: dict | None = None):
+    """The recipe's method in `model`: fresh (or, resuming, from the checkpoint's `initial` state of the
+    method), or loaded from method.from_adapter."""
     method = recipe.method
     if method.from_adapter:
         model, loaded = adapter_files.load_adapter(model, method.from_adapter)
@@ -83,11 +85,12 @@ def inject(model, recipe: Recipe, tokenizer):
                 f"method.from_adapter: {method.from_adapter} is a {loaded.name} adapter, "
                 f"the recipe's method is {method.name}"
             )
-        recipe.method = dataclasses.replace(
-            loaded, from_adapter=method.from_adapter
-        )  # what trains, and from where
+        loaded = dataclasses.replace(loaded, from_adapter=method.from_adapter)  # what trains, from where
+        for key in type(loaded).TRAINING_FIELDS:  # not in the adapter files: the recipe's
+            setattr(loaded, key, getattr(method, key))
+        recipe.method = loaded
         return model
-    return METHODS[method.name].inject(model, method, Context(recipe.model.task, tokenizer))
+    return METHODS[method.name].inject(model, method, Context(recipe.model.task, tokenizer, initial))
 
 
 def upcast_trainable(model, autocast: bool) -> None:
@@ -104,20 +107,6 @@ def upcast_trainable(model, autocast: bool) -> None:
     for param in params:
         if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
             param.data = param.data.float()
-
-
-def make_optimizer(model, recipe: Recipe) -> torch.optim.Optimizer:
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
-        raise UserError(f"method {recipe.method.name}: nothing to train on this model")
-    # No weight decay on 1-D parameters (biases, norms, virtual-token rows stay 2-D and do decay).
-    groups = [
-        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": recipe.train.weight_decay},
-        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=recipe.train.learning_rate, betas=tuple(recipe.train.betas)
-    )
 
 
 def setup(recipe: Recipe, resume_from: Path | None = None, console: Console | None = None) -> Setup:
@@ -147,8 +136,9 @@ def setup(recipe: Recipe, resume_from: Path | None = None, console: Console | No
     say(f"data: {data.describe()}")
     check_data(recipe, data, accelerator.num_processes)
     say(f"model: loading {m.name}")
+    initial = state.load_initial_state(resume_from) if resume_from is not None else None
     model, speedups, params = build_model(
-        recipe, tokenizer, data.label_names, autocast=accelerator.mixed_precision != "no"
+        recipe, tokenizer, data.label_names, autocast=accelerator.mixed_precision != "no", initial=initial
     )
     say(
         f"method: {recipe.method.name}: {params['trainable']:,} trainable of {params['total']:,} parameters "
@@ -212,9 +202,11 @@ def check_data(recipe: Recipe, data, processes: int) -> None:
         )
 
 
-def build_model(recipe: Recipe, tokenizer, label_names: list[str] | None, autocast: bool):
+def build_model(
+    recipe: Recipe, tokenizer, label_names: list[str] | None, autocast: bool, initial: dict | None = None
+):
     """(the base model with the recipe's method injected and its speed-ups installed, the speed-ups,
-    the parameter counts)."""
+    the parameter counts). `initial`: a resumed run's starting point of the method (see inject)."""
     m = recipe.model
     model = load_model(
         m.source,
@@ -226,7 +218,7 @@ def build_model(recipe: Recipe, tokenizer, label_names: list[str] | None, autoca
         revision=m.revision,
     )
     set_seed(recipe.train.seed)  # the adapter's init does not depend on how much randomness loading used
-    model = inject(model, recipe, tokenizer)
+    model = inject(model, recipe, tokenizer, initial)
     upcast_trainable(model, autocast)
     speedups = fast.install(model, recipe.train, m.task)
     trainable, total = count_parameters(model)
@@ -370,7 +362,7 @@ def train_step(s: Setup, step: int) -> dict:
     global_targets, global_tokens = (int(x) for x in acc.reduce(counts, "sum"))
     lr = schedule.learning_rate(t, step, s.total_steps)
     for group in s.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     step_loss = torch.zeros((), device=acc.device)
     for i, batch in enumerate(batches):
         # Only the last micro-batch syncs gradients across processes.

@@ -16,6 +16,7 @@ from rich.console import Console
 from peftcli import fileio, report
 from peftcli.errors import UserError
 from peftcli.fileio import disk_errors
+from peftcli.methods import METHODS
 from peftcli.recipe import Recipe, dump_recipe, read_run_recipe
 from peftcli.recipe.changes import resume_changes
 from peftcli.runs import adapter as adapter_files
@@ -41,9 +42,13 @@ def save_checkpoint(s: Setup, step: int) -> None:
         return
     model = s.accelerator.unwrap_model(s.model)
 
+    initial_state = getattr(METHODS[s.recipe.method.name], "initial_state", None)
+    initial = initial_state(model) if initial_state else None
+
     def write(directory: Path) -> None:
         save_adapter_files(s, directory)
-        state.save_training_state(directory, model, s.optimizer, {"step": step, "seed": s.recipe.train.seed})
+        step_state = {"step": step, "seed": s.recipe.train.seed}
+        state.save_training_state(directory, model, s.optimizer, step_state, initial)
 
     with disk_errors(f"checkpoint step {step} in {s.output_dir / 'checkpoints'}"):
         rundir.write_checkpoint(s.output_dir, step, s.recipe.train.keep_checkpoints, write)

@@ -1,5 +1,6 @@
 """What `--resume` needs beyond the adapter files: every trainable parameter as it is, the optimizer's
-tensors and the RNG states (safetensors), and the step (JSON). No pickle anywhere.
+tensors, the RNG states and the method's initial state where it has one (safetensors), and the step (JSON).
+No pickle anywhere.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -15,11 +17,16 @@ from peftcli import fileio
 from peftcli.errors import UserError
 from peftcli.runs.rundir import OPTIMIZER_NAME, STATE_NAME
 
+INITIAL = "initial."  # key prefix of the method's initial state
 
-def save_training_state(directory: str | Path, model: nn.Module, optimizer, state: dict) -> None:
+
+def save_training_state(
+    directory: str | Path, model: nn.Module, optimizer, state: dict, initial: dict | None = None
+) -> None:
     """Everything --resume needs beyond the adapter files: every trainable parameter as it is (some
     methods save a derived form in the adapter, e.g. prefix tuning's projected prefixes), the
-    optimizer's tensors, the RNG states; `state` is JSON data (step, seed, ...)."""
+    optimizer's tensors, the RNG states, and `initial`: the method's initial state (its
+    ``initial_state(model)``, e.g. PiSSA's factors); `state` is JSON data (step, seed, ...)."""
     directory = Path(directory)
     opt = optimizer.state_dict()
     tensors = {
@@ -34,6 +41,7 @@ def save_training_state(directory: str | Path, model: nn.Module, optimizer, stat
             if p.requires_grad
         }
     )
+    tensors.update({f"{INITIAL}{name}": t.detach().cpu().contiguous() for name, t in (initial or {}).items()})
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -41,13 +49,26 @@ def save_training_state(directory: str | Path, model: nn.Module, optimizer, stat
     fileio.write_json(directory / STATE_NAME, {**state, "param_groups": opt["param_groups"]})
 
 
+def load_initial_state(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The method's initial state a checkpoint holds (empty for most methods): inject starts from it."""
+    path = Path(directory) / OPTIMIZER_NAME
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {
+                key.removeprefix(INITIAL): f.get_tensor(key) for key in f.keys() if key.startswith(INITIAL)
+            }
+    except (OSError, SafetensorError) as e:
+        raise UserError(f"checkpoint {directory} is incomplete or unreadable: {e}") from e
+
+
 def load_training_state(directory: str | Path, model: nn.Module, optimizer) -> dict:
     directory = Path(directory)
     try:
         state = json.loads((directory / STATE_NAME).read_text(encoding="utf-8"))
         tensors = load_file(str(directory / OPTIMIZER_NAME))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, SafetensorError) as e:
         raise UserError(f"checkpoint {directory} is incomplete or unreadable: {e}") from e
+    _check_groups(directory, optimizer, state.get("param_groups"))
     slots: dict[int, dict] = {}
     params = dict(model.named_parameters())
     for key, value in tensors.items():
@@ -56,8 +77,8 @@ def load_training_state(directory: str | Path, model: nn.Module, optimizer) -> d
             idx, name = rest.split(".", 1)
             slots.setdefault(int(idx), {})[name] = value
         elif kind == "param":
-            if rest not in params:
-                raise UserError(f"checkpoint {directory} does not fit this model: no parameter {rest}")
+            if rest not in params or params[rest].shape != value.shape:
+                raise UserError(f"checkpoint {directory} does not fit this model: parameter {rest}")
             with torch.no_grad():
                 params[rest].copy_(value)
     optimizer.load_state_dict({"state": slots, "param_groups": state.pop("param_groups")})
@@ -75,3 +96,19 @@ def checkpoint_problem(directory: Path) -> str | None:
     except Exception as e:  # json, OS and safetensors' own errors alike
         return f"{type(e).__name__}: {e}".splitlines()[0]
     return None
+
+
+def _check_groups(directory: Path, optimizer, saved) -> None:
+    """The checkpoint's parameter groups must be this optimizer's: same sizes, same learning-rate scales."""
+
+    def layout(groups) -> list[tuple[int, float]]:
+        return [(len(g["params"]), g.get("lr_scale", 1.0)) for g in groups]
+
+    ours = layout(optimizer.param_groups)
+    theirs = layout(saved) if isinstance(saved, list) else saved
+    if theirs != ours:
+        raise UserError(
+            f"checkpoint {directory} does not fit this run's optimizer (parameter groups of sizes and "
+            f"learning-rate scales {ours}, the checkpoint's {theirs!r}): "
+            "resume with the recipe the run began with"
+        )

@@ -62,3 +62,28 @@ def test_undo_restores_the_plain_forward():
     assert layer.run is lora.run
     ops = graph_ops(layer(torch.randn(3, 12, requires_grad=True)))
     assert "_FrozenLinearBackward" not in ops  # the plain forward: F.linear throughout
+
+
+@pytest.mark.parametrize("base", [nn.Linear(12, 10), Conv1D(10, 12)], ids=["linear", "conv1d"])
+def test_dora_forward_builds_the_direction_in_place(base):
+    # W x and the low-rank term share one buffer (one fused addmm_), and the magnitude's rescaling is the only
+    # full-size product: no scaled copy of the low-rank term, no sum of two full-size outputs.
+    # (Its loss and gradients against the formula: tests/methods/test_dora.py.)
+    layer = lora.wrap_layer(base.requires_grad_(False), rank=3, alpha=6.0, use_dora=True)
+    fast_lora.install(layer)
+    assert layer.run.func is fast_lora.dora_forward
+    ops = graph_ops(layer(torch.randn(3, 5, 12, requires_grad=True)))
+    assert ops["AddmmBackward0"] == 1 and ops["MulBackward0"] == 1
+    assert ops["AddBackward0"] == 1  # the bias, added in place to the rescaled output
+    assert "CopySlices" not in ops
+
+
+def test_dora_with_dropout_in_training_takes_the_plain_forward():
+    layer = lora.wrap_layer(nn.Linear(8, 8), rank=2, alpha=4.0, use_dora=True, dropout=0.5)
+    fast_lora.install(layer)
+    layer.train()
+    x = torch.randn(4, 8)
+    torch.manual_seed(0)
+    fast = layer(x)
+    torch.manual_seed(0)
+    torch.testing.assert_close(fast, lora.run_dora(layer, x), rtol=0, atol=0)

@@ -69,6 +69,11 @@ def leftovers(parent: Path) -> list[str]:
 
 LORA_ALL = make_config("lora", rank=4, alpha=8.0, target_modules="all-linear")
 LORA_DEFAULT = make_config("lora", rank=4, alpha=8.0)
+DORA_ALL = make_config("lora", rank=4, alpha=8.0, target_modules="all-linear", use_dora=True)
+DORA_DEFAULT = make_config("lora", rank=4, alpha=8.0, use_dora=True)
+# trained on the residual base, saved converted: the merge into the original base is the trained model
+PISSA_ALL = make_config("lora", rank=4, alpha=8.0, target_modules="all-linear", init="pissa")
+OLORA_DEFAULT = make_config("lora", rank=4, alpha=8.0, init="olora", use_dora=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -77,8 +82,26 @@ LORA_DEFAULT = make_config("lora", rank=4, alpha=8.0)
 
 @pytest.mark.parametrize(
     ("arch", "task", "section"),
-    [("llama", "causal-lm", LORA_ALL), ("gpt2", "causal-lm", LORA_DEFAULT), ("bert", CLASSIFY, LORA_DEFAULT)],
-    ids=["llama-all-linear", "gpt2-conv1d", "bert-classifier"],
+    [
+        ("llama", "causal-lm", LORA_ALL),
+        ("gpt2", "causal-lm", LORA_DEFAULT),
+        ("bert", CLASSIFY, LORA_DEFAULT),
+        ("llama", "causal-lm", DORA_ALL),
+        ("gpt2", "causal-lm", DORA_DEFAULT),
+        ("bert", CLASSIFY, DORA_DEFAULT),
+        ("llama", "causal-lm", PISSA_ALL),
+        ("gpt2", "causal-lm", OLORA_DEFAULT),
+    ],
+    ids=[
+        "llama-all-linear",
+        "gpt2-conv1d",
+        "bert-classifier",
+        "dora-llama",
+        "dora-gpt2",
+        "dora-bert",
+        "pissa-llama",
+        "olora-dora-gpt2",
+    ],
 )
 def test_merged_logits_equal_base_plus_adapter(tmp_path, bases, arch, task, section):
     labels = LABELS if task == CLASSIFY else None
@@ -152,17 +175,30 @@ def test_train_output_dir_keeps_its_tokenizer_and_labels(tmp_path, bases):
             "causal-lm",
             {"target_modules": ["q_proj", "v_proj"], "use_rslora": True, "lora_alpha": 12},
         ),
+        ("llama", "causal-lm", {"target_modules": "all-linear", "use_dora": True}),
+        ("gpt2", "causal-lm", {"use_dora": True}),
+        ("bert", CLASSIFY, {"use_dora": True}),
+        # saved unconverted: the merge takes the principal part out of the stored weights itself
+        ("llama", "causal-lm", {"target_modules": "all-linear", "init_lora_weights": "pissa"}),
+        ("bert", CLASSIFY, {"init_lora_weights": "olora", "use_dora": True}),
     ],
-    ids=["llama", "gpt2-conv1d", "bert-head", "llama-rslora"],
+    ids=[
+        "llama",
+        "gpt2-conv1d",
+        "bert-head",
+        "llama-rslora",
+        "dora",
+        "dora-gpt2",
+        "dora-bert",
+        "pissa",
+        "olora",
+    ],
 )
 def test_hf_adapter_merges_like_hf_merge_and_unload(tmp_path, bases, arch, task, fields):
     """HF PEFT makes the adapter (random non-zero B); our merge writes HF's merged weights and logits."""
     cls = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
     config = peft.LoraConfig(
-        task_type=HF_TASK[task],
-        r=4,
-        init_lora_weights=False,
-        **{"lora_alpha": 8, **fields},
+        task_type=HF_TASK[task], r=4, **{"init_lora_weights": False, "lora_alpha": 8, **fields}
     )
     hf = peft.get_peft_model(cls.from_pretrained(bases[arch]), config)
     randomise(hf, scale=0.05)  # the head too: modules_to_save must replace the base's
@@ -215,7 +251,10 @@ def test_bitfit_biases_replace_the_base_biases(tmp_path, bases):
 # Streaming = in memory
 
 
-@pytest.mark.parametrize(("arch", "section"), [("llama", LORA_ALL), ("gpt2", LORA_DEFAULT)])
+@pytest.mark.parametrize(
+    ("arch", "section"),
+    [("llama", LORA_ALL), ("gpt2", LORA_DEFAULT), ("llama", DORA_ALL), ("gpt2", DORA_DEFAULT)],
+)
 def test_streaming_writes_what_merging_the_loaded_model_writes(tmp_path, bases, arch, section, monkeypatch):
     make_adapter(tmp_path / "adapter", bases[arch], "causal-lm", section)
     model, _ = checkpoint.load_adapter(models.load_model(resolve(str(bases[arch]))), tmp_path / "adapter")

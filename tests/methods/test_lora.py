@@ -307,8 +307,11 @@ def test_layers_inside_the_trained_head_are_left_to_it():
 # Reading adapter_config.json
 
 
-def test_method_from_config_inverts_adapter_config():
-    section = method(rank=4, alpha=6.0, dropout=0.05, target_modules=["c_attn"], use_rslora=True)
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_method_from_config_inverts_adapter_config(use_dora):
+    section = method(
+        rank=4, alpha=6.0, dropout=0.05, target_modules=["c_attn"], use_rslora=True, use_dora=use_dora
+    )
     model = lora.inject(tiny_model("gpt2"), copy.deepcopy(section), Context("causal-lm"))
     assert lora.config_from_adapter(lora.adapter_config(model, section, "causal-lm")) == section
 
@@ -316,7 +319,6 @@ def test_method_from_config_inverts_adapter_config():
 @pytest.mark.parametrize(
     "field, value",
     [
-        ("use_dora", True),
         ("lora_bias", True),
         ("bias", "all"),
         ("rank_pattern", {"q_proj": 4}),
@@ -325,6 +327,8 @@ def test_method_from_config_inverts_adapter_config():
         ("exclude_modules", ["k_proj"]),
         ("trainable_token_indices", [1, 2]),
         ("init_lora_weights", "nonsense"),
+        ("init_lora_weights", "pissa_niter_4"),  # a randomized SVD's residual base cannot be recomputed
+        ("use_dora", "yes"),
     ],
 )
 def test_method_from_config_refuses_what_changes_the_math(field, value):
@@ -339,7 +343,7 @@ def test_method_from_config_ignores_init_only_and_unused_fields():
         "r": 8,
         "lora_alpha": 16,
         "target_modules": ["v_proj", "q_proj"],
-        "init_lora_weights": "pissa_niter_4",
+        "init_lora_weights": "eva",
         "loftq_config": {},
         "eva_config": None,
         "layers_pattern": None,
@@ -352,3 +356,51 @@ def test_method_from_config_ignores_init_only_and_unused_fields():
     section = lora.config_from_adapter(config)
     assert (section.rank, section.alpha, section.init) == (8, 16.0, "kaiming")
     assert section.target_modules == ["q_proj", "v_proj"]
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA+: the optimizer's learning rates
+
+
+def _hf_name(name: str) -> str:
+    """HF PEFT's parameter name in ours: no adapter name, the trained head copy named ``trained``."""
+    name = name.removeprefix("base_model.model.").replace(".default", "")
+    return name.replace(".modules_to_save", ".trained").replace(
+        "lora_magnitude_vector.weight", "lora_magnitude_vector"
+    )
+
+
+@pytest.mark.parametrize(("arch", "dora"), [("llama", False), ("bert", True)])
+def test_loraplus_learning_rates_equal_hf(arch, dora):
+    from peft.optimizers import create_loraplus_optimizer
+
+    from peftcli.recipe import Recipe, TrainSection
+    from peftcli.train.optim import make_optimizer
+
+    fields = {"rank": 4, "use_dora": dora, "loraplus_lr_ratio": 16.0}
+    model, task = injected(arch, **fields)
+    recipe = Recipe(method=method(**fields), train=TrainSection(learning_rate=1e-3))
+    names = {id(p): name for name, p in model.named_parameters()}
+    ours = {
+        names[id(p)]: g["lr"] * g["lr_scale"]
+        for g in make_optimizer(model, recipe).param_groups
+        for p in g["params"]
+    }
+    hf = peft.get_peft_model(tiny_model(arch, task), hf_config(task, r=4, use_dora=dora))
+    hf_names = {id(p): _hf_name(name) for name, p in hf.named_parameters()}
+    theirs = create_loraplus_optimizer(hf, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16.0)
+    theirs = {hf_names[id(p)]: g["lr"] for g in theirs.param_groups for p in g["params"]}
+    assert ours == theirs
+    assert sorted(set(ours.values())) == [1e-3, 16e-3]
+
+
+def test_without_loraplus_every_parameter_has_the_schedule_s_rate():
+    from peftcli.recipe import Recipe, TrainSection
+    from peftcli.train.optim import make_optimizer
+
+    model, _ = injected("bert", rank=4)
+    recipe = Recipe(method=method(rank=4), train=TrainSection(weight_decay=0.1))
+    groups = make_optimizer(model, recipe).param_groups
+    # the two groups a run always had (checkpoints index the optimizer state by group order)
+    assert [(g["weight_decay"], g["lr_scale"]) for g in groups] == [(0.1, 1.0), (0.0, 1.0)]
+    assert all(p.ndim == 1 for p in groups[1]["params"]) and all(p.ndim == 2 for p in groups[0]["params"])

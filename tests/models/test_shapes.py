@@ -56,6 +56,8 @@ METHODS = [
         target_modules="all-linear",
         modules_to_save=["embed_tokens", "wte", "word_embeddings"],
     ),
+    make_config("lora", rank=4, use_dora=True),
+    make_config("lora", rank=2, target_modules="all-linear", use_dora=True, init="pissa"),
     make_config("prefix-tuning", num_virtual_tokens=5),
     make_config("prefix-tuning", num_virtual_tokens=3, prefix_projection=True),
     make_config("prefix-tuning", num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=7),

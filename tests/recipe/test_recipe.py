@@ -260,6 +260,24 @@ BROKEN = [
         [],
         ["method.prompt_init_text: required when method.prompt_init is text"],
     ),
+    (
+        "lora-init-typo",
+        GOOD + "method:\n  name: lora\n  init: pisa\n",
+        [],
+        ["recipe.yaml:7: method.init: unknown value 'pisa' (did you mean `pissa`?)", "pissa_niter_<N>"],
+    ),
+    (
+        "loraplus-ratio",
+        GOOD + "method:\n  name: lora\n  loraplus_lr_ratio: 0\n",
+        [],
+        ["recipe.yaml:7: method.loraplus_lr_ratio: must be > 0, got 0"],
+    ),
+    (
+        "use-dora-not-a-bool",
+        GOOD + "method:\n  name: lora\n  use_dora: sometimes\n",
+        [],
+        ["method.use_dora"],
+    ),
     # a key of another method: each method's section has its own keys
     (
         "key-of-another-method",

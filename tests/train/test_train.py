@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from peftcli.errors import UserError
 from peftcli.infer import run_generate, run_predict
+from peftcli.methods import lora_init
 from peftcli.models.load import load_model
 from peftcli.models.sources import resolve
 from peftcli.recipe import load_recipe
@@ -125,12 +126,22 @@ METHOD_CASES = [
     ("bert", "classification", {"name": "lokr", "rank": 4}),
     ("llama", "chat", {"name": "oft", "block_size": 8}),
     ("bert", "classification", {"name": "oft", "block_size": 8}),
+    ("llama", "chat", {"name": "lora", "rank": 4, "target_modules": "all-linear", "use_dora": True}),
+    ("bert", "classification", {"name": "lora", "rank": 4, "use_dora": True, "loraplus_lr_ratio": 4.0}),
+    # trained on the residual base, saved converted: the reload onto the original base must agree
+    ("gpt2", "text", {"name": "lora", "rank": 4, "init": "pissa", "loraplus_lr_ratio": 4.0}),
+    ("bert", "classification", {"name": "lora", "rank": 4, "init": "olora"}),
 ]
 
 
-@pytest.mark.parametrize(
-    ("arch", "fmt", "method"), METHOD_CASES, ids=lambda v: v if isinstance(v, str) else v["name"]
-)
+def _case_id(value) -> str:
+    if isinstance(value, str):
+        return value
+    options = [k for k in ("use_dora", "loraplus_lr_ratio") if value.get(k)] + [value.get("init", "")]
+    return "-".join([value["name"], *filter(None, options)])
+
+
+@pytest.mark.parametrize(("arch", "fmt", "method"), METHOD_CASES, ids=_case_id)
 def test_train_writes_a_reloadable_run(tmp_path, bases, arch, fmt, method):
     rows = {"chat": CHAT, "text": TEXT, "instruction": INSTRUCTION, "classification": CLASSES}[fmt]
     recipe = load_recipe(write_recipe(tmp_path, bases[arch], rows, fmt, method))
@@ -166,8 +177,11 @@ def test_train_writes_a_reloadable_run(tmp_path, bases, arch, fmt, method):
 
 # Each with some randomness in training (dropout of inputs, rows, whole layers): the RNG state must be
 # restored too.
-RESUMED = [
+RESUME_CASES = [
     {"name": "lora", "rank": 4, "dropout": 0.1},
+    {"name": "lora", "rank": 4, "dropout": 0.1, "use_dora": True, "loraplus_lr_ratio": 4.0},
+    # the checkpoint holds the initial factors the residual base is rebuilt from
+    {"name": "lora", "rank": 4, "init": "pissa_niter_2", "loraplus_lr_ratio": 4.0},
     {"name": "ia3"},
     {"name": "vera", "rank": 8, "dropout": 0.1},
     {"name": "loha", "rank": 2, "rank_dropout": 0.2, "module_dropout": 0.2},
@@ -176,8 +190,8 @@ RESUMED = [
 ]
 
 
-@pytest.mark.parametrize("method", RESUMED, ids=[m["name"] for m in RESUMED])
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, bases, method):
+@pytest.mark.parametrize("method", RESUME_CASES, ids=_case_id)
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, bases, method, monkeypatch):
     path = write_recipe(
         tmp_path,
         bases["llama"],
@@ -197,6 +211,12 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, bases, method):
     (partial / "checkpoints").mkdir(parents=True)
     shutil.copytree(out / "checkpoints" / "step-3", partial / "checkpoints" / "step-3")
     shutil.copy(out / "metrics.jsonl", partial / "metrics.jsonl")
+    if "init" in method:  # the resumed run starts from the checkpoint's factors, not a new decomposition
+
+        def no_decomposition(*args):
+            raise AssertionError("decomposed the base weight again")
+
+        monkeypatch.setattr(lora_init, "initial_factors", no_decomposition)
     run(load_recipe(path, [f"output_dir={partial}"]), resume=True)
     resumed = load_file(str(partial / checkpoint.WEIGHTS_NAME))
     assert full.keys() == resumed.keys()
@@ -208,6 +228,75 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, bases, method):
         if json.loads(line)["type"] == "train"
     ]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_refuses_a_changed_learning_rate_ratio(tmp_path, bases):
+    method = {"name": "lora", "rank": 4, "loraplus_lr_ratio": 4.0}
+    path = write_recipe(tmp_path, bases["llama"], CHAT, "chat", method, max_steps=2, save_every=1)
+    run(load_recipe(path))
+    for change in ("method.loraplus_lr_ratio=8.0", "method.loraplus_lr_ratio=null"):
+        with pytest.raises(UserError, match="cannot change: method.loraplus_lr_ratio: 4.0 -> "):
+            run(load_recipe(path, [change, "train.max_steps=3"]), resume=True)
+
+
+@pytest.mark.parametrize("init", ["kaiming", "pissa"])  # pissa reads the checkpoint before the model loads
+def test_resume_passes_over_a_truncated_checkpoint(tmp_path, bases, init, caplog):
+    # PiSSA's initial factors live in the checkpoint's optimizer file: the older checkpoint's must serve
+    method = {"name": "lora", "rank": 4, "init": init}
+    path = write_recipe(tmp_path, bases["llama"], CHAT, "chat", method, max_steps=2, save_every=1)
+    run(load_recipe(path))
+    optimizer = rundir.latest_checkpoint(tmp_path / "run") / rundir.OPTIMIZER_NAME
+    optimizer.write_bytes(optimizer.read_bytes()[:1000])
+    run(load_recipe(path, ["train.max_steps=3"]), resume=True)
+    assert "passing over checkpoint" in caplog.text and "step-2" in caplog.text
+    assert rundir.latest_checkpoint(tmp_path / "run").name == "step-3"
+
+
+def test_loraplus_first_step_moves_b_ratio_times_further(tmp_path, bases):
+    # B starts at 0 and A gets no gradient at step 1; Adam's first update is lr * g / |g| per element.
+    lr, ratio = 1e-3, 8.0
+    method = {"name": "lora", "rank": 4, "loraplus_lr_ratio": ratio}
+    path = write_recipe(
+        tmp_path, bases["llama"], CHAT, "chat", method, max_steps=1, learning_rate=lr, scheduler="constant"
+    )
+    run(load_recipe(path))
+    state = load_file(str(tmp_path / "run" / checkpoint.WEIGHTS_NAME))
+    b_moves = [t.abs().max().item() for k, t in state.items() if "lora_B" in k]
+    assert b_moves and all(move == pytest.approx(ratio * lr, rel=1e-3) for move in b_moves)
+
+
+def test_training_from_an_adapter_keeps_the_recipe_s_loraplus_ratio(tmp_path, bases):
+    path = write_recipe(tmp_path, bases["llama"], CHAT, "chat", max_steps=1)
+    run(load_recipe(path))
+    again = [f"method.from_adapter={tmp_path / 'run'}", "method.loraplus_lr_ratio=8.0"]
+    s = loop.setup(load_recipe(path, [*again, f"output_dir={tmp_path / 'again'}"]))
+    assert s.recipe.method.loraplus_lr_ratio == 8.0 and s.recipe.method.rank == 4
+    assert sorted({g["lr_scale"] for g in s.optimizer.param_groups}) == [1.0, 8.0]
+
+
+@pytest.mark.parametrize(
+    ("arch", "fmt", "rows"), [("llama", "chat", CHAT), ("bert", "classification", CLASSES)], ids=["lm", "cls"]
+)
+def test_the_cli_trains_merges_and_uses_dora_with_pissa_and_loraplus(tmp_path, bases, arch, fmt, rows):
+    method = {"name": "lora", "rank": 4, "use_dora": True, "init": "pissa", "loraplus_lr_ratio": 4.0}
+    path = write_recipe(tmp_path, bases[arch], rows, fmt, method, max_steps=2)
+    trained = train_cli(str(path))
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    out = tmp_path / "run"
+    saved = json.loads((out / checkpoint.CONFIG_NAME).read_text())
+    assert (saved["r"], saved["use_dora"], saved["init_lora_weights"]) == (8, True, True)
+    merged = subprocess.run(
+        [sys.executable, "-m", "peftcli.cli", "merge", str(out), "--output", str(tmp_path / "merged")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert merged.returncode == 0 and "check: max |logit difference|" in merged.stdout, merged.stderr[-2000:]
+    if fmt == "classification":
+        assert run_predict(out, "good trip").split(" ")[0] in ("neg", "pos")
+    else:
+        assert isinstance(run_generate(out, "What is 3 plus 3?", max_new_tokens=3), str)
 
 
 def test_existing_run_is_never_overwritten_silently(tmp_path, bases):
