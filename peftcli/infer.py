@@ -16,7 +16,8 @@ from peftcli.data.render import PLAIN_PROMPT
 from peftcli.errors import UserError
 from peftcli.runs.adapter import AdapterDir
 
-CHAT_FORMATS = ("chat", "instruction")  # data formats rendered with the chat template (when there is one)
+# data formats rendered with the chat template (when there is one)
+CHAT_FORMATS = ("chat", "instruction", "preference", "kto")
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from peftcli.fast import checkpointing, chunked_loss
 from peftcli.fast import lora as fast_lora
 from peftcli.fast.chunked_loss import ChunkedLoss
 from peftcli.methods import METHODS, Context, lora, make_config
-from peftcli.train.loss import causal_lm_loss_sum
+from peftcli.train.loss import causal_lm_loss_sum, model_token_logprobs, token_logprobs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -67,6 +67,45 @@ def test_chunked_loss_equals_the_plain_loss_and_gradients(monkeypatch, chunk_row
     assert close(chunked_grad, plain_grad)
     with torch.no_grad():  # evaluation: no gradient formed, same value
         assert close(chunked_loss.chunked_causal_lm_loss_sum(hidden, weight, bias, labels), plain)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 4, 4096])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_chunked_token_logprobs_equal_the_plain_ones_and_their_gradients(monkeypatch, chunk_rows, with_bias):
+    """The preference objectives' path: per-position log-probs, and gradients under an upstream gradient
+    that differs per position (as DPO's does per sequence)."""
+    monkeypatch.setattr(chunked_loss, "CHUNK_ROWS", chunk_rows)
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(4, 9, 16, generator=g, requires_grad=True)
+    weight = torch.randn(40, 16, generator=g)
+    bias = torch.randn(40, generator=g) if with_bias else None
+    labels = torch.randint(0, 40, (4, 9), generator=g)
+    labels[1, :6] = IGNORE_INDEX
+    labels[3, 5:] = IGNORE_INDEX  # right padding
+    upstream = torch.randn(4, 8, generator=g)
+
+    plain = token_logprobs(nn.functional.linear(hidden, weight, bias), labels)
+    chunked = chunked_loss.chunked_token_logprobs(hidden, weight, bias, labels)
+    assert chunked.shape == (4, 8) and torch.all(chunked[labels[:, 1:] == IGNORE_INDEX] == 0)
+    assert close(chunked, plain)
+    (plain_grad,) = torch.autograd.grad((upstream * plain).sum(), hidden)
+    (chunked_grad,) = torch.autograd.grad((upstream * chunked).sum(), hidden)
+    assert close(chunked_grad, plain_grad)
+
+
+def test_chunked_token_logprobs_on_a_lora_model_match_the_plain_ones():
+    model, b = lora_model("llama"), labelled()
+    chunked = ChunkedLoss.for_model(model)
+    weights = torch.linspace(-1, 2, 22).reshape(2, 11)
+    plain = model_token_logprobs(model, b)
+    assert close(chunked.token_logprobs(model, b), plain)
+    plain_grads = torch.autograd.grad(
+        (weights * plain).sum(), [p for p in model.parameters() if p.requires_grad]
+    )
+    fast = torch.autograd.grad(
+        (weights * chunked.token_logprobs(model, b)).sum(), [p for p in model.parameters() if p.requires_grad]
+    )
+    assert all(close(a, b) for a, b in zip(fast, plain_grads, strict=True))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
