@@ -37,7 +37,7 @@ def causal(rows: Numbered, data: DataSection, tokenizer) -> tuple[list[Example |
         return token_examples([row for _, row in rows], data, tokenizer)
     rendered = [render_row(row, data, tokenizer, where) for where, row in rows]
     kept = [i for i, r in enumerate(rendered) if r is not None]
-    made, num_truncated = causal_examples(
+    made, cut = causal_examples(
         [rendered[i][0] for i in kept],
         [rendered[i][1] for i in kept],
         data,
@@ -47,7 +47,7 @@ def causal(rows: Numbered, data: DataSection, tokenizer) -> tuple[list[Example |
     examples: list[Example | None] = [None] * len(rows)
     for i, example in zip(kept, made, strict=True):
         examples[i] = example
-    return examples, num_truncated
+    return examples, sum(cut)
 
 
 def _check_vocabulary(row: dict, tokenizer, where: str) -> None:
@@ -78,7 +78,7 @@ def classification(
 
 def paired(rows: Numbered, data: DataSection, tokenizer) -> tuple[list[tuple[Example, Example] | None], int]:
     """Preference rows -> (chosen, rejected); KTO rows -> (answer, KL answer). None where either row has
-    nothing left to learn. -> (one per row, the number of rows cut)."""
+    nothing left to learn. -> (one per row, the number of rows with either row cut)."""
     if data.format == "preference":
         answers = [(row["prompt"], row[k]) for _, row in rows for k in ("chosen", "rejected")]
     else:
@@ -91,13 +91,14 @@ def paired(rows: Numbered, data: DataSection, tokenizer) -> tuple[list[tuple[Exa
         ]
     wheres = [where for where, _ in rows for _ in (0, 1)]
     rendered = [render_answer(p, a, tokenizer, where) for (p, a), where in zip(answers, wheres, strict=True)]
-    made, num_truncated = causal_examples(
+    made, cut = causal_examples(
         [text for text, _ in rendered],
         [spans for _, spans in rendered],
         data,
         tokenizer,
         templated=uses_template(data, tokenizer),
     )
+    num_truncated = sum(a or b for a, b in zip(cut[0::2], cut[1::2], strict=True))
     pairs = [
         (first, second) if first is not None and second is not None else None
         for first, second in zip(made[0::2], made[1::2], strict=True)

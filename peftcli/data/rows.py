@@ -59,9 +59,12 @@ def format_fields(data_format: str) -> tuple[str, ...]:
     return (*required, *optional, *(MESSAGE_KEYS if data_format in MESSAGE_FORMATS else ()))
 
 
-def as_text(value) -> str:
-    """A cell as text: None is empty, anything else its str()."""
-    return "" if value is None else value if isinstance(value, str) else str(value)
+def as_text(value, where: str) -> str:
+    """A text cell: None is empty, a number its str() (CSV columns may read as numbers); a list or mapping is
+    an error naming `where`."""
+    if value is None or isinstance(value, (str, int, float)):
+        return "" if value is None else value if isinstance(value, str) else str(value)
+    raise UserError(f"{where}: expected text, got {short(value)}")
 
 
 def short(value, limit: int = 60) -> str:
@@ -81,7 +84,7 @@ def resolve_columns(data: DataSection, present: list[str], where: str) -> dict[s
         column = next((c for c in candidates if c in present), None)
         if column is not None:
             found[field] = column
-        elif field in required:
+        elif field in required or named:
             how = (
                 f"data.columns.{field}"
                 if named
@@ -254,13 +257,21 @@ def _segments(values: dict, at, data: DataSection) -> dict:
     return {"segments": pieces}
 
 
+def _instruction(values: dict, at, data: DataSection) -> dict:
+    return {
+        k: as_text(values.get(k), at(k) if k in values else k) for k in ("instruction", "input", "output")
+    }
+
+
+def _classification(values: dict, at, data: DataSection) -> dict:
+    return {"text": as_text(values["text"], at("text")), "label": values["label"]}
+
+
 _READERS = {
-    "text": lambda values, at, data: {"text": as_text(values["text"])},
-    "instruction": lambda values, at, data: {
-        k: as_text(values.get(k)) for k in ("instruction", "input", "output")
-    },
+    "text": lambda values, at, data: {"text": as_text(values["text"], at("text"))},
+    "instruction": _instruction,
     "chat": lambda values, at, data: {"messages": chat_messages(values["messages"], at("messages"), data)},
-    "classification": lambda values, at, data: {"text": as_text(values["text"]), "label": values["label"]},
+    "classification": _classification,
     "preference": _preference,
     "kto": _kto,
     "tokenized": _tokenized,

@@ -99,7 +99,7 @@ def causal_examples(
     `templated`: the chat template wrote the texts' BOS and end-of-turn tokens; other text gets the
     tokenizer's special tokens, then EOS."""
     eos = tokenizer.eos_token_id
-    examples, num_truncated = [], 0
+    examples, cut = [], []
     for ids, mask in _tokenize(texts, spans, tokenizer, special=not templated):
         if not templated and eos is not None:
             if ids and ids[-1] == eos:  # the tokenizer added it: still a target
@@ -108,8 +108,8 @@ def causal_examples(
                 ids, mask = ids + [eos], mask + [True]
         example, truncated = finish_example(ids, mask, data, eos)
         examples.append(example)
-        num_truncated += truncated
-    return examples, num_truncated
+        cut.append(truncated)
+    return examples, cut
 
 
 def segment_examples(

@@ -83,6 +83,7 @@ def inject(model, recipe: Recipe, tokenizer):
                 f"method.from_adapter: {method.from_adapter} is a {loaded.name} adapter, "
                 f"the recipe's method is {method.name}"
             )
+        loaded.from_adapter = method.from_adapter  # where training started: the reference policy's model
         recipe.method = loaded
         return model
     return METHODS[method.name].inject(model, method, Context(recipe.model.task, tokenizer))
