@@ -3,6 +3,7 @@
     python scripts/bench_preference.py                    # SmolLM2-135M-Instruct, LoRA r=16 all-linear, fp32
     python scripts/bench_preference.py --quick            # a tiny random Llama: a smoke test in seconds
     python scripts/bench_preference.py --sides sft dpo orpo simpo kto --pairs 4 --rounds 5 --json bench.json
+    python scripts/bench_preference.py --sides sft dpo dpo:plain     # log-probs from full logits too
 
 The batch: the first --pairs pairs of configs/data/preference.jsonl, tokenized as `peft train` does
 (chat template, the prompt masked). The SFT side trains on the very same rows (every chosen row and every
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -28,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import bench_train
 from bench_train import _reset_high_water, _rss_high_water, make_quick_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,10 +85,11 @@ def child(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    side, workdir = args.child, Path(args.workdir)
+    side, _, option = args.child.partition(":")
+    workdir = Path(args.workdir)
     recipe = Recipe(
         method=make_config("lora", rank=16, alpha=32.0, target_modules="all-linear"),
-        train=TrainSection(learning_rate=1e-4, objective=OBJECTIVES[side]()),
+        train=TrainSection(learning_rate=1e-4, objective=OBJECTIVES[side](), chunked_loss=option != "plain"),
     )
     recipe.model.name, recipe.model.dtype = args.model, "float32"
     tokenizer = load_tokenizer(resolve(args.model))
@@ -119,7 +123,7 @@ def child(args) -> None:
         json.dumps({"ready": True, "tokens": tokens, "targets": targets, "rows": len(batch["input_ids"])}),
         flush=True,
     )
-    for line in sys.stdin:
+    for line in sys.stdin:  # {"cmd": "run", "steps": n} or {"cmd": "exit"}
         order = json.loads(line)
         if order["cmd"] == "exit":
             break
@@ -138,47 +142,33 @@ def child(args) -> None:
 # parent
 
 
-class Child:
+class Child(bench_train.Child):
+    """A side's process, spoken to as bench_train's children are (one JSON line per order and reply)."""
+
     def __init__(self, side: str, args, workdir: Path):
-        command = [
-            sys.executable,
-            __file__,
-            "--child",
-            side,
-            "--model",
-            args.model,
-            "--pairs",
-            str(args.pairs),
-        ]
-        command += ["--workdir", str(workdir)] + (["--threads", str(args.threads)] if args.threads else [])
+        flags = {"--child": side, "--model": args.model, "--pairs": args.pairs, "--workdir": workdir}
+        if args.threads:
+            flags["--threads"] = args.threads
+        command = [sys.executable, __file__, *(str(x) for flag in flags.items() for x in flag)]
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
         self.side = side
-        self.proc = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT
         )
-        self.info = self._read()
-
-    def _read(self) -> dict:
-        for line in self.proc.stdout:
-            if line.startswith("{"):
-                return json.loads(line)
-        raise RuntimeError(f"side {self.side} died (exit {self.proc.wait()})")
-
-    def steps(self, n: int) -> dict:
-        self.proc.stdin.write(json.dumps({"cmd": "steps", "steps": n}) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self) -> None:
-        self.proc.stdin.write(json.dumps({"cmd": "exit"}) + "\n")
-        self.proc.stdin.flush()
-        self.proc.wait(timeout=120)
+        self.info = self.receive()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--quick", action="store_true", help="a tiny random Llama instead of --model")
-    parser.add_argument("--sides", nargs="+", default=["sft", "dpo"], choices=SIDES)
+    parser.add_argument(
+        "--sides",
+        nargs="+",
+        default=["sft", "dpo"],
+        choices=[*SIDES, *(f"{side}:plain" for side in SIDES)],
+        help="objectives; `:plain` computes the log-probs from full logits (train.chunked_loss: false)",
+    )
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2, help="steps per side per round")
     parser.add_argument("--rounds", type=int, default=3)
@@ -199,7 +189,7 @@ def main() -> None:
         peaks = {}
         for _ in range(args.rounds):
             for c in children:
-                reply = c.steps(args.steps)
+                reply = c.run(args.steps)
                 seconds[c.side] += reply["seconds"]
                 peaks[c.side] = reply["peak_memory_bytes"]
         for c in children:
@@ -213,7 +203,7 @@ def report(args, children: list[Child], seconds: dict, peaks: dict) -> None:
     print(f"{args.model}: {args.pairs} pairs, LoRA r=16 all-linear, fp32; {args.rounds} x {args.steps} steps")
     versus = f"vs {base}"
     print(
-        f"{'side':<6} {'rows':>4} {'tokens':>6} {'step (median)':>13} {versus:>8} {'peak RSS':>9} {versus:>8}"
+        f"{'side':<9} {'rows':>4} {'tokens':>6} {'step (median)':>13} {versus:>8} {'peak RSS':>9} {versus:>8}"
     )
     for c in children:
         median = statistics.median(seconds[c.side])
@@ -227,7 +217,7 @@ def report(args, children: list[Child], seconds: dict, peaks: dict) -> None:
         }
         results[c.side] |= {"peak_memory_bytes": peaks[c.side], "memory_ratio": memory}
         print(
-            f"{c.side:<6} {c.info['rows']:>4} {c.info['tokens']:>6} {median:>11.3f} s {ratio:>7.2f}x "
+            f"{c.side:<9} {c.info['rows']:>4} {c.info['tokens']:>6} {median:>11.3f} s {ratio:>7.2f}x "
             f"{peaks[c.side] / 2**30:>7.2f} GiB {memory:>7.2f}x"
         )
     if args.json:

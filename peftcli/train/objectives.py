@@ -15,6 +15,7 @@ installed, else the plain one (train/loss.py). Their math is in preference.py.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -261,8 +262,9 @@ class KTO(Objective):
         )
 
     def eval_metrics(self, sums: Tensor) -> dict[str, float]:
+        """Those the validation set has the examples for: no margin without both kinds of answer."""
         t = dict(zip(self.EVAL_SUMS, sums, strict=True))
-        return {
+        metrics = {
             "loss": _ratio(t["loss"], t["examples"]),
             "reward_margin": _ratio(t["desirable_reward"], t["desirable"])
             - _ratio(t["undesirable_reward"], t["undesirable"]),
@@ -271,6 +273,7 @@ class KTO(Objective):
             "rejected_logps": _ratio(t["undesirable_logps"], t["undesirable"]),
             "kl": _ratio(t["kl"], t["examples"]),
         }
+        return {name: value for name, value in metrics.items() if not math.isnan(value)}
 
 
 def make_objective(recipe: Recipe, speedups, reduce: Reduce | None) -> Objective:

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-from tiny import tiny_tokenizer
 
 from peftcli.data.batches import IGNORE_INDEX, collate
 from peftcli.data.prepare import prepare_data
@@ -18,18 +17,6 @@ from peftcli.errors import UserError
 from peftcli.recipe import DataSection
 
 EOS, END = "</s>", "<|im_end|>"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def plain_tok():
-    tokenizer = tiny_tokenizer()
-    tokenizer.chat_template = None
-    return tokenizer
 
 
 def write(path: Path, rows: list[dict]) -> str:

@@ -30,19 +30,6 @@ CHAT = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def plain_tok():
-    """A base-model tokenizer: no chat template."""
-    tokenizer = tiny_tokenizer()
-    tokenizer.chat_template = None
-    return tokenizer
-
-
 def write(path: Path, rows: list[dict]) -> str:
     """Write rows as the file type (or save_to_disk dir) the name says; returns the path as a string."""
     path.parent.mkdir(parents=True, exist_ok=True)

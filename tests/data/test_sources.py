@@ -8,17 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
-from tiny import tiny_tokenizer
 
 from peftcli.data.prepare import prepare_data
 from peftcli.data.sources import DataSource, check_data_source
 from peftcli.errors import UserError
 from peftcli.recipe import DataSection
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
 
 
 def lines(path: Path, rows: list) -> str:

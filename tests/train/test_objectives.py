@@ -168,17 +168,33 @@ def _paired_inputs(split) -> dict[str, torch.Tensor]:
     return batch
 
 
+def _pairs_trainer_loss(trainer_cls, config_cls, model, tok, split, **fields) -> torch.Tensor:
+    """The loss of TRL's CPO or ORPO trainer on our pairs, in its older pair layout."""
+    trainer = trainer_cls(
+        model=model, args=_args(config_cls, **fields), train_dataset=_trl_strings(), processing_class=tok
+    )
+    loss, _ = trainer.get_batch_loss_metrics(model, _paired_inputs(split))
+    return loss
+
+
 def test_simpo_equals_trl_cpo(tmp_path, tok, models):
     _, model = models
     split = _prepared(tmp_path, tok, PAIRS, "preference").train
     ours = Pairs(SimPO(beta=2.0, gamma=0.7), loss.model_token_logprobs).loss(
         model, _our_pairs_batch(split), torch.tensor([len(PAIRS), 0.0])
     )
-    args = _args(trl.experimental.cpo.CPOConfig, loss_type="simpo", beta=2.0, simpo_gamma=0.7, cpo_alpha=0.0)
-    trainer = trl.experimental.cpo.CPOTrainer(
-        model=model, args=args, train_dataset=_trl_strings(), processing_class=tok
+    cpo = trl.experimental.cpo
+    theirs = _pairs_trainer_loss(
+        cpo.CPOTrainer,
+        cpo.CPOConfig,
+        model,
+        tok,
+        split,
+        loss_type="simpo",
+        beta=2.0,
+        simpo_gamma=0.7,
+        cpo_alpha=0.0,
     )
-    theirs, _ = trainer.get_batch_loss_metrics(model, _paired_inputs(split))
     _assert_same(ours, theirs, model)
 
 
@@ -192,11 +208,8 @@ def test_orpo_equals_trl_with_the_nll_on_the_prompt_too(tmp_path, tok, models):
     counts = objective.counts(batch)
     assert counts[1] == chosen_targets
     ours = objective.loss(model, batch, counts)
-    args = _args(trl.experimental.orpo.ORPOConfig, beta=0.25)
-    trainer = trl.experimental.orpo.ORPOTrainer(
-        model=model, args=args, train_dataset=_trl_strings(), processing_class=tok
-    )
-    theirs, _ = trainer.get_batch_loss_metrics(model, _paired_inputs(split))
+    orpo = trl.experimental.orpo
+    theirs = _pairs_trainer_loss(orpo.ORPOTrainer, orpo.ORPOConfig, model, tok, split, beta=0.25)
     _assert_same(ours, theirs, model)
 
 
@@ -270,3 +283,10 @@ def test_padding_does_not_change_a_pairs_loss(tmp_path, tok, models, config):
     both = objective.loss(model, together, torch.tensor([1.0, 1.0]))
     alone = [objective.loss(model, collate([split[i]], pad_id=0), torch.tensor([1.0, 1.0])) for i in (0, 1)]
     torch.testing.assert_close(both, alone[0] + alone[1], rtol=1e-5, atol=1e-6)
+
+
+def test_kto_eval_leaves_out_what_one_kind_of_answer_cannot_say():
+    """Only desirable answers held out: no margin and no rejected log-prob, rather than NaN."""
+    objective = KTOObjective(KTO(), loss.model_token_logprobs, None)
+    sums = objective.sums([1.0, 4, 4, 0, 0.8, 0.0, 3.0, -40.0, 0.0, 0.4])
+    assert objective.eval_metrics(sums) == {"loss": 0.25, "accuracy": 0.75, "chosen_logps": -10.0, "kl": 0.1}
