@@ -31,6 +31,15 @@ REQUIRED_KEYS: tuple[str, ...] = (
 )
 
 PLOT_NAME = "loss.png"
+# Eval metrics as report.md names them (others by their key); the preference objectives' are plotted too.
+METRIC_NAMES = {
+    "reward_margin": "reward margin",
+    "accuracy": "accuracy",
+    "chosen_logps": "chosen log-prob",
+    "rejected_logps": "rejected log-prob",
+    "kl": "KL estimate",
+}
+PREFERENCE_METRICS = ("accuracy", "reward_margin")
 
 
 def write_report(output_dir: Path, summary: dict, metrics: list[dict]) -> None:
@@ -81,21 +90,22 @@ def _jsonable(value):
 # The plot
 
 
-def _loss_points(metrics: list[dict], kind: str) -> tuple[list[float], list[float]]:
-    steps, losses = [], []
+def _points(metrics: list[dict], kind: str, key: str = "loss") -> tuple[list[float], list[float]]:
+    steps, values = [], []
     for line in metrics:
-        loss = line.get("loss")
-        if line.get("type") == kind and line.get("step") is not None and _is_number(loss):
+        value = line.get(key)
+        if line.get("type") == kind and line.get("step") is not None and _is_number(value):
             steps.append(line["step"])
-            losses.append(float(loss))
-    return steps, losses
+            values.append(float(value))
+    return steps, values
 
 
 def write_loss_plot(path: Path, metrics: list[dict]) -> str | None:
-    """Train loss per logged step and eval loss per eval, against step. Returns None when the
-    plot was written, else a one-line note saying why not (a stale plot is removed)."""
-    train_steps, train_losses = _loss_points(metrics, "train")
-    eval_steps, eval_losses = _loss_points(metrics, "eval")
+    """Train loss per logged step and eval loss per eval, against step; beside it, for the preference
+    objectives, the eval's preference accuracy and reward margin. Returns None when the plot was written,
+    else a one-line note saying why not (a stale plot is removed)."""
+    train_steps, train_losses = _points(metrics, "train")
+    eval_steps, eval_losses = _points(metrics, "eval")
     note = None
     if not train_losses and not eval_losses:
         note = "No loss values were logged, so there is no loss plot."
@@ -109,9 +119,10 @@ def write_loss_plot(path: Path, metrics: list[dict]) -> str | None:
         Path(path).unlink(missing_ok=True)
         return note
     # A bare Figure on the Agg canvas: no pyplot global state, no GUI backend, safe in threads.
-    fig = Figure(figsize=(7, 4), dpi=100)
+    preference = any(line.get("type") == "eval" and "reward_margin" in line for line in metrics)
+    fig = Figure(figsize=(12 if preference else 7, 4), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    ax = fig.add_subplot(1, 2 if preference else 1, 1)
     if train_losses:
         ax.plot(train_steps, train_losses, label="train loss", linewidth=1.2)
     if eval_losses:
@@ -120,9 +131,27 @@ def write_loss_plot(path: Path, metrics: list[dict]) -> str | None:
     ax.set_ylabel("loss")
     ax.grid(True, alpha=0.3)
     ax.legend()
+    if preference:
+        _plot_preference(fig.add_subplot(1, 2, 2), metrics)
     fig.tight_layout()
     fileio.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     return None
+
+
+def _plot_preference(ax, metrics: list[dict]) -> None:
+    """Eval preference accuracy (left axis, 0 to 1) and reward margin (right axis) against step."""
+    steps, accuracy = _points(metrics, "eval", "accuracy")
+    ax.plot(steps, accuracy, label="preference accuracy", marker="o", color="tab:green")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("step")
+    ax.set_ylabel("accuracy")
+    ax.grid(True, alpha=0.3)
+    margin_ax = ax.twinx()
+    steps, margins = _points(metrics, "eval", "reward_margin")
+    margin_ax.plot(steps, margins, label="reward margin", marker="s", color="tab:purple")
+    margin_ax.set_ylabel("reward margin")
+    lines = ax.get_lines() + margin_ax.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], loc="lower right")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -135,9 +164,9 @@ def render_markdown(summary: dict, plot_note: str | None = None) -> str:
     if summary.get("model"):
         title += f" on `{summary['model']}`"
     lines = [title, ""]
-    for key in ("model", "method", "task", "recipe", "adapter_dir"):
+    for key in ("model", "method", "objective", "task", "recipe", "adapter_dir"):
         if summary.get(key) is not None:
-            value = summary[key] if key in ("method", "task") else f"`{summary[key]}`"
+            value = summary[key] if key in ("method", "objective", "task") else f"`{summary[key]}`"
             lines.append(f"- **{key.replace('_', ' ')}**: {value}")
     lines += [
         "",
@@ -167,7 +196,9 @@ def render_markdown(summary: dict, plot_note: str | None = None) -> str:
         lines += ["| metric | before | after | change |", "|---|---:|---:|---:|"]
         for name in names:
             old, new = before.get(name), after.get(name)
-            lines.append(f"| {name} | {_num(old)} | {_num(new)} | {_change(old, new)} |")
+            lines.append(
+                f"| {METRIC_NAMES.get(name, name)} | {_num(old)} | {_num(new)} | {_change(old, new)} |"
+            )
     else:
         lines.append("No evaluation was run (no validation set).")
     lines += ["", "## Loss", ""]

@@ -9,6 +9,11 @@ show whether training took. Held-out questions ask the same facts in wording nev
 Classification: short customer messages to a travel desk, labelled by topic
 (booking, complaint, praise, question), from templates crossed with places and details.
 
+Preference (DPO): the same questions, each with two answers that state the same fact in two styles: the
+chosen one in the guide's style ("Velmora Guide: ... Safe travels!"), the rejected one chatty ("Great
+question! ... Let me know if you need anything else!"). The held-out pairs ask about facts never seen in
+training, so preferring the style is all that can carry over.
+
     python scripts/make_example_data.py   # rewrites configs/data/*.jsonl
 """
 
@@ -254,6 +259,20 @@ def classification(rng: random.Random, per_template: int) -> list[dict]:
     return rows
 
 
+CHATTY = "Great question! {answer} Let me know if you need anything else!"
+
+
+def preference_pairs(facts, rng: random.Random) -> list[dict]:
+    """One pair per training phrasing of each fact: the guide's answer chosen over the chatty one."""
+    rows = [
+        {"prompt": q, "chosen": STYLE.format(answer=a), "rejected": CHATTY.format(answer=a)}
+        for a, phrasings, _ in facts
+        for q in phrasings
+    ]
+    rng.shuffle(rows)
+    return rows
+
+
 def main() -> None:
     rng = random.Random(0)
     out = Path(__file__).resolve().parent.parent / "configs" / "data"
@@ -261,11 +280,15 @@ def main() -> None:
     train = examples(lambda p: p[0], rng)
     held_out = examples(lambda p: p[1], rng)
     topics = classification(rng, per_template=10)
+    pairs_rng = random.Random(1)  # its own: the files above stay as they were
     datasets = {
         "quickstart.jsonl": train,
         "quickstart-heldout.jsonl": held_out,
         "topics.jsonl": topics[:128],
         "topics-heldout.jsonl": topics[128:],
+        # 12 facts to train on (48 pairs), 4 never seen in training held out (16 pairs)
+        "preference.jsonl": preference_pairs(FACTS[:12], pairs_rng),
+        "preference-heldout.jsonl": preference_pairs(FACTS[12:], pairs_rng),
     }
     for name, rows in datasets.items():
         (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

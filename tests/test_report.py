@@ -104,10 +104,46 @@ def test_without_matplotlib_the_plot_is_skipped_with_a_note(tmp_path, monkeypatc
 
 
 def test_plot_uses_train_and_eval_points():
-    train = report._loss_points(METRICS, "train")
-    evals = report._loss_points(METRICS, "eval")
+    train = report._points(METRICS, "train")
+    evals = report._points(METRICS, "eval")
     assert train[0] == list(range(1, 31)) and train[1][0] == pytest.approx(5.4)
     assert evals == ([0, 30], [4.0, 3.0])
+
+
+def _png_width(path) -> int:
+    return int.from_bytes(path.read_bytes()[16:20], "big")  # the IHDR chunk's width
+
+
+def test_preference_metrics_in_the_markdown_and_beside_the_loss_plot(tmp_path):
+    before = {
+        "loss": 0.6931,
+        "reward_margin": 0.0,
+        "accuracy": 0.5,
+        "chosen_logps": -40.0,
+        "rejected_logps": -42.0,
+    }
+    after = {
+        "loss": 0.2,
+        "reward_margin": 2.5,
+        "accuracy": 0.9375,
+        "chosen_logps": -30.0,
+        "rejected_logps": -60.0,
+    }
+    metrics = [
+        {"type": "eval", "step": 0, **before},
+        *[{"type": "train", "step": s, "loss": 0.7 - s * 0.01} for s in range(1, 31)],
+        {"type": "eval", "step": 30, **after},
+    ]
+    write_report(tmp_path, make_summary(objective="dpo", eval={"before": before, "after": after}), metrics)
+    md = (tmp_path / "report.md").read_text()
+    assert "- **objective**: dpo" in md
+    assert "| reward margin | 0.0000 | 2.5000 | n/a |" in md
+    assert "| accuracy | 0.5000 | 0.9375 | +87.5 % |" in md
+    assert "| rejected log-prob | -42.0000 | -60.0000 | -42.9 % |" in md
+    assert report._points(metrics, "eval", "accuracy") == ([0, 30], [0.5, 0.9375])
+    assert _png_width(tmp_path / "loss.png") == 1200  # the accuracy and margin panel beside the loss
+    write_report(tmp_path, make_summary(), METRICS)
+    assert _png_width(tmp_path / "loss.png") == 700
 
 
 @pytest.mark.parametrize(

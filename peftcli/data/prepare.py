@@ -2,15 +2,17 @@
 
 `prepare_data` runs the pipeline and caches what it makes:
 
-    load the source (a .json/.jsonl/.csv/.parquet file, a `save_to_disk` dir, or a hub dataset name)
+    load the source (a .json/.jsonl/.csv/.parquet file, a `save_to_disk` dir, or a hub dataset name),
+    the columns the format reads (data.columns, or found: sharegpt's `conversations`)
     -> hold out validation rows (a seeded fraction) or load a validation source
-    -> render each row as text plus the character spans that are targets (by data.format)
+    -> read and check each row (rows.py), render it as text plus the character spans that are targets
     -> tokenize with offsets: a token is a target when it overlaps a target span
     -> truncate to max_length, drop rows left with nothing to learn, optionally pack
     -> save one safetensors file keyed on the data's bytes, the tokenizer and the settings.
 
-Sources live in sources.py, rendering in render.py, tokenizing, truncation and packing in tokenize.py,
-the cache in cache.py, the stored examples and their batches in batches.py; this module joins them.
+Sources live in sources.py, what a row holds in rows.py, rendering in render.py, tokenizing, truncation and
+packing in tokenize.py, each format's examples in examples.py, the cache in cache.py, the stored examples
+and their batches in batches.py; this module joins them.
 """
 
 from __future__ import annotations
@@ -19,19 +21,17 @@ import hashlib
 import json
 import logging
 import random
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import datasets
 import torch
 
-from peftcli.data import cache
+from peftcli.data import cache, examples
 from peftcli.data.batches import TokenizedDataset
-from peftcli.data.render import FORMAT_COLUMNS, as_text, render_row, short
-from peftcli.data.sources import DataSource, check_columns
-from peftcli.data.tokenize import causal_examples, classification_examples, pack
+from peftcli.data.rows import read_row, resolve_columns, short
+from peftcli.data.sources import DataSource, Table
+from peftcli.data.tokenize import pack
 from peftcli.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class PreparedData:
         for name, split in (("train", self.train), ("validation", self.validation)):
             if split is None:
                 continue
-            text = f"{name}: {split.num_examples:,} examples"
+            text = f"{name}: {split.num_examples:,} {'pairs' if split.rows_per_example == 2 else 'examples'}"
             if len(split) != split.num_examples:
                 text += f" packed in {len(split):,} rows"
             if split.num_truncated:
@@ -81,17 +81,9 @@ class PreparedData:
 # Building a split
 
 
-def _rows(dataset: datasets.Dataset, columns: list[str], numbers: list[int]) -> Iterator[tuple[int, dict]]:
-    """(1-based row number in the source, {column: value}) for the selected columns."""
-    numbers_iter = iter(numbers)
-    for batch in dataset.select_columns(columns).iter(batch_size=1000):
-        for values in zip(*(batch[c] for c in columns), strict=True):
-            yield next(numbers_iter), dict(zip(columns, values, strict=True))
-
-
-def _label_key(value, feature, where: str) -> str | int:
-    if isinstance(feature, datasets.ClassLabel) and isinstance(value, int) and value >= 0:
-        return feature.int2str(value)
+def _label_key(value, class_names: list[str] | None, where: str) -> str | int:
+    if class_names is not None and isinstance(value, int) and 0 <= value < len(class_names):
+        return class_names[value]
     if isinstance(value, str):
         return value
     if isinstance(value, (bool, int)) or (isinstance(value, float) and value.is_integer()):
@@ -99,19 +91,18 @@ def _label_key(value, feature, where: str) -> str | int:
     raise UserError(f"{where}: a label must be a string or an integer, got {short(value)}")
 
 
-def _label_names(dataset: datasets.Dataset, data: DataSection, source: DataSource) -> list[str]:
-    """Class names in id order: a ClassLabel's own order, else the sorted distinct values (at least two)."""
-    feature = dataset.features[data.label_column]
-    where = f"{source.where}: column `{data.label_column}`"
-    if isinstance(feature, datasets.ClassLabel):
-        names = list(feature.names)
-    else:
-        keys = {
-            _label_key(v, feature, f"{where}, row {n}") for n, v in enumerate(dataset[data.label_column], 1)
-        }
-        if len({type(k) for k in keys}) > 1:
-            raise UserError(f"{where} mixes string and integer labels")
-        names = [str(k) for k in sorted(keys)]
+def _label_names(table: Table, column: str, source: DataSource) -> list[str]:
+    """Class names in id order: a ClassLabel's own order, else the sorted distinct values."""
+    if column in table.class_names:
+        return list(table.class_names[column])
+    where = f"{source.where}: column `{column}`"
+    keys = {
+        _label_key(row[column], None, f"{source.where}: {table.unit} {n}: column `{column}`")
+        for n, row in zip(table.numbers, table.rows, strict=True)
+    }
+    if len({type(k) for k in keys}) > 1:
+        raise UserError(f"{where} mixes string and integer labels")
+    names = [str(k) for k in sorted(keys)]
     if len(names) < 2:
         raise UserError(
             f"{where}: every row has the label `{names[0] if names else ''}`; a classifier needs two or more"
@@ -120,60 +111,64 @@ def _label_names(dataset: datasets.Dataset, data: DataSection, source: DataSourc
 
 
 def _build(
-    dataset: datasets.Dataset,
-    numbers: list[int],
+    table: Table,
+    columns: dict[str, str],
     source: DataSource,
     data: DataSection,
     tokenizer,
     label_names: list[str] | None,
 ) -> TokenizedDataset:
-    """Render, tokenize, truncate, drop and pack one split; `numbers` are its rows' numbers in the source."""
-    columns = [getattr(data, f) for f in FORMAT_COLUMNS[data.format]]
-    if data.format == "instruction" and data.input_column in dataset.column_names:
-        columns.append(data.input_column)
-    label_ids = {name: i for i, name in enumerate(label_names or [])}
-    texts, spans, class_ids = [], [], []
-    feature = dataset.features[data.label_column] if label_names is not None else None
-    for number, row in _rows(dataset, columns, numbers):
-        where = f"{source.where}: row {number}"
-        if label_names is None:
-            rendered = render_row(row, data, tokenizer, where)
-            if rendered is not None:
-                texts.append(rendered[0])
-                spans.append(rendered[1])
-            continue
-        key = str(_label_key(row[data.label_column], feature, f"{where}: column `{data.label_column}`"))
-        if key not in label_ids:
-            raise UserError(
-                f"{source.where}: label `{key}` (row {number}) never appears in the training data; "
-                f"training labels: {', '.join(label_names)}"
-            )
-        text = as_text(row[data.text_column], f"{where}: column `{data.text_column}`")
-        if text.strip():
-            texts.append(text)
-            class_ids.append(label_ids[key])
-    if label_names is None:
-        examples, num_truncated = causal_examples(texts, spans, data, tokenizer)
+    """Read, render, tokenize, truncate, drop and pack one split."""
+    rows = [
+        (where, read_row(row, columns, data, where))
+        for n, row in zip(table.numbers, table.rows, strict=True)
+        for where in [f"{source.where}: {table.unit} {n}"]
+    ]
+    class_ids, desirable, rows_per_example = None, None, 1
+    if data.format in ("preference", "kto"):
+        made, num_truncated = examples.paired(rows, data, tokenizer)
+        if data.format == "kto":
+            desirable = [row["label"] for (_, row), pair in zip(rows, made, strict=True) if pair is not None]
+        kept = [pair for pair in made if pair is not None]
+        rows_per_example, flat = 2, [example for pair in kept for example in pair]
     else:
-        examples, num_truncated = classification_examples(texts, data, tokenizer)
-    if not examples:
+        if label_names is not None:
+            class_names, column = table.class_names.get(columns["label"]), columns["label"]
+            label_ids = {name: i for i, name in enumerate(label_names)}
+
+            def label_id(value, where: str) -> int:
+                key = str(_label_key(value, class_names, f"{where}: column `{column}`"))
+                if key not in label_ids:
+                    raise UserError(
+                        f"{where}: column `{column}`: label `{key}` never appears in the training data; "
+                        f"training labels: {', '.join(label_names)}"
+                    )
+                return label_ids[key]
+
+            made, class_ids, num_truncated = examples.classification(rows, data, tokenizer, label_id)
+        else:
+            made, num_truncated = examples.causal(rows, data, tokenizer)
+        kept = flat = [example for example in made if example is not None]
+    if not kept:
         hint = f"; {num_truncated} were cut at max_length={data.max_length}" if num_truncated else ""
         raise UserError(
-            f"{source.where}: all {len(numbers)} rows are empty after tokenization: none has "
+            f"{source.where}: all {len(rows)} rows are empty after tokenization: none has "
             f"anything to learn{hint}"
         )
-    input_ids, loss_mask = torch.cat([ids for ids, _ in examples]), torch.cat([mask for _, mask in examples])
-    lengths = [len(ids) for ids, _ in examples]
+    input_ids, loss_mask = torch.cat([ids for ids, _ in flat]), torch.cat([mask for _, mask in flat])
+    lengths = [len(ids) for ids, _ in flat]
     if data.packing:
         input_ids, loss_mask, lengths = pack(input_ids, loss_mask, data.max_length)
     return TokenizedDataset(
         input_ids,
         loss_mask,
         offsets=torch.tensor([0, *lengths]).cumsum(0),
-        class_labels=torch.tensor(class_ids, dtype=torch.long) if label_names is not None else None,
-        num_examples=len(examples),
+        class_labels=torch.tensor(class_ids, dtype=torch.long) if class_ids is not None else None,
+        num_examples=len(kept),
         num_truncated=num_truncated,
-        num_dropped=len(numbers) - len(examples),
+        num_dropped=len(rows) - len(kept),
+        rows_per_example=rows_per_example,
+        desirable=torch.tensor(desirable, dtype=torch.bool) if desirable is not None else None,
     )
 
 
@@ -205,8 +200,8 @@ def prepare_data(
     classification = data.format == "classification"
     if classification != (task == "sequence-classification"):
         raise UserError(f"data.format: {data.format!r} data does not fit model.task {task!r}")
-    if classification and data.packing:
-        raise UserError("data.packing: packs causal-lm examples only, not classification data")
+    if data.packing and data.format in ("classification", "preference", "kto"):
+        raise UserError(f"data.packing: packs causal-lm examples only, not {data.format} data")
     if data.format == "chat" and not tokenizer.chat_template:
         raise UserError("data.format: chat needs a tokenizer with a chat template; this one has none")
     train_source, val_source = data.train_source, data.validation_source
@@ -219,30 +214,26 @@ def prepare_data(
         splits, label_names = cached
         return PreparedData(splits["train"], splits.get("validation"), label_names, pad_id, True, path)
 
-    dataset = train_source.load()
-    check_columns(train_source, dataset.column_names, data)
+    columns = resolve_columns(data, train_source.columns(), train_source.where)
+    table = train_source.read(list(columns.values()))
     # With a held-out fraction the label set is the whole source's, so a rare class that lands only
     # in the held-out rows still gets an id.
-    label_names = _label_names(dataset, data, train_source) if classification else None
-    parts = [(dataset, list(range(1, len(dataset) + 1)), train_source)]
+    label_names = _label_names(table, columns["label"], train_source) if classification else None
+    parts = [(table, columns, train_source)]
     if held_out:
-        held = max(1, round(len(dataset) * data.validation))
-        if held >= len(dataset):
+        held = max(1, round(len(table) * data.validation))
+        if held >= len(table):
             raise UserError(
-                f"{train_source.where}: {len(dataset)} rows are too few to hold out "
+                f"{train_source.where}: {len(table)} rows are too few to hold out "
                 f"data.validation={data.validation}; add rows or set data.validation: null"
             )
-        picked = set(random.Random(seed).sample(range(len(dataset)), held))
-        train_rows = [i for i in range(len(dataset)) if i not in picked]
-        parts = [
-            (dataset.select(rows, keep_in_memory=True), [i + 1 for i in rows], train_source)
-            for rows in (train_rows, sorted(picked))
-        ]
+        picked = set(random.Random(seed).sample(range(len(table)), held))
+        train_rows = [i for i in range(len(table)) if i not in picked]
+        parts = [(table.select(rows), columns, train_source) for rows in (train_rows, sorted(picked))]
     elif val_source is not None:
-        validation = val_source.load()
-        check_columns(val_source, validation.column_names, data)
-        parts.append((validation, list(range(1, len(validation) + 1)), val_source))
-    built = [_build(ds, numbers, source, data, tokenizer, label_names) for ds, numbers, source in parts]
+        val_columns = resolve_columns(data, val_source.columns(), val_source.where)
+        parts.append((val_source.read(list(val_columns.values())), val_columns, val_source))
+    built = [_build(t, c, source, data, tokenizer, label_names) for t, c, source in parts]
     splits = dict(zip(("train", "validation"), built, strict=False))
     try:
         cache.save(path, splits, label_names)

@@ -1,13 +1,19 @@
-"""Rendering a data row as text plus the character spans that are targets, by data.format.
+"""Rendering a row (as data/rows.py reads it) as text plus the character spans that are targets.
 
     text            the whole text is a target
     instruction     through the chat template as one user turn and one assistant turn where the tokenizer
                     has one, else PLAIN_PROMPT + output; the output is the target
-    chat            through the chat template; every assistant turn (with its end-of-turn token) is a target
+    chat            through the chat template; every assistant turn (with its end-of-turn token) is a target,
+                    but those marked weight 0
+    preference, kto prompt + one answer (chosen, rejected or the completion), through the chat template where
+                    the tokenizer has one (a string prompt is a user turn, a string answer an assistant turn),
+                    else the two strings joined; only the answer's assistant turns are targets, whatever
+                    data.train_on_inputs says: they are what the log-probabilities compare
 
-With data.train_on_inputs the whole rendered text is a target. Classification rows are not rendered: their
-text is tokenized as it is and the class id is the label (data.py). Tokenizing the text and marking the tokens
-that overlap a span is data_tokenize.py's job.
+With data.train_on_inputs the whole rendered text is a target (text, instruction, chat). Classification rows
+are not rendered: their text is tokenized as it is and the class id is the label; segments are tokenized
+piece by piece (tokenize.py), and tokenized rows need nothing. Tokenizing the text and marking the tokens
+that overlap a span is tokenize.py's job.
 """
 
 from __future__ import annotations
@@ -21,48 +27,16 @@ if TYPE_CHECKING:
 
 PLAIN_PROMPT = "### Instruction:\n{instruction}\n\n{input}### Response:\n"  # without a chat template
 PLAIN_INPUT = "### Input:\n{input}\n\n"
-# The DataSection fields naming the columns each format needs (input_column is optional).
-FORMAT_COLUMNS = {
-    "text": ("text_column",),
-    "instruction": ("instruction_column", "output_column"),
-    "chat": ("messages_column",),
-    "classification": ("text_column", "label_column"),
-}
 
 Spans = list[tuple[int, int]]  # [start, end) character ranges of target text
 
 
-def as_text(value, where: str) -> str:
-    """A cell as text: None is empty, a number its digits; a list, a mapping or a flag is refused (its Python
-    repr is no text anyone meant to train on), naming `where` (source, row, column)."""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    raise UserError(f"{where}: expected text, got {short(value)}")
-
-
-def short(value, limit: int = 60) -> str:
-    """A repr cut to `limit` characters, for messages about a bad value."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def chat_messages(value, where: str) -> list[dict]:
-    """A chat cell as a list of {role, content} messages; a UserError naming `where` if it is not one."""
-    if not (
-        isinstance(value, list)
-        and value
-        and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in value
-        )
-    ):
-        raise UserError(f"{where}: expected a list of {{role, content}} messages, got {short(value)}")
-    # Rows read from JSON get every key any row has, as None where absent: drop those.
-    return [{key: v for key, v in message.items() if v is not None} for message in value]
+def uses_template(data: DataSection, tokenizer) -> bool:
+    """Whether the format's rows go through the chat template (which writes its own BOS and end-of-turn
+    tokens, so the tokenizer adds none)."""
+    if data.format == "chat":
+        return True
+    return data.format in ("instruction", "preference", "kto") and bool(tokenizer.chat_template)
 
 
 def _end_markers(tokenizer) -> list[str]:
@@ -99,8 +73,11 @@ def _kept_suffix(full: str, answer: str, cursor: int) -> str:
     return answer[low:].strip()
 
 
-def _render_chat(messages: list[dict], tokenizer, train_on_inputs: bool, where: str) -> tuple[str, Spans]:
-    """Render through the chat template; the targets are the assistant turns.
+def _render_chat(
+    messages: list[dict], tokenizer, train_on_inputs: bool, where: str, first_target: int = 0
+) -> tuple[str, Spans]:
+    """Render through the chat template; the targets are the assistant turns from messages[first_target] on,
+    but those marked weight 0 (OpenAI's fine-tuning files mark turns not to learn that way).
 
     A turn's span is found by rendering the conversation up to it: messages[:i] with the generation
     prompt ends where the answer starts, messages[:i + 1] ends after it. Where a template renders a
@@ -122,7 +99,7 @@ def _render_chat(messages: list[dict], tokenizer, train_on_inputs: bool, where: 
         return full, [(0, len(full))]
     markers, spans, cursor = _end_markers(tokenizer), [], 0
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i < first_target or message.get("weight", 1) == 0:
             continue
         answer = message["content"].strip()
         before = render(messages[:i], True) if i else None
@@ -148,16 +125,13 @@ def _render_chat(messages: list[dict], tokenizer, train_on_inputs: bool, where: 
 
 
 def render_row(row: dict, data: DataSection, tokenizer, where: str) -> tuple[str, Spans] | None:
-    """A row -> (text, target spans), or None when it has nothing to learn."""
+    """A text, instruction or chat row -> (text, target spans), or None when it has nothing to learn."""
     if data.format == "text":
-        text = as_text(row[data.text_column], f"{where}: column `{data.text_column}`")
+        text = row["text"]
         return (text, [(0, len(text))]) if text.strip() else None
     if data.format == "chat":
-        messages = chat_messages(row[data.messages_column], f"{where}: column `{data.messages_column}`")
-        return _render_chat(messages, tokenizer, data.train_on_inputs, where)
-    instruction = as_text(row[data.instruction_column], f"{where}: column `{data.instruction_column}`")
-    extra = as_text(row.get(data.input_column), f"{where}: column `{data.input_column}`").strip()
-    output = as_text(row[data.output_column], f"{where}: column `{data.output_column}`")
+        return _render_chat(row["messages"], tokenizer, data.train_on_inputs, where)
+    instruction, extra, output = row["instruction"], row["input"].strip(), row["output"]
     if not output.strip():
         return None
     if tokenizer.chat_template:
@@ -168,3 +142,23 @@ def render_row(row: dict, data: DataSection, tokenizer, where: str) -> tuple[str
         instruction=instruction, input=PLAIN_INPUT.format(input=extra) if extra else ""
     )
     return prompt + output, [(0 if data.train_on_inputs else len(prompt), len(prompt) + len(output))]
+
+
+def render_answer(
+    prompt: str | list[dict], answer: str | list[dict], tokenizer, where: str
+) -> tuple[str, Spans]:
+    """A prompt and one answer (preference, kto) -> (text, the answer's target spans).
+
+    With a chat template the conversation is rendered once, prompt and answer together, so the answer's
+    tokens are those the model sees after this very prompt; a string prompt is one user turn, a string
+    answer one assistant turn. Without one, both must be strings and are joined as they are.
+    """
+    if tokenizer.chat_template:
+        history = (
+            prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}] if prompt else []
+        )
+        turns = answer if isinstance(answer, list) else [{"role": "assistant", "content": answer}]
+        return _render_chat(history + turns, tokenizer, False, where, first_target=len(history))
+    if isinstance(prompt, list) or isinstance(answer, list):
+        raise UserError(f"{where}: chat messages need a tokenizer with a chat template; this one has none")
+    return prompt + answer, [(len(prompt), len(prompt) + len(answer))]

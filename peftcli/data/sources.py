@@ -2,9 +2,11 @@
 hub dataset name.
 
 `DataSource` is the one place a data name is classified (the recipe reader builds one per source, once, and
-names the file and line of a fault); it loads the data lazily and reads a file's first rows cheaply.
-`check_data_source` refuses a bad source before any model is loaded. The `datasets` library is imported
-only when data is loaded.
+names the file and line of a fault); it reads the data lazily and a file's first rows cheaply. JSON and JSON
+Lines are read here, line by line, so a malformed line anywhere is reported with its number (JSON Lines
+rows are numbered by their line, as an editor shows them; other sources' rows from 1). The other kinds go
+through the `datasets` library, imported only when they are read. `check_data_source` refuses a bad source
+before any model is loaded.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import itertools
 import json
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from peftcli.data.render import FORMAT_COLUMNS, chat_messages, short
+from peftcli.data.rows import read_row, resolve_columns, short
 from peftcli.errors import FieldError, UserError, did_you_mean, not_found
 
 if TYPE_CHECKING:
@@ -30,6 +33,25 @@ if TYPE_CHECKING:
 FILE_LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 VALIDATION_SPLITS = ("validation", "valid", "dev", "test")  # tried in order in a DatasetDict
 _FRACTION = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+@dataclass
+class Table:
+    """Rows of a source, with only the columns asked for. numbers[i] is row i's number as the source
+    counts it (JSON Lines: its line); class_names: a `datasets.ClassLabel` column's names, in id order."""
+
+    rows: list[dict]
+    numbers: list[int]
+    unit: str = "row"  # what a number counts: "line" or "row"
+    class_names: dict[str, list[str]] = field(default_factory=dict)
+
+    def select(self, indices: list[int]) -> Table:
+        return Table(
+            [self.rows[i] for i in indices], [self.numbers[i] for i in indices], self.unit, self.class_names
+        )
+
+    def __len__(self) -> int:
+        return len(self.rows)
 
 
 class DataSource:
@@ -45,6 +67,7 @@ class DataSource:
         self.path = Path(name).expanduser()
         self.suffix = self.path.suffix.lower()
         self._dataset: datasets.Dataset | None = None
+        self._json: list[tuple[int, dict]] | None = None  # (number, row) of a JSON file, once read
         if not name:
             raise FieldError(key, "required: a data file, a saved dataset dir or a hub dataset name")
         if self.path.is_file():
@@ -74,18 +97,45 @@ class DataSource:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     digest.update(block)
             return f"file{self.suffix}:{digest.hexdigest()}"
-        return f"{self.kind}:{self.load()._fingerprint}"
+        return f"{self.kind}:{self._load()._fingerprint}"
 
-    def load(self) -> datasets.Dataset:
+    @property
+    def is_json(self) -> bool:
+        return self.kind == "file" and FILE_LOADERS[self.suffix] == "json"
+
+    @property
+    def unit(self) -> str:
+        """What a row's number counts: lines in JSON Lines, rows elsewhere."""
+        return "line" if self.is_json and self._json_lines() else "row"
+
+    def columns(self) -> list[str]:
+        """Every column name, in order of first appearance (JSON rows may each have their own keys)."""
+        if self.is_json:
+            return list(dict.fromkeys(key for _, row in self._json_rows() for key in row))
+        return self._load().column_names
+
+    def read(self, columns: list[str]) -> Table:
+        """The rows, with just `columns` (JSON rows lacking one get None)."""
+        if self.is_json:
+            numbered = self._json_rows()
+            rows = [{c: row.get(c) for c in columns} for _, row in numbered]
+            return Table(rows, [n for n, _ in numbered], self.unit)
+        import datasets
+
+        dataset = self._load().select_columns(columns)
+        names = {c: list(f.names) for c, f in dataset.features.items() if isinstance(f, datasets.ClassLabel)}
+        return Table(dataset.to_list(), list(range(1, len(dataset) + 1)), "row", names)
+
+    def _load(self) -> datasets.Dataset:
         if self._dataset is None:
             if self.kind == "file" and not self.peek()[1]:
                 raise UserError(f"{self.where}: the dataset is empty")
-            self._dataset = self._load()
+            self._dataset = self._load_dataset()
             if len(self._dataset) == 0:
                 raise UserError(f"{self.where}: the dataset is empty")
         return self._dataset
 
-    def _load(self) -> datasets.Dataset:
+    def _load_dataset(self) -> datasets.Dataset:
         import datasets
 
         if self.kind == "file":
@@ -113,8 +163,8 @@ class DataSource:
         except Exception as e:  # offline, missing, gated, unknown split...
             raise UserError(f"{self.where}: could not load split `{self.splits[0]}` from the hub: {e}") from e
 
-    def peek(self, rows: int = 20) -> tuple[list[str], list[dict]]:
-        """The column names and the first rows, read cheaply: a file is not loaded whole."""
+    def peek(self, rows: int = 20) -> tuple[list[str], list[tuple[int, dict]]]:
+        """The column names and the first rows with their numbers, read cheaply: no file is loaded whole."""
         try:
             return self._peek(rows)
         except UserError:
@@ -123,39 +173,80 @@ class DataSource:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"{self.where}: could not read it as {self.suffix[1:]}: {first}") from e
 
-    def _peek(self, rows: int) -> tuple[list[str], list[dict]]:
+    def _peek(self, rows: int) -> tuple[list[str], list[tuple[int, dict]]]:
+        if self.is_json:
+            found = self._json_rows(limit=rows) if self._json is None else self._json[:rows]
+            return list(dict.fromkeys(key for _, row in found for key in row)), found
         if self.kind != "file":
-            dataset = self.load()
-            return dataset.column_names, dataset.select(range(min(rows, len(dataset)))).to_list()
+            dataset = self._load()
+            head = dataset.select(range(min(rows, len(dataset)))).to_list()
+            return dataset.column_names, list(enumerate(head, 1))
         if self.suffix == ".parquet":
             import pyarrow.parquet as pq
 
             parquet = pq.ParquetFile(self.path)
             first = next(parquet.iter_batches(batch_size=rows), None)
-            return parquet.schema_arrow.names, first.to_pylist() if first is not None else []
-        if self.suffix == ".csv":
-            with open(self.path, newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                return list(reader.fieldnames or []), list(itertools.islice(reader, rows))
-        found = self._peek_json(rows)
-        return list(dict.fromkeys(key for row in found for key in row)), found
+            return parquet.schema_arrow.names, list(
+                enumerate(first.to_pylist() if first is not None else [], 1)
+            )
+        with open(self.path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            return list(reader.fieldnames or []), list(enumerate(itertools.islice(reader, rows), 1))
 
-    def _peek_json(self, rows: int) -> list[dict]:
-        """First rows of JSON Lines, or of one JSON array of objects: the two layouts datasets reads."""
-        with open(self.path, encoding="utf-8") as f:
-            try:
-                if f.read(4096).lstrip().startswith("["):
-                    f.seek(0)
-                    found = json.load(f)[:rows]
-                else:
-                    f.seek(0)
-                    found = [json.loads(line) for line in itertools.islice(filter(str.strip, f), rows)]
-            except json.JSONDecodeError as e:
-                raise UserError(f"{self.where}: not JSON or JSON Lines ({e})") from e
-        for row in found:
-            if not isinstance(row, dict):
-                raise UserError(f"{self.where}: each row must be a JSON object, got {short(row)}")
+    def _json_lines(self) -> bool:
+        """JSON Lines (an object per line) rather than a JSON array: the two layouts a .json file may hold."""
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            return not f.read(4096).lstrip().startswith("[")
+
+    def _json_rows(self, limit: int | None = None) -> list[tuple[int, dict]]:
+        """(number, row) of every row of a JSON file, or of the first `limit`; a UserError naming the line of
+        the first line that is no JSON object."""
+        if self._json is not None:
+            return self._json
+        try:
+            found = self._read_json_lines(limit) if self._json_lines() else self._read_json_array(limit)
+        except UnicodeDecodeError as e:
+            raise UserError(f"{self.where}: not UTF-8 text (byte 0x{e.object[e.start]:02x})") from e
+        if limit is None:
+            if not found:
+                raise UserError(f"{self.where}: the dataset is empty")
+            self._json = found
         return found
+
+    def _read_json_lines(self, limit: int | None) -> list[tuple[int, dict]]:
+        found = []
+        with open(self.path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if limit is not None and len(found) >= limit:
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(
+                        f"{self.where}: line {number}: not valid JSON: {e.msg} (column {e.colno})"
+                    ) from e
+                found.append((number, self._object(row, f"line {number}")))
+        return found
+
+    def _read_json_array(self, limit: int | None) -> list[tuple[int, dict]]:
+        try:
+            value = json.loads(self.path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise UserError(
+                f"{self.where}: line {e.lineno}: not valid JSON: {e.msg} (column {e.colno})"
+            ) from e
+        if not isinstance(value, list):
+            raise UserError(
+                f"{self.where}: expected a JSON array of objects or JSON Lines, got {short(value)}"
+            )
+        return [(n, self._object(row, f"row {n}")) for n, row in enumerate(value[:limit], 1)]
+
+    def _object(self, row, at: str) -> dict:
+        if not isinstance(row, dict):
+            raise UserError(f"{self.where}: {at}: each row must be a JSON object, got {short(row)}")
+        return row
 
 
 @contextlib.contextmanager
@@ -172,17 +263,6 @@ def _quiet_datasets() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-def check_columns(source: DataSource, columns: list[str], data: DataSection) -> None:
-    for field in FORMAT_COLUMNS[data.format]:
-        column = getattr(data, field)
-        if column not in columns:
-            raise UserError(
-                f"{source.where}: no column `{column}` (data.{field}); its columns: "
-                + ", ".join(columns)
-                + did_you_mean(column, columns)
-            )
-
-
 def check_data_source(data: DataSection) -> None:
     """Refuse missing files, missing columns and malformed first rows before any model is loaded.
 
@@ -192,13 +272,9 @@ def check_data_source(data: DataSection) -> None:
     for source in filter(None, (data.train_source, data.validation_source)):
         if source.kind == "hub":
             continue
-        columns, rows = source.peek()
+        present, rows = source.peek()
         if not rows:
             raise UserError(f"{source.where}: the dataset is empty")
-        check_columns(source, columns, data)
-        if data.format == "chat":
-            for number, row in enumerate(rows, 1):
-                chat_messages(
-                    row[data.messages_column],
-                    f"{source.where}: row {number}: column `{data.messages_column}`",
-                )
+        columns = resolve_columns(data, present, source.where)
+        for number, row in rows:
+            read_row(row, columns, data, f"{source.where}: {source.unit} {number}")

@@ -1,7 +1,9 @@
 """Rendered text and target spans -> token ids and a target mask per example; truncation; packing.
 
 A token is a target when its characters overlap a target span. Causal-LM examples end in EOS (a target:
-the model learns to stop), are cut to max_length, and are dropped when no target is left to learn.
+the model learns to stop) unless a chat template wrote its own end, are cut to max_length, and are dropped
+when no target is left to learn. Segments are tokenized piece by piece and joined, with nothing added;
+tokenized rows are taken as they are (cut to max_length).
 
 Packing concatenates the examples (each ending in EOS) and cuts the stream into max_length rows. Attention
 is NOT blocked between examples that share a row: a token may attend to the end of the example before it.
@@ -19,6 +21,7 @@ import torch
 from torch import Tensor
 
 from peftcli.data.render import Spans
+from peftcli.data.rows import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from peftcli.recipe import DataSection
@@ -74,28 +77,70 @@ def _example(ids: list[int], mask: list[bool]) -> Example:
     return torch.tensor(ids, dtype=torch.int32), torch.tensor(mask, dtype=torch.bool)
 
 
+def finish_example(
+    ids: list[int], mask: list[bool], data: DataSection, eos: int | None
+) -> tuple[Example | None, bool]:
+    """Cut to max_length -> (the example, or None when no target is left to learn; whether it was cut). With
+    packing, an EOS separator (not a target) ends an example that does not end in one."""
+    truncated = len(ids) > data.max_length
+    ids, mask = ids[: data.max_length], mask[: data.max_length]
+    if not any(mask[1:]):  # the first token is never predicted
+        return None, truncated
+    if data.packing and eos is not None and ids[-1] != eos:
+        ids, mask = ids + [eos], mask + [False]
+    return _example(ids, mask), truncated
+
+
 def causal_examples(
-    texts: list[str], spans: list[Spans], data: DataSection, tokenizer
-) -> tuple[list[Example], int]:
-    """End with EOS, truncate, keep what has a target to learn -> (examples, number truncated)."""
-    # A chat template writes its own BOS and end-of-turn tokens; other text gets the tokenizer's, then EOS.
-    templated = data.format == "chat" or (data.format == "instruction" and bool(tokenizer.chat_template))
+    texts: list[str], spans: list[Spans], data: DataSection, tokenizer, templated: bool
+) -> tuple[list[Example | None], int]:
+    """End with EOS, truncate -> (an example per text, None where nothing is left to learn; the number cut).
+
+    `templated`: the chat template wrote the texts' BOS and end-of-turn tokens; other text gets the
+    tokenizer's special tokens, then EOS."""
     eos = tokenizer.eos_token_id
-    examples, num_truncated = [], 0
+    examples, cut = [], []
     for ids, mask in _tokenize(texts, spans, tokenizer, special=not templated):
         if not templated and eos is not None:
             if ids and ids[-1] == eos:  # the tokenizer added it: still a target
                 mask[-1] = True
             else:
                 ids, mask = ids + [eos], mask + [True]
-        if len(ids) > data.max_length:
-            num_truncated += 1
-            ids, mask = ids[: data.max_length], mask[: data.max_length]
-        if not any(mask[1:]):  # the first token is never predicted
-            continue
-        if data.packing and eos is not None and ids[-1] != eos:  # a separator, not a target
-            ids, mask = ids + [eos], mask + [False]
-        examples.append(_example(ids, mask))
+        example, truncated = finish_example(ids, mask, data, eos)
+        examples.append(example)
+        cut.append(truncated)
+    return examples, cut
+
+
+def segment_examples(
+    rows: list[list[tuple[str, bool]]], data: DataSection, tokenizer
+) -> tuple[list[Example | None], int]:
+    """Each row's pieces tokenized apart (no special tokens) and joined; a piece's tokens are targets when it
+    is marked trained -> (an example per row or None, the number cut)."""
+    texts = [text for pieces in rows for text, _ in pieces]
+    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    examples, num_truncated = [], 0
+    for pieces in rows:
+        ids, mask = [], []
+        for _, trained in pieces:
+            piece = next(encoded)
+            ids += piece
+            mask += [trained] * len(piece)
+        example, truncated = finish_example(ids, mask, data, tokenizer.eos_token_id)
+        examples.append(example)
+        num_truncated += truncated
+    return examples, num_truncated
+
+
+def token_examples(rows: list[dict], data: DataSection, tokenizer) -> tuple[list[Example | None], int]:
+    """Pre-tokenized rows as they are: every token a target, or those whose label is not -100."""
+    examples, num_truncated = [], 0
+    for row in rows:
+        ids, labels = row["input_ids"], row["labels"]
+        mask = [True] * len(ids) if labels is None else [label != IGNORE_INDEX for label in labels]
+        example, truncated = finish_example(ids, mask, data, tokenizer.eos_token_id)
+        examples.append(example)
+        num_truncated += truncated
     return examples, num_truncated
 
 

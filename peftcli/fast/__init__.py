@@ -7,7 +7,8 @@ package. Each speed-up's tests use the plain path as their oracle.
 
 - lora.py: LoRA's (and DoRA's) forward on flattened rows with the low-rank term added in place; frozen
   products on oneDNN (frozen_linear.py).
-- chunked_loss.py: the causal-LM loss a chunk of rows at a time against the frozen head.
+- chunked_loss.py: the causal-LM loss, and the targets' log-probs, a chunk of rows at a time against the
+  frozen head.
 - lean.py: Llama-family SwiGLU MLPs and RMSNorms that keep less for backward; recompute modes.
 - checkpointing.py: whole-layer activation checkpointing (transformers' own).
 """
@@ -30,10 +31,11 @@ _RECOMPUTE = {"auto": "up", "up": "up", "mlp": "mlp"}
 
 @dataclass
 class Installed:
-    """What `install` put in place. `loss`: ``loss_sum(model, batch)`` to use instead of the plain one
-    (None: the plain one)."""
+    """What `install` put in place. `loss`: ``loss_sum(model, batch)`` to use instead of the plain one;
+    `token_logprobs`: ``token_logprobs(model, batch)`` instead of the plain one (None: the plain ones)."""
 
     loss: Callable[[nn.Module, dict[str, Tensor]], Tensor] | None = None
+    token_logprobs: Callable[[nn.Module, dict[str, Tensor]], Tensor] | None = None
     _undo: list[Callable[[], None]] = field(default_factory=list)
 
     def undo(self) -> None:
@@ -48,7 +50,7 @@ def install(model: nn.Module, train, task: str, onednn: bool = True) -> Installe
     - ``gradient_checkpointing``: true recomputes whole layers; mlp or up (auto: up where it applies)
       recompute parts of the lean MLPs;
     - ``lean_layers``: the lean SwiGLU MLP and RMSNorm;
-    - ``chunked_loss`` (causal LM): the chunked loss;
+    - ``chunked_loss`` (causal LM): the chunked loss and log-probs;
     - always: LoRA's (and DoRA's) in-place forward. `onednn=False` keeps every frozen product on MKL.
     """
     installed = Installed()
@@ -67,4 +69,5 @@ def install(model: nn.Module, train, task: str, onednn: bool = True) -> Installe
     installed._undo.append(fast_lora.install(model, onednn))
     if train.chunked_loss and task == "causal-lm":
         installed.loss = ChunkedLoss.for_model(model, onednn)
+        installed.token_logprobs = installed.loss.token_logprobs if installed.loss is not None else None
     return installed

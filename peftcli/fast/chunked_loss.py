@@ -1,11 +1,13 @@
-"""The causal-LM loss without the full-vocabulary logits: the same value and gradients, far less memory.
+"""The targets' log-probs, and the causal-LM loss, without the full-vocabulary logits: the same values and
+gradients, far less memory.
 
-The plain loss (peftcli/train/loss.py) takes the model's logits, (batch, seq, vocab) in fp32, and their
-cross-entropy. Here the model runs with its output head swapped for an identity for that one call, so it
-returns its final hidden states; only the positions that carry a label are kept, and the cross-entropy
+The plain path (peftcli/train/loss.py) takes the model's logits, (batch, seq, vocab) in fp32, and their
+log-softmax. Here the model runs with its output head swapped for an identity for that one call, so it
+returns its final hidden states; only the positions that carry a label are kept, and each one's log-prob
 against the frozen head's weight is computed a chunk of rows at a time with its gradient. The (tokens,
 vocab) logits never exist at once, and prompt positions (label -100) never cost a vocabulary projection.
-Outside the loss call the model is untouched: its ``logits`` are always logits.
+The cross-entropy loss is minus their sum; the preference objectives sum them per sequence. Outside the call
+the model is untouched: its ``logits`` are always logits.
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ CHUNK_ROWS = 256  # (256, vocab) fp32 logits: ~50 MB for a 49k vocabulary
 Linear = Callable[[Tensor, Tensor], Tensor]  # (x, weight) -> x @ weight.T for a frozen weight
 
 
-def _chunked_cross_entropy(rows: Tensor, weight: Tensor, targets: Tensor, with_grad: bool, linear: Linear):
-    """sum_i CE(rows_i @ W^T, y_i), CHUNK_ROWS rows at a time, and optionally d/d rows.
+def _chunked_logprobs(rows: Tensor, weight: Tensor, targets: Tensor, with_grad: bool, linear: Linear):
+    """log softmax(rows_i @ W^T)[y_i] per row, CHUNK_ROWS rows at a time, and optionally its gradient with
+    respect to rows_i: W[y_i] - softmax(z_i) @ W.
 
-    The gradient is (softmax(z) - onehot(y)) @ W, formed chunk by chunk, so memory stays
-    O(rows x hidden + chunk x vocab) instead of O(rows x vocab).
+    The gradient is formed chunk by chunk, so memory stays O(rows x hidden + chunk x vocab) instead of
+    O(rows x vocab). -> ((rows,) float32 log-probs, (rows, hidden) gradients or None)
     """
-    total = rows.new_zeros((), dtype=torch.float32)
+    logprobs = rows.new_empty(rows.shape[0], dtype=torch.float32)
     grad_rows = torch.empty_like(rows) if with_grad else None
     w32 = weight.float()
     for start in range(0, rows.shape[0], CHUNK_ROWS):
@@ -41,36 +44,37 @@ def _chunked_cross_entropy(rows: Tensor, weight: Tensor, targets: Tensor, with_g
         peak = logits.amax(dim=-1, keepdim=True)
         exp = logits.sub_(peak).exp_()
         norm = exp.sum(dim=-1, keepdim=True)
-        total += (norm.log() + peak - picked).sum()
+        logprobs[start : start + CHUNK_ROWS] = (picked - peak - norm.log()).squeeze(1)
         if with_grad:
             probs = exp.div_(norm)
             probs[torch.arange(len(y), device=y.device), y] -= 1.0
-            grad_rows[start : start + CHUNK_ROWS] = (probs @ w32).to(rows.dtype)
-    return total, grad_rows
+            grad_rows[start : start + CHUNK_ROWS] = torch.mm(probs, w32).neg_().to(rows.dtype)
+    return logprobs, grad_rows
 
 
-class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Autograd wrapper: the gradient is computed in forward, backward only scales it. W is frozen."""
+class _ChunkedTokenLogProbs(torch.autograd.Function):
+    """Autograd wrapper: the gradient is computed in forward, backward only scales each row's. W is frozen."""
 
     @staticmethod
     def forward(ctx, rows: Tensor, weight: Tensor, targets: Tensor, linear: Linear) -> Tensor:
-        total, grad_rows = _chunked_cross_entropy(rows, weight, targets, True, linear)
+        logprobs, grad_rows = _chunked_logprobs(rows, weight, targets, True, linear)
         ctx.save_for_backward(grad_rows)
-        return total
+        return logprobs
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         (grad_rows,) = ctx.saved_tensors
-        return grad_rows * grad_output.to(grad_rows.dtype), None, None, None
+        return grad_rows * grad_output[:, None].to(grad_rows.dtype), None, None, None
 
 
-def chunked_causal_lm_loss_sum(
+def chunked_token_logprobs(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, linear: Linear = frozen_linear.linear
 ) -> Tensor:
-    """Same value and gradients as `causal_lm_loss_sum(hidden @ weight.T + bias, labels)`.
+    """Same values and gradients as `loss.token_logprobs` on the logits `hidden @ weight.T + bias`.
 
     hidden (batch, seq', hidden) are the final hidden states (seq' >= seq: virtual tokens come first);
-    weight (vocab, hidden) the frozen head.
+    weight (vocab, hidden) the frozen head; labels (batch, seq), -100 where not a target. -> (batch, seq - 1)
+    float32: at position t the log-prob of labels[:, t + 1], 0 where that is -100.
     """
     hidden = hidden[:, -labels.shape[1] :][:, :-1]
     targets = labels[:, 1:]
@@ -80,8 +84,18 @@ def chunked_causal_lm_loss_sum(
         rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
         weight = torch.cat([weight, bias[:, None].to(weight.dtype)], dim=1)
     if torch.is_grad_enabled() and rows.requires_grad:
-        return _ChunkedLinearCrossEntropy.apply(rows, weight, y, linear)
-    return _chunked_cross_entropy(rows, weight, y, False, linear)[0]
+        picked = _ChunkedTokenLogProbs.apply(rows, weight, y, linear)
+    else:
+        picked = _chunked_logprobs(rows, weight, y, False, linear)[0]
+    return torch.zeros(targets.shape, dtype=torch.float32, device=picked.device).masked_scatter(keep, picked)
+
+
+def chunked_causal_lm_loss_sum(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, linear: Linear = frozen_linear.linear
+) -> Tensor:
+    """Same value and gradients as `causal_lm_loss_sum(hidden @ weight.T + bias, labels)`: minus the summed
+    log-probs of the targets."""
+    return -chunked_token_logprobs(hidden, weight, bias, labels, linear).sum()
 
 
 # Architectures whose causal-LM logits are exactly `lm_head(final hidden)`, with no scaling or soft-capping
@@ -143,14 +157,16 @@ class ChunkedLoss:
 
     def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         """Summed token cross-entropy of `batch`; `model` may be the DDP-wrapped one."""
+        return -self.token_logprobs(model, batch).sum()
+
+    def token_logprobs(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """(batch, seq - 1) log-probs of the targets, 0 elsewhere, as `loss.token_logprobs` gives them."""
         setattr(self.parent, self.child, nn.Identity())  # the model now returns final hidden states
         try:
             hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         finally:
             setattr(self.parent, self.child, self.head)
-        return chunked_causal_lm_loss_sum(
-            hidden, self.head.weight, self.head.bias, batch["labels"], self.linear
-        )
+        return chunked_token_logprobs(hidden, self.head.weight, self.head.bias, batch["labels"], self.linear)
 
 
 def _plain_linear(x: Tensor, weight: Tensor) -> Tensor:

@@ -12,7 +12,8 @@ import torch
 from peftcli.data.render import PLAIN_PROMPT
 from peftcli.errors import UserError
 
-CHAT_FORMATS = ("chat", "instruction")  # data formats rendered with the chat template (when there is one)
+# data formats rendered with the chat template (when there is one)
+CHAT_FORMATS = ("chat", "instruction", "preference", "kto")
 
 
 def prompt_style(tokenizer, info, raw: bool) -> str:

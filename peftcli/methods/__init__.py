@@ -19,6 +19,12 @@ A method module owns everything about its method, so adding one is a new module 
 - ``merge(model)``; a method of adapted layers that merges also has ``fold(layer, weight) -> weight``,
   which `peft merge` applies tensor by tensor, and ``fold_bias(layer, bias) -> bias`` where merging changes
   the bias too (IA3).
+- ``disabled(model)`` (only where the generic one does not fit): a context manager within which the model
+  computes exactly as the base model, its trained parts kept aside and back in place on exit. The preference
+  objectives take the reference policy from it, without a second copy of the model. Methods whose trained
+  parts all live in ``modules.AdaptedLayer``, ``modules.ModulesToSave`` or a ``virtual.VirtualTokenModel``
+  need none: ``modules.disabled`` switches those off (each falls back to the module it wraps). BitFit, which
+  trains the base model's own biases in place, has its own (`disabled` below picks it).
 
 Optional, for the training loop:
 
@@ -40,13 +46,26 @@ forward is their own ``run(layer, x)``), ``targeting.inject_layers`` (which laye
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from types import ModuleType
 
 from peftcli.errors import UserError, did_you_mean
+from peftcli.lazy import LazyModule
 from peftcli.methods import adapter, bitfit, ia3, loha, lokr, lora, oft, prefix, prompt, vera
 from peftcli.methods.base import Context, MethodConfig
 
-__all__ = ["METHODS", "TASK_TYPES", "Context", "MethodConfig", "by_peft_type", "config_class", "make_config"]
+__all__ = [
+    "METHODS",
+    "TASK_TYPES",
+    "Context",
+    "MethodConfig",
+    "by_peft_type",
+    "config_class",
+    "disabled",
+    "make_config",
+]
+
+modules = LazyModule("peftcli.methods.modules")
 
 METHODS: dict[str, ModuleType] = {
     m.NAME: m for m in (lora, prefix, prompt, adapter, bitfit, ia3, vera, loha, lokr, oft)
@@ -72,3 +91,10 @@ def config_class(name: str) -> type[MethodConfig]:
 def make_config(name: str, **fields) -> MethodConfig:
     """A method's Config by name: make_config("lora", rank=4)."""
     return config_class(name)(**fields)
+
+
+def disabled(model, name: str) -> AbstractContextManager:
+    """A context within which `model`, carrying method `name`, computes as its base model: the method's own
+    ``disabled`` where it has one, else the generic switch of adapted layers and wrappers."""
+    own = getattr(METHODS[name], "disabled", None)
+    return own(model) if own is not None else modules.disabled(model)

@@ -20,10 +20,12 @@ HF PEFT has no BitFit; the files use its layout with a ``peft_type`` of our own.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
-from peftcli.lazy import LazyModule
+from peftcli.lazy import LazyModule, nn
 from peftcli.methods import layout
 from peftcli.methods.base import (
     Context,
@@ -36,7 +38,7 @@ from peftcli.methods.base import (
 )
 
 if TYPE_CHECKING:
-    from torch import Tensor, nn
+    from torch import Tensor
 
     from peftcli.models.shapes import Shapes
 
@@ -49,6 +51,10 @@ MERGEABLE = True
 # The names of the trained bias-owning modules, kept on the model: which biases are "the adapter" is
 # not visible in the module tree (nothing is wrapped), and requires_grad is too easily changed by others.
 _SELECTED = "peftcli_bitfit_modules"
+# Frozen copies of the selected biases as the base model had them ({module name: tensor}, a plain attribute:
+# in no state dict, no parameter count), so `disabled` can compute as the base model: the biases train in
+# place.
+_ORIGINAL = "peftcli_bitfit_original_biases"
 
 
 @dataclass
@@ -105,7 +111,31 @@ def inject(model, config: Config, context: Context):
     for name in selected:
         model.get_submodule(name).bias.requires_grad_(True)
     setattr(model, _SELECTED, selected)
+    setattr(model, _ORIGINAL, {name: model.get_submodule(name).bias.detach().clone() for name in selected})
     return model
+
+
+@contextlib.contextmanager
+def disabled(model) -> Iterator:
+    """The base model's own biases, frozen, in place of the trained ones (and the original head) within the
+    block. The trained bias parameters are set aside, not changed, and put back on exit: an optimizer holding
+    them still finds them."""
+    original = getattr(model, _ORIGINAL, None)
+    if original is None:
+        raise modules.AdapterError("the model was not prepared for BitFit: inject it before disabling it")
+    owners = {name: model.get_submodule(name) for name in _selected(model)}
+    trained = {name: owner._parameters["bias"] for name, owner in owners.items()}
+    for name, owner in owners.items():
+        bias = trained[name]
+        owner._parameters["bias"] = nn.Parameter(
+            original[name].to(device=bias.device, dtype=bias.dtype), requires_grad=False
+        )
+    try:
+        with modules.disabled(model):
+            yield model
+    finally:
+        for name, owner in owners.items():
+            owner._parameters["bias"] = trained[name]
 
 
 def _selected(model) -> list[str]:
@@ -135,8 +165,9 @@ def load_adapter_state(model, state: dict[str, Tensor]) -> None:
 def merge(model):
     """The plain model: the biases are already in place; each head wrapper gives way to its trained copy."""
     modules.unwrap_modules_to_save(model)
-    if hasattr(model, _SELECTED):
-        delattr(model, _SELECTED)
+    for attribute in (_SELECTED, _ORIGINAL):
+        if hasattr(model, attribute):
+            delattr(model, attribute)
     return model
 
 

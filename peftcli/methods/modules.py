@@ -6,8 +6,9 @@ Adapter state dict keys follow HF PEFT's on-disk layout: ``base_model.model.<mod
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +24,29 @@ class AdapterError(UserError):
     """An adapter that does not fit the model (missing/unexpected keys, wrong shapes)."""
 
 
-class AdaptedLayer(nn.Module):
+class Switchable(nn.Module):
+    """A module whose trained part can be switched off: while ``adapter_enabled`` is False it computes as the
+    base model's module it wraps. `disabled` flips every one in a model; the reference policy of the
+    preference objectives is the model computed that way (no second copy of the base)."""
+
+    adapter_enabled = True  # the class default; `disabled` sets it per instance and removes it afterwards
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every adapted layer, modules_to_save copy and virtual-token wrapper in `model`
+    computes as the base model (their parts stay in place, untouched); restored on exit, errors included."""
+    switches = [m for m in model.modules() if isinstance(m, Switchable) and m.adapter_enabled]
+    for module in switches:
+        module.adapter_enabled = False
+    try:
+        yield model
+    finally:
+        for module in switches:
+            del module.adapter_enabled
+
+
+class AdaptedLayer(Switchable):
     """A frozen layer (``base``) with a method's trainable parts beside it; ``forward`` is the method's.
 
     The method module builds the parts (named as in its adapter files: ``lora_A``, ``adapter_down`` ...) and
@@ -53,7 +76,7 @@ class AdaptedLayer(nn.Module):
             setattr(self, name, value)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.run(self, x)
+        return self.run(self, x) if self.adapter_enabled else self.base(x)
 
     # Model code sometimes reads a projection's weight (e.g. its dtype); answer for the wrapped layer.
     @property
@@ -144,8 +167,8 @@ def tied_parameters(model: nn.Module) -> set[int]:
 # modules_to_save: a trainable copy of a whole module (e.g. the classification head)
 
 
-class ModulesToSave(nn.Module):
-    """Holds the frozen original and a trainable copy; forward uses the copy.
+class ModulesToSave(Switchable):
+    """Holds the frozen original and a trainable copy; forward uses the copy (the original while disabled).
 
     Keeping the original mirrors HF PEFT (so parameter totals agree) and lets the base model be
     recovered exactly.
@@ -159,7 +182,7 @@ class ModulesToSave(nn.Module):
             p.requires_grad_(True)
 
     def forward(self, *args, **kwargs):
-        return self.trained(*args, **kwargs)
+        return (self.trained if self.adapter_enabled else self.original_module)(*args, **kwargs)
 
 
 def wrap_modules_to_save(model: nn.Module, names: list[str], required: bool = False) -> list[str]:

@@ -20,6 +20,7 @@ from peftcli.methods.base import MethodConfig, saved_modules
 from peftcli.methods.modules import (
     KEY_PREFIX,
     AdapterError,
+    Switchable,
     load_modules_to_save_state,
     modules_to_save_state,
     wrap_modules_to_save,
@@ -30,13 +31,14 @@ from peftcli.methods.modules import (
 HEAD_KEY_PREFIX = "base_model."
 
 
-class VirtualTokenModel(nn.Module):
+class VirtualTokenModel(Switchable):
     """A frozen base model plus `num_virtual_tokens` trainable tokens that every input sees first.
 
     ``run_forward(self, input_ids, attention_mask, labels, **kwargs)`` and ``run_generate(self, input_ids,
     attention_mask, **kwargs)`` are the method's; anything else is looked up on the base model, so a
     training loop can call ``model.config`` or ``model.get_input_embeddings()`` as it would on the base.
     ``no_checkpointing``: why the method cannot train with activation checkpointing, if it cannot.
+    While switched off (``modules.disabled``) both call the base model directly: no virtual tokens.
     """
 
     def __init__(
@@ -71,9 +73,15 @@ class VirtualTokenModel(nn.Module):
             return getattr(self.base_model, name)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        if not self.adapter_enabled:
+            return self.base_model(
+                input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs
+            )
         return self.run_forward(self, input_ids, attention_mask, labels, **kwargs)
 
     def generate(self, input_ids=None, attention_mask=None, **kwargs):
+        if not self.adapter_enabled:
+            return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         return self.run_generate(self, input_ids, attention_mask, **kwargs)
 
     def gradient_checkpointing_enable(self, *args, **kwargs):

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from peftcli.data.rows import format_fields
 from peftcli.recipe.checks import check
 from peftcli.recipe.parse import KeySource, RecipeError, build, dump_yaml, join_key, parse_yaml, show
 from peftcli.recipe.schema import (
@@ -75,6 +76,8 @@ def load_recipe(
         for i, k in enumerate(keys[:-1]):
             if node.get(k) is None:
                 node[k] = {}
+            elif isinstance(node[k], str) and tuple(keys[: i + 1]) in NAME_ALONE:  # `objective: dpo`
+                node[k] = {"name": node[k]}
             elif not isinstance(node[k], dict):
                 raise RecipeError(
                     join_key(tuple(keys[: i + 1])),
@@ -84,9 +87,52 @@ def load_recipe(
             node = node[k]
         node[keys[-1]] = value
         src.overridden.append(tuple(keys))
+    _read_old_column_keys(data, src)
     recipe = build(Recipe, data, src, ACCEPTS, TAGGED)
     check(recipe, src, paths=paths)
     return recipe
+
+
+# Sections whose tag's value alone may stand for them (`train.objective: dpo`), so `--set` can add keys.
+NAME_ALONE = {("train", "objective")}
+# The data section's keys before data.columns: each named one field's column.
+OLD_COLUMN_KEYS = {
+    "text_column": "text",
+    "instruction_column": "instruction",
+    "input_column": "input",
+    "output_column": "output",
+    "messages_column": "messages",
+    "label_column": "label",
+}
+
+
+def _read_old_column_keys(data: dict, src: KeySource) -> None:
+    """Recipes written before data.columns name columns with `text_column: body` and the like: read each
+    into data.columns (`{text: body}`), at its own line. Those the format does not read, and those naming
+    the field's own default, are dropped (a run's recipe.yaml listed all six)."""
+    section = data.get("data")
+    if not isinstance(section, dict) or not OLD_COLUMN_KEYS.keys() & section.keys():
+        return
+    fields = format_fields(section.get("format", "text"))
+    columns = section.get("columns")
+    columns = dict(columns) if isinstance(columns, dict) else {} if columns is None else columns
+    for old, name in OLD_COLUMN_KEYS.items():
+        if old not in section:
+            continue
+        value = section.pop(old)
+        if not isinstance(value, str):
+            raise src.error(("data", old), f"expected a column name, got {show(value)}")
+        if value == name or name not in fields or not isinstance(columns, dict):
+            continue
+        if columns.get(name, value) != value:
+            raise src.error(
+                ("data", old), f"names column `{value}`, but data.columns.{name} names `{columns[name]}`"
+            )
+        columns[name] = value
+        if ("data", old) in src.lines:
+            src.lines.setdefault(("data", "columns", name), src.lines[("data", old)])
+        src.overridden[:] = [("data", "columns", name) if k == ("data", old) else k for k in src.overridden]
+    section["columns"] = columns
 
 
 def _read(path: Path, where: str) -> tuple[Any, dict]:

@@ -11,9 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NoReturn
 
-from peftcli.errors import FieldError, not_found
+from peftcli.data.rows import CHAT_ROLES, MESSAGE_FORMATS, format_fields
+from peftcli.errors import FieldError, did_you_mean, not_found
 from peftcli.recipe.parse import KeySource
-from peftcli.recipe.schema import Recipe
+from peftcli.recipe.schema import OBJECTIVES, Recipe
 
 _POSITIVE = {  # keys that must be > 0 unless null
     "train": "batch_size gradient_accumulation keep_checkpoints log_every max_steps epochs eval_every "
@@ -58,6 +59,8 @@ def check(recipe: Recipe, src: KeySource, paths: bool = True) -> None:
     if (d.format == "classification") != (m.task == "sequence-classification"):
         needs = "sequence-classification" if d.format == "classification" else "causal-lm"
         fail("data.format", f"{d.format} data needs model.task: {needs}, but model.task is {m.task}")
+    _check_columns(recipe, fail)
+    _check_objective(recipe, fail)
 
     for section, names in _POSITIVE.items():
         for name in names:
@@ -80,6 +83,48 @@ def check(recipe: Recipe, src: KeySource, paths: bool = True) -> None:
         fail("output_dir", "must not be empty")
     if paths and Path(recipe.output_dir).expanduser().is_file():
         fail("output_dir", f"{recipe.output_dir} is a file; output_dir must be a directory")
+
+
+def _check_columns(recipe: Recipe, fail) -> None:
+    d = recipe.data
+    fields = format_fields(d.format)
+    for name, column in d.columns.items():
+        if name not in fields:
+            fail(
+                f"data.columns.{name}",
+                f"the {d.format} format reads no `{name}`{did_you_mean(name, fields)}; "
+                f"it reads {', '.join(fields)}",
+            )
+        if not column:
+            fail(f"data.columns.{name}", "must name a column")
+    for name, role in d.roles.items():
+        if d.format not in MESSAGE_FORMATS:
+            fail(f"data.roles.{name}", f"the {d.format} format has no chat roles")
+        if role not in CHAT_ROLES:
+            fail(
+                f"data.roles.{name}",
+                f"maps to `{role}`{did_you_mean(role, CHAT_ROLES)}; a role is one of {', '.join(CHAT_ROLES)}",
+            )
+
+
+def _check_objective(recipe: Recipe, fail) -> None:
+    """The objective's own ranges, and that the data and the model fit it."""
+    objective, d = recipe.train.objective, recipe.data
+    objective.check(lambda key, message: fail(f"train.objective.{key}", message))
+    wants = objective.DATA_FORMAT
+    if wants is not None and d.format != wants:
+        fail(
+            "train.objective",
+            f"{objective.name} trains on data.format: {wants}, but data.format is {d.format}",
+        )
+    if wants is None and d.format in ("preference", "kto"):
+        takes = [name for name, c in OBJECTIVES.items() if c.DATA_FORMAT == d.format]
+        fail(
+            "data.format",
+            f"{d.format} data trains with train.objective {' or '.join(takes)}, not {objective.name}",
+        )
+    if wants is not None and d.packing:
+        fail("data.packing", f"{objective.name} compares whole answers: packing does not apply")
 
 
 def _resolve(source, fail) -> None:

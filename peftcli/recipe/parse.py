@@ -201,6 +201,8 @@ def _type_name(hint: Any) -> str:
     if origin is list:
         item = typing.get_args(hint)[0]
         return "a list of " + _PLURALS.get(item, _type_name(item))
+    if origin is dict:
+        return "a mapping of names to " + _PLURALS.get(typing.get_args(hint)[1], "values")
     return _NOUNS.get(hint, str(hint))
 
 
@@ -245,6 +247,14 @@ def _coerce(value: Any, hint: Any, key: Key, src: KeySource, accepts: Accepts) -
         if not isinstance(value, list):
             raise _type_error(value, hint, key, src, accepts)
         return [_coerce(v, item, (*key, f"[{i}]"), src, accepts) for i, v in enumerate(value)]
+    if origin is dict:
+        _, item = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise _type_error(value, hint, key, src, accepts)
+        for name in value:
+            if not isinstance(name, str):
+                raise src.error(key, f"keys must be names, got {show(name)} (put it in quotes)")
+        return {name: _coerce(v, item, (*key, name), src, accepts) for name, v in value.items()}
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         if not math.isfinite(value):
             raise src.error(key, f"must be a finite number, got {value}")
@@ -257,16 +267,23 @@ def _coerce(value: Any, hint: Any, key: Key, src: KeySource, accepts: Accepts) -
 
 
 # A tagged section: a field whose declared type is a base class, built as the subclass its tag names
-# (`method: {name: lora, ...}`). Declared type -> (the tag key, () -> {tag: subclass}); the first subclass
-# listed is the default when the tag is left out.
-Tagged = dict[type, tuple[str, Callable[[], dict[str, type]]]]
+# (`method: {name: lora, ...}`). Declared type -> (the tag key, () -> {tag: subclass}, whether the tag's
+# value alone stands for the section); the first subclass listed is the default when the tag is left out.
+Tagged = dict[type, tuple[str, Callable[[], dict[str, type]], bool]]
+
+
+def _yaml_keys(cls: type) -> dict[str, str]:
+    """Field name -> its YAML key, for every field (a class's YAML_KEYS names the keys that differ: a
+    Python keyword like `lambda` cannot be a field)."""
+    renamed = {field: key for key, field in getattr(cls, "YAML_KEYS", {}).items()}
+    return {f.name: renamed.get(f.name, f.name) for f in dataclasses.fields(cls)}
 
 
 def build(cls: type, data: Any, src: KeySource, accepts: Accepts, tagged: Tagged, key: Key = ()) -> Any:
     """`cls(**data)` once every key is known and every value has its hinted type; nested dataclasses
     are built from nested mappings (null: all defaults). Raises RecipeError at the first fault."""
     hints = typing.get_type_hints(cls)
-    fields = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    fields = {yaml_key: field for field, yaml_key in _yaml_keys(cls).items()}  # YAML key -> field
     names = list(fields)
     if not isinstance(data, dict):
         _not_a_section(data, src, key, has_name="name" in names)
@@ -276,22 +293,24 @@ def build(cls: type, data: Any, src: KeySource, accepts: Accepts, tagged: Tagged
         if name not in fields:
             known = ", ".join(names)
             raise src.error(child, f"unknown key{_suggest(name, names)}; known keys here: {known}")
-        hint = fields[name]
+        field, hint = fields[name], hints[fields[name]]
         if hint in tagged:
-            kwargs[name] = _build_tagged(
+            kwargs[field] = _build_tagged(
                 hint, value if value is not None else {}, src, accepts, tagged, child
             )
         elif dataclasses.is_dataclass(hint):
-            kwargs[name] = build(hint, value if value is not None else {}, src, accepts, tagged, child)
+            kwargs[field] = build(hint, value if value is not None else {}, src, accepts, tagged, child)
         else:
-            kwargs[name] = _coerce(value, hint, child, src, accepts)
+            kwargs[field] = _coerce(value, hint, child, src, accepts)
     return cls(**kwargs)
 
 
 def _build_tagged(base: type, data: Any, src: KeySource, accepts: Accepts, tagged: Tagged, key: Key) -> Any:
     """The subclass of `base` that the section's tag names, built from the section's other keys; its own
     ACCEPTS describe its union-typed keys. Unknown keys are those the chosen subclass does not have."""
-    tag, variants = tagged[base][0], tagged[base][1]()
+    tag, variants, name_alone = tagged[base][0], tagged[base][1](), tagged[base][2]
+    if name_alone and isinstance(data, str):  # `objective: dpo`
+        data = {tag: data}
     if not isinstance(data, dict):
         _not_a_section(data, src, key, has_name=tag == "name")
     choice = _coerce(data.get(tag, next(iter(variants))), Literal[tuple(variants)], (*key, tag), src, accepts)
@@ -299,7 +318,7 @@ def _build_tagged(base: type, data: Any, src: KeySource, accepts: Accepts, tagge
     own = {(*key, name): text for name, text in getattr(cls, "ACCEPTS", {}).items()}
     rest = {k: v for k, v in data.items() if k != tag}
     shared = [f.name for f in dataclasses.fields(base)]
-    names = [tag, *(f.name for f in dataclasses.fields(cls) if f.name not in shared), *shared]
+    names = [tag, *(k for f, k in _yaml_keys(cls).items() if f not in shared), *shared]
     for name in rest:
         if name not in names:
             known = ", ".join(names)

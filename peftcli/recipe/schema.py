@@ -9,17 +9,19 @@ once when the recipe is loaded: the model's `ModelSource` and the data's `DataSo
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, NoReturn
 
+from peftcli.data.rows import FORMATS
 from peftcli.data.sources import VALIDATION_SPLITS, DataSource
 from peftcli.methods import METHODS, MethodConfig, lora
 from peftcli.models.sources import ModelSource, resolve
 from peftcli.recipe.changes import RESUMABLE
 
 TASKS = ("causal-lm", "sequence-classification")
-DATA_FORMATS = ("text", "instruction", "chat", "classification")
+DATA_FORMATS = FORMATS
 
 
 @dataclass
@@ -41,18 +43,22 @@ class ModelSection:
 @dataclass
 class DataSection:
     train: str = ""  # a .json/.jsonl/.csv/.parquet file, a `save_to_disk` dir, or a hub dataset name
-    format: Literal["text", "instruction", "chat", "classification"] = "text"
+    # text | instruction | chat | classification | preference (prompt, chosen, rejected) | kto (prompt,
+    # completion, label) | tokenized (input_ids, labels) | segments (text pieces marked trained or not);
+    # data/rows.py says what each reads
+    format: Literal[FORMATS] = "text"
     validation: float | str | None = 0.1  # a fraction held out with the seed, a file, or null
     max_length: int = 512
     train_on_inputs: bool = False  # False: loss on responses only (prompt tokens get label -100)
     packing: bool = False  # concatenate short examples into full max_length rows
     split: str = "train"  # the split of a hub dataset or a DatasetDict
-    text_column: str = "text"
-    instruction_column: str = "instruction"
-    input_column: str = "input"
-    output_column: str = "output"
-    messages_column: str = "messages"
-    label_column: str = "label"
+    # The data's own column for a field of the format where its name differs: {text: body}; inside chat
+    # messages also {role: from, content: value}. (Replaces the older text_column, messages_column ... keys,
+    # which are still read into it.)
+    columns: dict[str, str] = field(default_factory=dict)
+    # Chat roles as the data names them -> system, user, assistant or tool, beyond the known ones (these,
+    # and sharegpt's human and gpt): {bot: assistant}
+    roles: dict[str, str] = field(default_factory=dict)
 
     @cached_property
     def train_source(self) -> DataSource:
@@ -65,6 +71,122 @@ class DataSection:
         if not isinstance(self.validation, str):
             return None
         return DataSource(self.validation, "data.validation", VALIDATION_SPLITS, local_only=True)
+
+
+Fail = Callable[[str, str], NoReturn]
+
+
+@dataclass
+class ObjectiveConfig:
+    """train.objective: what a training step minimises, tagged by `name`; `train.objective: dpo` alone takes
+    that objective's defaults. Each objective's math lives in peftcli/train/preference.py."""
+
+    name: ClassVar[str]
+    ACCEPTS: ClassVar[dict[str, str]] = {}
+    # YAML key -> field, where the key is a Python keyword (ORPO's `lambda`).
+    YAML_KEYS: ClassVar[dict[str, str]] = {}
+    # The data.format it trains on, and whether it needs the reference policy's log-probabilities.
+    DATA_FORMAT: ClassVar[str | None] = None
+    REFERENCE: ClassVar[bool] = False
+
+    def check(self, fail: Fail) -> None:
+        """Ranges the types cannot say; `fail(key, message)` with the key relative to train.objective."""
+
+    def to_dict(self) -> dict[str, Any] | str:
+        """The recipe's `train.objective`: its name alone where it has no keys."""
+        fields = {v: k for k, v in self.YAML_KEYS.items()}
+        values = {fields.get(k, k): v for k, v in dataclasses.asdict(self).items()}
+        return {"name": self.name, **values} if values else self.name
+
+
+def _check_positive(config: ObjectiveConfig, names: str, fail: Fail) -> None:
+    for name in names.split():
+        if getattr(config, name) <= 0:
+            key = {v: k for k, v in config.YAML_KEYS.items()}.get(name, name)
+            fail(key, f"must be > 0, got {getattr(config, name)}")
+
+
+@dataclass
+class SFT(ObjectiveConfig):
+    """Supervised fine-tuning: cross-entropy on the target tokens (classification: on the class)."""
+
+    name: ClassVar[str] = "sft"
+
+
+@dataclass
+class DPO(ObjectiveConfig):
+    """Direct Preference Optimization — Rafailov et al. 2023, arXiv:2305.18290."""
+
+    name: ClassVar[str] = "dpo"
+    DATA_FORMAT: ClassVar[str] = "preference"
+    REFERENCE: ClassVar[bool] = True
+
+    beta: float = 0.1  # how far the policy may move from the reference (the KL penalty's inverse weight)
+    # sigmoid: DPO's own; ipo: IPO's squared loss on per-token margins (Azar et al. 2023, arXiv:2310.12036);
+    # hinge: SLiC's (Zhao et al. 2023, arXiv:2305.10425); robust: rDPO (Chowdhury et al. 2024,
+    # arXiv:2403.00409), unbiased under label noise
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    # The share of pairs assumed flipped: sigmoid becomes conservative DPO, robust corrects for it.
+    label_smoothing: float = 0.0
+
+    def check(self, fail: Fail) -> None:
+        _check_positive(self, "beta", fail)
+        if not 0.0 <= self.label_smoothing < 0.5:
+            fail("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss_type in ("ipo", "hinge"):
+            fail("label_smoothing", f"applies to loss_type sigmoid or robust, not {self.loss_type}")
+
+
+@dataclass
+class ORPO(ObjectiveConfig):
+    """Odds Ratio Preference Optimization — Hong et al. 2024, arXiv:2403.07691: SFT on the chosen answer plus
+    lambda x the log odds ratio of chosen over rejected. No reference model."""
+
+    name: ClassVar[str] = "orpo"
+    DATA_FORMAT: ClassVar[str] = "preference"
+    YAML_KEYS: ClassVar[dict[str, str]] = {"lambda": "lambda_"}
+
+    lambda_: float = 0.1  # the odds-ratio term's weight (the paper's lambda; TRL's ORPOConfig.beta)
+
+    def check(self, fail: Fail) -> None:
+        _check_positive(self, "lambda_", fail)
+
+
+@dataclass
+class SimPO(ObjectiveConfig):
+    """Simple Preference Optimization — Meng et al. 2024, arXiv:2405.14734: the length-normalised log-probs
+    as the reward, a target margin gamma, no reference model."""
+
+    name: ClassVar[str] = "simpo"
+    DATA_FORMAT: ClassVar[str] = "preference"
+
+    beta: float = 2.0  # the reward's scale (the paper's range: 2.0 - 2.5)
+    gamma: float = 1.0  # the target reward margin (gamma / beta = 0.5, the paper's suggested start)
+
+    def check(self, fail: Fail) -> None:
+        _check_positive(self, "beta", fail)
+        if self.gamma < 0:
+            fail("gamma", f"must be >= 0, got {self.gamma}")
+
+
+@dataclass
+class KTO(ObjectiveConfig):
+    """Kahneman-Tversky Optimization — Ethayarajh et al. 2024, arXiv:2402.01306: single answers marked
+    desirable or not, against a reference point estimated from mismatched prompt/answer pairs."""
+
+    name: ClassVar[str] = "kto"
+    DATA_FORMAT: ClassVar[str] = "kto"
+    REFERENCE: ClassVar[bool] = True
+
+    beta: float = 0.1
+    desirable_weight: float = 1.0  # weights of the two kinds of answer (to balance unequal counts)
+    undesirable_weight: float = 1.0
+
+    def check(self, fail: Fail) -> None:
+        _check_positive(self, "beta desirable_weight undesirable_weight", fail)
+
+
+OBJECTIVES: dict[str, type[ObjectiveConfig]] = {c.name: c for c in (SFT, DPO, ORPO, SimPO, KTO)}
 
 
 @dataclass
@@ -89,6 +211,8 @@ class TrainSection:
     keep_checkpoints: int = field(default=2, metadata=RESUMABLE)
     log_every: int = field(default=1, metadata=RESUMABLE)
     seed: int = 42
+    # sft | dpo | orpo | simpo | kto, or a section with the objective's keys: {name: dpo, beta: 0.1}
+    objective: ObjectiveConfig = field(default_factory=SFT)
     # auto: bf16 on a GPU that has it, else fp32
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     # Recompute activations in backward instead of keeping them. true: every layer (least memory);
@@ -112,13 +236,17 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, every default filled in: what recipe.yaml holds."""
-        return {**dataclasses.asdict(self), "method": self.method.to_dict()}
+        values = {**dataclasses.asdict(self), "method": self.method.to_dict()}
+        values["train"]["objective"] = self.train.objective.to_dict()
+        return values
 
 
 # What a union-typed key accepts, in words; the bare type names would not say what the value means.
 # (A method's own keys are described by its Config.ACCEPTS.)
 ACCEPTS = {
     ("data", "validation"): "a fraction like 0.1, a file path, or null for no validation",
+    ("data", "columns"): "a mapping from the format's fields to your column names, like {text: body}",
+    ("data", "roles"): "a mapping from your data's role names to system, user, assistant or tool",
     ("train", "gradient_checkpointing"): "auto, true, false, up or mlp",
 }
 
@@ -128,5 +256,6 @@ def method_configs() -> dict[str, type[MethodConfig]]:
     return {name: module.Config for name, module in METHODS.items()}
 
 
-# The recipe's tagged sections: the field's declared type -> (the tag key, the dataclasses it picks from).
-TAGGED = {MethodConfig: ("name", method_configs)}
+# The recipe's tagged sections: the field's declared type -> (the tag key, the dataclasses it picks from,
+# whether the tag's value alone may stand for the section: `objective: dpo`).
+TAGGED = {MethodConfig: ("name", method_configs, False), ObjectiveConfig: ("name", lambda: OBJECTIVES, True)}

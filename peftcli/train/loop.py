@@ -1,9 +1,10 @@
 """The training loop: setup() builds everything, fit() trains, evaluate() measures.
 
 Batches are cut from a seeded permutation per epoch into *global* batches of
-batch_size x processes x gradient_accumulation examples; each process takes its slice. The loss is a
-sum over target tokens divided by the global batch's token count, so one process at batch size 8
-and two processes at batch size 4 compute the same loss and the same update.
+batch_size x processes x gradient_accumulation examples (preference pairs count as one); each process takes
+its slice. What the step minimises is the recipe's train.objective (objectives.py): a sum over the micro-
+batch divided by the global batch's count (target tokens for SFT, pairs for DPO ...), so one process at batch
+size 8 and two processes at batch size 4 compute the same loss and the same update.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from peftcli.methods.modules import adapted_layers, count_parameters
 from peftcli.models.load import load_model, load_tokenizer
 from peftcli.recipe import Recipe
 from peftcli.runs import adapter as adapter_files
-from peftcli.train import loss, schedule, state
+from peftcli.train import reference, schedule, state
+from peftcli.train.objectives import Objective, make_objective
 from peftcli.train.optim import make_optimizer
 from peftcli.train.signals import StopRequest
 
@@ -54,6 +56,7 @@ class Setup:
     total_steps: int
     output_dir: Path
     params: dict
+    objective: Objective
     # The speed-ups in place (peftcli/fast): undone when training ends.
     speedups: fast.Installed = field(default_factory=fast.Installed)
     start_step: int = 0
@@ -147,6 +150,7 @@ def setup(recipe: Recipe, resume_from: Path | None = None, console: Console | No
     model.train()
     optimizer = make_optimizer(model, recipe)
     model, optimizer = accelerator.prepare(model, optimizer)
+    objective = _objective(recipe, accelerator, model, data, speedups, say)
 
     steps_per_epoch = math.ceil(len(data.train) / global_batch)
     total_steps = train.max_steps or max(1, math.ceil((train.epochs or 1.0) * steps_per_epoch))
@@ -163,6 +167,7 @@ def setup(recipe: Recipe, resume_from: Path | None = None, console: Console | No
         total_steps,
         output_dir,
         params,
+        objective,
         speedups=speedups,
         console=console,
     )
@@ -200,6 +205,24 @@ def check_data(recipe: Recipe, data, processes: int) -> None:
             f" x {processes} processes" if processes > 1 else "",
             examples,
         )
+
+
+def _objective(recipe: Recipe, accelerator: Accelerator, model, data, speedups, say) -> Objective:
+    """The recipe's objective; where it needs them, the reference policy's log-probs for every row of the
+    data (train/reference.py), before any update and before a resumed run loads its trained state: the main
+    process computes them, the others read its cache."""
+    objective = make_objective(recipe, speedups, lambda t: accelerator.reduce(t, "sum"))
+    if not objective.needs_reference:
+        return objective
+    splits = {"train": data.train, "validation": data.validation}
+    splits = {name: split for name, split in splits.items() if split is not None}
+    size = 2 * (recipe.train.eval_batch_size or recipe.train.batch_size)  # rows: a pair is two
+    with accelerator.main_process_first():
+        hit = reference.attach(
+            splits, accelerator.unwrap_model(model), recipe, data, objective.token_logprobs, size, accelerator
+        )
+    say(f"reference log-probs: {'from cache' if hit else 'computed and cached'}")
+    return objective
 
 
 def build_model(
@@ -245,20 +268,13 @@ def micro_batches(s: Setup, step: int) -> list[dict[str, torch.Tensor]]:
     return batches
 
 
-def loss_sum(s: Setup, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed loss over the batch's targets: the speed-ups' loss where one is installed, else the plain."""
-    if s.speedups.loss is not None:
-        return s.speedups.loss(model, batch)
-    return loss.loss_sum(model, batch, s.task)
-
-
 def _to(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
 @torch.no_grad()
 def evaluate(s: Setup) -> dict[str, float] | None:
-    """Loss (and perplexity or accuracy) over this process's shard of the validation set, reduced."""
+    """The objective's eval metrics over this process's shard of the validation set, reduced."""
     if not s.eval_examples:
         return None
     model = s.accelerator.unwrap_model(s.model)
@@ -270,25 +286,15 @@ def evaluate(s: Setup) -> dict[str, float] | None:
     size = t.eval_batch_size or t.batch_size
     if t.max_eval_batches:
         shard = shard[: size * t.max_eval_batches]
-    classify = s.task == "sequence-classification"
-    totals = torch.zeros(3, dtype=torch.float64, device=s.accelerator.device)  # loss, targets, correct
+    totals = torch.zeros(len(s.objective.EVAL_SUMS), dtype=torch.float64)
     for start in range(0, len(shard), size):
         rows = [s.eval_examples[i] for i in shard[start : start + size]]
         batch = _to(collate(rows, s.pad_id), s.accelerator.device)
         with s.accelerator.autocast():
-            if classify:  # one forward gives both the loss and the predictions
-                logits = loss.logits_of(model, batch)
-                totals[0] += float(loss.classification_loss_sum(logits, batch["labels"]))
-                totals[2] += int((logits.argmax(-1) == batch["labels"]).sum())
-            else:
-                totals[0] += float(loss_sum(s, model, batch))
-        totals[1] += loss.num_targets(batch, s.task)
-    totals = s.accelerator.reduce(totals, "sum")
+            totals += s.objective.eval_sums(model, batch)
+    totals = s.accelerator.reduce(totals.to(s.accelerator.device), "sum").cpu()
     model.train(was_training)
-    mean = float(totals[0] / max(totals[1], 1))
-    if classify:
-        return {"loss": mean, "accuracy": float(totals[2] / max(totals[1], 1))}
-    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
+    return s.objective.eval_metrics(totals)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -352,14 +358,11 @@ def train_step(s: Setup, step: int) -> dict:
     non-finite loss or gradient norm made it skip the update."""
     t, acc = s.recipe.train, s.accelerator
     batches = [_to(b, acc.device) for b in micro_batches(s, step)]
-    counts = torch.tensor(
-        [
-            sum(loss.num_targets(b, s.task) for b in batches),
-            sum(int(b["attention_mask"].sum()) for b in batches),
-        ],
-        device=acc.device,
-    )
-    global_targets, global_tokens = (int(x) for x in acc.reduce(counts, "sum"))
+    # What each micro-batch's loss is divided by: the objective's counts over the global batch.
+    counts = torch.stack([s.objective.counts(b) for b in batches]).sum(0)
+    tokens = sum(int(v.sum()) for b in batches for k, v in b.items() if k.endswith("attention_mask"))
+    totals = acc.reduce(torch.cat([counts, counts.new_tensor([tokens])]).to(acc.device), "sum")
+    global_tokens = int(totals[-1])
     lr = schedule.learning_rate(t, step, s.total_steps)
     for group in s.optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -368,11 +371,11 @@ def train_step(s: Setup, step: int) -> dict:
         # Only the last micro-batch syncs gradients across processes.
         context = acc.no_sync(s.model) if i < len(batches) - 1 else contextlib.nullcontext()
         with context, acc.autocast():
-            value = loss_sum(s, s.model, batch)
+            value = s.objective.loss(s.model, batch, totals)
             step_loss += value.detach()
-            # DDP averages gradients over processes: scale so the update is sum / global_targets.
-            acc.backward(value * acc.num_processes / max(global_targets, 1))
-    step_loss = float(acc.reduce(step_loss, "sum")) / max(global_targets, 1)
+            # DDP averages gradients over processes: scale so the update is the global batch's.
+            acc.backward(value * acc.num_processes)
+    step_loss = float(acc.reduce(step_loss, "sum"))
     if not math.isfinite(step_loss):
         s.optimizer.zero_grad(set_to_none=True)
         return {"stopped": f"non-finite loss ({step_loss}) at step {step + 1}"}

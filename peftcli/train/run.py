@@ -211,6 +211,7 @@ def _report(
     train_losses = [r["loss"] for r in all_metrics if r["type"] == "train"]  # resumed runs too
     return {
         "method": recipe.method.name,
+        "objective": recipe.train.objective.name,
         "model": recipe.model.name,
         "task": recipe.model.task,
         "params": s.params,

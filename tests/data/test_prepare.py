@@ -30,19 +30,6 @@ CHAT = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def plain_tok():
-    """A base-model tokenizer: no chat template."""
-    tokenizer = tiny_tokenizer()
-    tokenizer.chat_template = None
-    return tokenizer
-
-
 def write(path: Path, rows: list[dict]) -> str:
     """Write rows as the file type (or save_to_disk dir) the name says; returns the path as a string."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -266,7 +253,7 @@ def test_classification_truncation_and_unseen_validation_label(tmp_path, tok):
     assert prepared.num_truncated == 1 and prepared.train.lengths == [8, 5]
     validation = write(tmp_path / "v.jsonl", [{"text": "t", "label": "a"}, {"text": "u", "label": "zzz"}])
     with pytest.raises(
-        UserError, match=r"v\.jsonl: label `zzz` \(row 2\) never appears in the training data"
+        UserError, match=r"v\.jsonl: line 2: column `label`: label `zzz` never appears in the training data"
     ):
         prep(
             tmp_path,
@@ -417,12 +404,15 @@ def test_missing_file(tmp_path, tok):
 @pytest.mark.parametrize("name", ["d.jsonl", "d.csv", "d.parquet", "saved"])
 def test_missing_column_names_the_columns_that_exist(tmp_path, tok, name):
     train = write(tmp_path / name, [{"txt": "a", "label": "x"}])
-    pattern = r"no column `text` \(data\.text_column\); its columns: txt, label \(did you mean `txt`\?\)"
+    pattern = (
+        r"no column `text` \(the text format's `text`; name yours with data.columns: \{text: \.\.\.\}\); "
+        r"its columns: txt, label \(did you mean `txt`\?\)"
+    )
     with pytest.raises(UserError, match=pattern):
         check_data_source(DataSection(train=train))
     with pytest.raises(UserError, match=pattern):
         prep(tmp_path, tok, train=train)
-    with pytest.raises(UserError, match=r"no column `output` \(data\.output_column\)"):
+    with pytest.raises(UserError, match=r"no column `output` \(the instruction format's `output`"):
         check_data_source(
             DataSection(
                 train=write(tmp_path / "i.jsonl", [{"instruction": "a", "out": "b"}]), format="instruction"
@@ -464,12 +454,21 @@ def test_all_examples_empty_after_tokenization(tmp_path, tok, plain_tok):
         )
 
 
-@pytest.mark.parametrize("bad", ["just text", [{"role": "user"}], [{"from": "human", "value": "hi"}], []])
-def test_malformed_chat_rows(tmp_path, tok, bad):
+@pytest.mark.parametrize(
+    ("bad", "says"),
+    [
+        ("just text", r": expected a list of \{role, content\} messages"),
+        ([], r": expected a list of \{role, content\} messages"),
+        ([{"role": "user"}], r", message 1: `content`: expected text"),
+        ([{"role": "user", "content": "hi"}, "hello"], r", message 2: expected a \{role, content\} message"),
+        ([{"content": "hi"}], r", message 1: expected a \{role, content\} message"),
+    ],
+)
+def test_malformed_chat_rows(tmp_path, tok, bad, says):
     rows = [{"messages": CHAT}, {"messages": bad}]
     train = tmp_path / "d.jsonl"
     train.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    pattern = r"d\.jsonl: row 2: column `messages`: expected a list of \{role, content\} messages"
+    pattern = r"d\.jsonl: line 2: column `messages`" + says
     with pytest.raises(UserError, match=pattern):
         check_data_source(DataSection(train=str(train), format="chat"))
     with pytest.raises(UserError, match=pattern):

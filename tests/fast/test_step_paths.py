@@ -31,7 +31,7 @@ from peftcli.fast import checkpointing, chunked_loss
 from peftcli.fast import lora as fast_lora
 from peftcli.fast.chunked_loss import ChunkedLoss
 from peftcli.methods import METHODS, Context, lora, make_config
-from peftcli.train.loss import causal_lm_loss_sum
+from peftcli.train.loss import causal_lm_loss_sum, model_token_logprobs, token_logprobs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,16 +48,24 @@ def labelled(n: int = 2, length: int = 12, seed: int = 1) -> dict[str, torch.Ten
 # chunked cross-entropy
 
 
-@pytest.mark.parametrize("chunk_rows", [1, 3, 7, 64, 4096])
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_chunked_loss_equals_the_plain_loss_and_gradients(monkeypatch, chunk_rows, with_bias):
-    monkeypatch.setattr(chunked_loss, "CHUNK_ROWS", chunk_rows)
+def head_case(with_bias: bool):
+    """(a seeded generator, final hidden states (3, 10, 16), a head (50, 16) and maybe its bias, labels with
+    a masked prompt and right padding)."""
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(3, 10, 16, generator=g, requires_grad=True)
     weight = torch.randn(50, 16, generator=g)
     bias = torch.randn(50, generator=g) if with_bias else None
     labels = torch.randint(0, 50, (3, 10), generator=g)
     labels[0, :5] = IGNORE_INDEX
+    labels[2, 7:] = IGNORE_INDEX
+    return g, hidden, weight, bias, labels
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, 7, 64, 4096])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_chunked_loss_equals_the_plain_loss_and_gradients(monkeypatch, chunk_rows, with_bias):
+    monkeypatch.setattr(chunked_loss, "CHUNK_ROWS", chunk_rows)
+    _, hidden, weight, bias, labels = head_case(with_bias)
 
     plain = causal_lm_loss_sum(nn.functional.linear(hidden, weight, bias), labels)
     (plain_grad,) = torch.autograd.grad(2.5 * plain, hidden)
@@ -67,6 +75,39 @@ def test_chunked_loss_equals_the_plain_loss_and_gradients(monkeypatch, chunk_row
     assert close(chunked_grad, plain_grad)
     with torch.no_grad():  # evaluation: no gradient formed, same value
         assert close(chunked_loss.chunked_causal_lm_loss_sum(hidden, weight, bias, labels), plain)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 4, 4096])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_chunked_token_logprobs_equal_the_plain_ones_and_their_gradients(monkeypatch, chunk_rows, with_bias):
+    """The preference objectives' path: per-position log-probs, and gradients under an upstream gradient
+    that differs per position (as DPO's does per sequence)."""
+    monkeypatch.setattr(chunked_loss, "CHUNK_ROWS", chunk_rows)
+    g, hidden, weight, bias, labels = head_case(with_bias)
+    upstream = torch.randn(3, 9, generator=g)
+
+    plain = token_logprobs(nn.functional.linear(hidden, weight, bias), labels)
+    chunked = chunked_loss.chunked_token_logprobs(hidden, weight, bias, labels)
+    assert chunked.shape == (3, 9) and torch.all(chunked[labels[:, 1:] == IGNORE_INDEX] == 0)
+    assert close(chunked, plain)
+    (plain_grad,) = torch.autograd.grad((upstream * plain).sum(), hidden)
+    (chunked_grad,) = torch.autograd.grad((upstream * chunked).sum(), hidden)
+    assert close(chunked_grad, plain_grad)
+
+
+def test_chunked_token_logprobs_on_a_lora_model_match_the_plain_ones():
+    model, b = lora_model("llama"), labelled()
+    chunked = ChunkedLoss.for_model(model)
+    weights = torch.linspace(-1, 2, 22).reshape(2, 11)
+    plain = model_token_logprobs(model, b)
+    assert close(chunked.token_logprobs(model, b), plain)
+    plain_grads = torch.autograd.grad(
+        (weights * plain).sum(), [p for p in model.parameters() if p.requires_grad]
+    )
+    fast = torch.autograd.grad(
+        (weights * chunked.token_logprobs(model, b)).sum(), [p for p in model.parameters() if p.requires_grad]
+    )
+    assert all(close(a, b) for a, b in zip(fast, plain_grads, strict=True))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])

@@ -546,6 +546,89 @@ BROKEN = [
     ("set-python-tag", GOOD, ["output_dir=!!python/name:os.getcwd ''"], ["--set output_dir: the YAML tag"]),
     ("set-missing-data", GOOD, ["data.train=./nope.jsonl"], ["--set data.train: not found: ./nope.jsonl"]),
     ("set-empty-value", GOOD, ["model.name="], ["--set model.name: has no value; expected a string"]),
+    # train.objective and the data it trains on
+    (
+        "objective-unknown",
+        GOOD + "train:\n  objective: dop\n",
+        [],
+        ["recipe.yaml:6: train.objective.name: unknown value 'dop' (did you mean `dpo`?)"],
+    ),
+    (
+        "objective-range",
+        GOOD + "  format: preference\ntrain:\n  objective:\n    name: dpo\n    beta: 0\n",
+        [],
+        ["recipe.yaml:9: train.objective.beta: must be > 0, got 0.0"],
+    ),
+    (
+        "objective-unknown-key",
+        GOOD + "  format: preference\ntrain:\n  objective: {name: dpo, betta: 0.2}\n",
+        [],
+        ["train.objective.betta: unknown key (did you mean `beta`?); known keys here: name, beta, loss_type"],
+    ),
+    (
+        "objective-needs-pairs",
+        GOOD + "train:\n  objective: dpo\n",
+        [],
+        ["recipe.yaml:6: train.objective: dpo trains on data.format: preference, but data.format is text"],
+    ),
+    (
+        "pairs-need-an-objective",
+        GOOD + "  format: preference\n",
+        [],
+        [
+            "recipe.yaml:5: data.format: preference data trains with train.objective dpo or orpo or simpo, "
+            "not sft"
+        ],
+    ),
+    (
+        "label-smoothing-hinge",
+        GOOD
+        + "  format: preference\ntrain:\n  objective: {name: dpo, loss_type: hinge, label_smoothing: 0.1}\n",
+        [],
+        ["train.objective.label_smoothing: applies to loss_type sigmoid or robust, not hinge"],
+    ),
+    (
+        "orpo-lambda",
+        GOOD + "  format: preference\ntrain:\n  objective:\n    name: orpo\n    lambda: -1\n",
+        [],
+        ["recipe.yaml:9: train.objective.lambda: must be > 0, got -1.0"],
+    ),
+    (
+        "kto-packing",
+        GOOD + "  format: kto\n  packing: true\ntrain:\n  objective: kto\n",
+        [],
+        ["recipe.yaml:6: data.packing: kto compares whole answers: packing does not apply"],
+    ),
+    ("set-objective-key", GOOD, ["train.objective.beta=0.2"], ["--set train.objective.beta: unknown key"]),
+    # data.columns and data.roles
+    (
+        "columns-unknown-field",
+        GOOD + "  columns: {txt: body}\n",
+        [],
+        [
+            "recipe.yaml:5: data.columns.txt: the text format reads no `txt` (did you mean `text`?); "
+            "it reads text"
+        ],
+    ),
+    (
+        "columns-not-a-mapping",
+        GOOD + "  columns: [a]\n",
+        [],
+        ["data.columns: expected a mapping from the format's"],
+    ),
+    ("columns-number-key", GOOD + "  columns: {1: a}\n", [], ["data.columns: keys must be names, got 1"]),
+    (
+        "roles-unknown-role",
+        GOOD + "  format: chat\n  roles: {bot: assistent}\n",
+        [],
+        ["recipe.yaml:6: data.roles.bot: maps to `assistent` (did you mean `assistant`?); a role is one of"],
+    ),
+    (
+        "old-column-key-conflict",
+        GOOD + "  text_column: body\n  columns: {text: other}\n",
+        [],
+        ["recipe.yaml:5: data.text_column: names column `body`, but data.columns.text names `other`"],
+    ),
 ]
 
 
@@ -729,6 +812,43 @@ def test_dump_round_trips_through_load(workdir):
     assert load_recipe(None, data=yaml.safe_load(dumped)) == recipe  # plain YAML readers see the same
     defaults = load_recipe(_write(GOOD))
     assert load_recipe(_write(dump_recipe(defaults), "defaults.yaml")) == defaults
+
+
+def test_objective_by_name_as_a_section_and_by_set(workdir):
+    from peftcli.recipe.schema import DPO, ORPO, SFT
+
+    pairs = GOOD + "  format: preference\ntrain:\n  objective: dpo\n"
+    assert load_recipe(_write(pairs)).train.objective == DPO()
+    assert load_recipe(_write(pairs), ["train.objective.beta=0.3"]).train.objective == DPO(beta=0.3)
+    assert load_recipe(_write(pairs), ["train.objective=orpo"]).train.objective == ORPO()
+    orpo = load_recipe(
+        _write(GOOD + "  format: preference\ntrain:\n  objective: {name: orpo, lambda: 0.5}\n")
+    )
+    assert orpo.train.objective == ORPO(lambda_=0.5)
+    assert (
+        "    lambda: 0.5\n" in dump_recipe(orpo) and load_recipe(_write(dump_recipe(orpo), "o.yaml")) == orpo
+    )
+    sft = load_recipe(_write(GOOD))
+    assert sft.train.objective == SFT() and "  objective: sft\n" in dump_recipe(sft)
+
+
+def test_old_column_keys_are_read_into_columns(workdir):
+    recipe = load_recipe(_write(GOOD + "  text_column: body\n"))
+    assert recipe.data.columns == {"text": "body"}
+    assert load_recipe(_write(GOOD), ["data.text_column=b"]).data.columns == {"text": "b"}
+    # A run's recipe.yaml from before data.columns lists all six keys at their defaults.
+    old = "".join(
+        f"  {name}: {name.removesuffix('_column')}\n" for name in ("text_column", "messages_column")
+    )
+    old += "  label_column: stars\n  instruction_column: task\n"  # not read by the text format: dropped
+    assert load_recipe(_write(GOOD + old)).data.columns == {}
+    classes = load_recipe(
+        _write(GOOD + "  label_column: stars\n  format: classification\n"),
+        ["model.task=sequence-classification"],
+    )
+    assert classes.data.columns == {"label": "stars"}
+    with pytest.raises(RecipeError, match=r"recipe.yaml:5: data.label_column: expected a column name, got 3"):
+        load_recipe(_write(GOOD + "  label_column: 3\n"))
 
 
 def test_dump_lists_every_field(workdir):

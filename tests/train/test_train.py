@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -26,7 +27,7 @@ from peftcli.models.sources import resolve
 from peftcli.recipe import load_recipe
 from peftcli.runs import adapter as checkpoint
 from peftcli.runs import rundir
-from peftcli.train import loop
+from peftcli.train import loop, objectives
 from peftcli.train.run import TrainingStopped, run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,6 +46,19 @@ TEXT = [{"text": f"The number {i} comes after {i - 1}."} for i in range(24)]
 INSTRUCTION = [
     {"instruction": "Double the number.", "input": str(i), "output": str(2 * i)} for i in range(24)
 ]
+PREFERENCE = [
+    {"prompt": f"What is {i} plus {i}?", "chosen": f"It is {2 * i}.", "rejected": f"Maybe {i + 1}, or {i}."}
+    for i in range(24)
+]
+KTO = [
+    {
+        "prompt": f"What is {i} plus {i}?",
+        "completion": f"It is {2 * i}." if i % 3 else f"About {i}.",
+        "label": i % 3 > 0,
+    }
+    for i in range(24)
+]
+ROWS = {"preference": PREFERENCE, "kto": KTO}
 CLASSES = [
     {"text": f"{'good' if i % 2 else 'bad'} trip number {i}", "label": "pos" if i % 2 else "neg"}
     for i in range(24)
@@ -168,6 +182,10 @@ def test_train_writes_a_reloadable_run(tmp_path, bases, arch, fmt, method):
         load_recipe(out / "recipe.yaml", [f"output_dir={tmp_path / 'again'}", f"method.from_adapter={out}"])
     )
     assert loop.evaluate(reloaded)["loss"] == pytest.approx(report["eval"]["after"]["loss"], abs=1e-5)
+    check_generates(out, fmt)
+
+
+def check_generates(out: Path, fmt: str) -> None:
     if fmt == "classification":
         assert json.loads((out / "labels.json").read_text()) == ["neg", "pos"]
         assert run_predict(out, "good trip").split(" ")[0] in ("neg", "pos")
@@ -175,33 +193,91 @@ def test_train_writes_a_reloadable_run(tmp_path, bases, arch, fmt, method):
         assert isinstance(run_generate(out, "What is 3 plus 3?", max_new_tokens=3), str)
 
 
-# Each with some randomness in training (dropout of inputs, rows, whole layers): the RNG state must be
-# restored too.
-RESUME_CASES = [
-    {"name": "lora", "rank": 4, "dropout": 0.1},
-    {"name": "lora", "rank": 4, "dropout": 0.1, "use_dora": True, "loraplus_lr_ratio": 4.0},
-    # the checkpoint holds the initial factors the residual base is rebuilt from
-    {"name": "lora", "rank": 4, "init": "pissa_niter_2", "loraplus_lr_ratio": 4.0},
-    {"name": "ia3"},
-    {"name": "vera", "rank": 8, "dropout": 0.1},
-    {"name": "loha", "rank": 2, "rank_dropout": 0.2, "module_dropout": 0.2},
-    {"name": "lokr", "rank": 2, "rank_dropout": 0.2, "rank_dropout_scale": True},
-    {"name": "oft", "block_size": 8, "block_share": True},
+# Every method of the registry trains with a preference objective (DPO's reference switches the method off),
+# and every objective trains with LoRA: the run reloads, evaluates and generates like an SFT run.
+PREFERENCE_CASES = [
+    ("llama", {"name": "lora", "rank": 4, "target_modules": "all-linear"}, "dpo"),
+    ("gpt2", {"name": "lora", "rank": 4}, "orpo"),
+    ("llama", {"name": "lora", "rank": 4}, "simpo"),
+    ("llama", {"name": "lora", "rank": 4}, "kto"),
+    ("llama", {"name": "prefix-tuning", "num_virtual_tokens": 4}, "dpo"),
+    ("gpt2", {"name": "prompt-tuning", "num_virtual_tokens": 4}, "kto"),
+    ("llama", {"name": "adapter", "placement": "houlsby"}, "dpo"),
+    ("gpt2", {"name": "bitfit"}, "dpo"),
+    ("llama", {"name": "lora", "rank": 4, "use_dora": True}, "dpo"),
+    ("llama", {"name": "ia3"}, "dpo"),
+    ("gpt2", {"name": "vera", "rank": 16}, "kto"),
+    ("llama", {"name": "oft", "block_size": 8}, "dpo"),
 ]
 
 
-@pytest.mark.parametrize("method", RESUME_CASES, ids=_case_id)
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, bases, method, monkeypatch):
+@pytest.mark.parametrize(
+    ("arch", "method", "objective"), PREFERENCE_CASES, ids=lambda v: v if isinstance(v, str) else v["name"]
+)
+def test_preference_objectives_train_every_method(tmp_path, bases, arch, method, objective):
+    fmt = "kto" if objective == "kto" else "preference"
+    recipe = load_recipe(
+        write_recipe(tmp_path, bases[arch], ROWS[fmt], fmt, method, objective=objective, learning_rate=3e-2)
+    )
+    run(recipe)
+    out = Path(recipe.output_dir)
+    report = json.loads((out / "report.json").read_text())
+    assert report["objective"] == objective and report["steps"] == 4
+    before, after = report["eval"]["before"], report["eval"]["after"]
+    for key in ("loss", "reward_margin", "accuracy", "chosen_logps", "rejected_logps"):
+        assert math.isfinite(before[key]) and math.isfinite(after[key]), key
+    assert after["loss"] < before["loss"] and after["reward_margin"] > before["reward_margin"]
+    # A fresh adapter of these is the identity: the policy starts as the reference, with no margin (virtual
+    # tokens are not the identity, so prefix and prompt tuning start off it).
+    if objective in ("dpo", "kto") and method["name"] in ("lora", "adapter", "bitfit"):
+        assert before["reward_margin"] == pytest.approx(0.0, abs=1e-4)
+        assert before["accuracy"] == pytest.approx(0.5, abs=0.2)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"reward_margin", "accuracy"} <= metrics[-1].keys() and "reward margin" in (
+        out / "report.md"
+    ).read_text()
+    # The adapter reloads onto a fresh base: the policy's log-probs are the trained model's.
+    again = load_recipe(
+        out / "recipe.yaml", [f"output_dir={tmp_path / 'again'}", f"method.from_adapter={out}"]
+    )
+    reloaded = loop.evaluate(loop.setup(again))
+    for key in ("chosen_logps", "rejected_logps"):
+        assert reloaded[key] == pytest.approx(after[key], abs=1e-4)
+    check_generates(out, fmt)
+
+
+# Each with some randomness in training (dropout of inputs, rows, whole layers): the RNG state must be
+# restored too; and each objective with state of its own (DPO's cached reference, KTO's reference point).
+LORA_DROPOUT = {"name": "lora", "rank": 4, "dropout": 0.1}
+OBJECTIVE_CASES = [("chat", "sft"), ("preference", "dpo"), ("kto", "kto")]
+RESUME_CASES = [
+    ("chat", "sft", LORA_DROPOUT),
+    ("preference", "dpo", LORA_DROPOUT),
+    ("kto", "kto", LORA_DROPOUT),
+    ("chat", "sft", {"name": "lora", "rank": 4, "dropout": 0.1, "use_dora": True, "loraplus_lr_ratio": 4.0}),
+    # the checkpoint holds the initial factors the residual base is rebuilt from
+    ("chat", "sft", {"name": "lora", "rank": 4, "init": "pissa_niter_2", "loraplus_lr_ratio": 4.0}),
+    ("chat", "sft", {"name": "ia3"}),
+    ("chat", "sft", {"name": "vera", "rank": 8, "dropout": 0.1}),
+    ("chat", "sft", {"name": "loha", "rank": 2, "rank_dropout": 0.2, "module_dropout": 0.2}),
+    ("chat", "sft", {"name": "lokr", "rank": 2, "rank_dropout": 0.2, "rank_dropout_scale": True}),
+    ("chat", "sft", {"name": "oft", "block_size": 8, "block_share": True}),
+]
+
+
+@pytest.mark.parametrize(("fmt", "objective", "method"), RESUME_CASES, ids=_case_id)
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, bases, fmt, objective, method, monkeypatch):
     path = write_recipe(
         tmp_path,
         bases["llama"],
-        CHAT,
-        "chat",
+        ROWS.get(fmt, CHAT),
+        fmt,
         method,
         max_steps=6,
         save_every=3,
         gradient_accumulation=2,
         batch_size=2,
+        objective=objective,
     )
     run(load_recipe(path))
     out = tmp_path / "run"
@@ -315,18 +391,15 @@ def test_existing_run_is_never_overwritten_silently(tmp_path, bases):
 
 def test_nan_loss_stops_and_keeps_the_last_good_adapter(tmp_path, bases, monkeypatch):
     recipe = load_recipe(write_recipe(tmp_path, bases["llama"], CHAT, "chat", max_steps=5))
-    real = loop.loss_sum
+    real = objectives.Supervised.loss
     calls = {"train": 0}
 
-    def poisoned(s, model, batch):
-        loss = real(s, model, batch)
-        if model.training:
-            calls["train"] += 1
-            if calls["train"] == 3:  # the third optimizer step's loss is NaN
-                return loss * float("nan")
-        return loss
+    def poisoned(self, model, batch, totals):
+        calls["train"] += 1
+        loss = real(self, model, batch, totals)
+        return loss * float("nan") if calls["train"] == 3 else loss  # the third optimizer step's loss
 
-    monkeypatch.setattr(loop, "loss_sum", poisoned)
+    monkeypatch.setattr(objectives.Supervised, "loss", poisoned)
     with pytest.raises(TrainingStopped, match="non-finite loss .* step 3") as info:
         run(recipe)
     assert info.value.exit_code == 1
@@ -375,9 +448,12 @@ def test_bad_data_is_refused_before_the_model_loads(tmp_path, bases):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path, bases):
+@pytest.mark.parametrize(("fmt", "objective"), OBJECTIVE_CASES, ids=[o for _, o in OBJECTIVE_CASES])
+def test_two_processes_match_one(tmp_path, bases, fmt, objective):
     """accelerate launch with 2 CPU processes at batch 2 == one process at batch 4 (same global batch)."""
-    one = write_recipe(tmp_path, bases["llama"], CHAT, "chat", max_steps=3, batch_size=4)
+    one = write_recipe(
+        tmp_path, bases["llama"], ROWS.get(fmt, CHAT), fmt, max_steps=3, batch_size=4, objective=objective
+    )
     assert train_cli(str(one)).returncode == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run(
