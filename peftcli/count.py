@@ -54,6 +54,38 @@ def count_methods(
     return meta_counts(source, methods, task, trust_remote_code)
 
 
+def count_or_refusal(
+    model: ModelSource | str,
+    methods: list[MethodConfig],
+    task: str | None = None,
+    trust_remote_code: bool = False,
+) -> list[Count | UserError]:
+    """Each method's Count, or the UserError its injection raises where it does not apply to the model
+    (BitFit on a bias-free Llama): from the config's shapes where they are modelled, else on the meta model
+    (built once). The shape path's refusals come from the same name rules inject uses (methods/layout.py)."""
+    source = resolve(model) if isinstance(model, str) else model
+    shapes = config_shapes(source, task, trust_remote_code)
+    results: list[Count | UserError | None] = []
+    for method in methods:
+        try:
+            results.append(shape_count(shapes, method) if shapes is not None else None)
+        except NotModelled:
+            results.append(None)
+        except UserError as e:
+            results.append(e)
+    unknown = [i for i, r in enumerate(results) if r is None]
+    if unknown:
+        from peftcli.models.load import meta_model
+
+        base = meta_model(source, task, trust_remote_code)
+        for i in unknown:
+            try:
+                results[i] = injected_counts(base, [methods[i]], task, copy_base=True)[0]
+            except UserError as e:
+                results[i] = e
+    return results
+
+
 def meta_counts(
     model: ModelSource | str,
     methods: list[MethodConfig],
@@ -67,8 +99,11 @@ def meta_counts(
     return injected_counts(meta_model(source, task, trust_remote_code), methods, task)
 
 
-def injected_counts(base, methods: list[MethodConfig], task: str | None = None) -> list[Count]:
-    """One Count per method, each injected into its own copy of `base` (the last into `base` itself)."""
+def injected_counts(
+    base, methods: list[MethodConfig], task: str | None = None, copy_base: bool = False
+) -> list[Count]:
+    """One Count per method, each injected into its own copy of `base` (the last into `base` itself unless
+    `copy_base`)."""
     import copy
 
     from peftcli.methods.modules import count_parameters
@@ -77,7 +112,7 @@ def injected_counts(base, methods: list[MethodConfig], task: str | None = None) 
     counts = []
     for i, method in enumerate(methods):
         # The last method may take the base itself: a deep copy of a 175B meta model costs ~0.6 s.
-        model = base if i == len(methods) - 1 else copy.deepcopy(base)
+        model = base if i == len(methods) - 1 and not copy_base else copy.deepcopy(base)
         model = METHODS[method.name].inject(model, method, context)
         trainable, total = count_parameters(model)
         counts.append(Count(method.name, trainable, total))

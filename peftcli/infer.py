@@ -87,12 +87,28 @@ def run_generate(
     model, tokenizer, info = load_for_inference(run_dir, base)
     if info.task == "sequence-classification":
         return _format_prediction(*classify(model, tokenizer, info, prompt))
-    input_ids, attention_mask = encode_prompt(tokenizer, prompt, prompt_style(tokenizer, info, raw))
-    input_ids, attention_mask = input_ids.to(info.device), attention_mask.to(info.device)
+    style = prompt_style(tokenizer, info.data_format, raw)
+    sampling = {"temperature": temperature, "top_p": top_p, "seed": seed} if sample else None
+    return complete(model, tokenizer, prompt, style, info.device, max_new_tokens, sampling)
+
+
+def complete(
+    model: nn.Module,
+    tokenizer,
+    prompt: str,
+    style: str,
+    device: torch.device,
+    max_new_tokens: int = 64,
+    sampling: dict | None = None,
+) -> str:
+    """The new text a loaded causal LM writes after `prompt` (put to it in `style`, see prompt_style):
+    greedy, or sampled with `sampling` = {"temperature", "top_p", "seed"} (temperature 0 is greedy too)."""
+    input_ids, attention_mask = encode_prompt(tokenizer, prompt, style)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
-    if sample and temperature > 0:
-        torch.manual_seed(seed)  # generate() draws from the global generator (every device)
-        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+    if sampling and sampling["temperature"] > 0:
+        torch.manual_seed(sampling["seed"])  # generate() draws from the global generator (every device)
+        kwargs.update(do_sample=True, temperature=sampling["temperature"], top_p=sampling["top_p"])
     with torch.no_grad():
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     new_tokens = output[0, input_ids.shape[1] :]
@@ -111,15 +127,15 @@ def run_predict(run_dir: str | Path, text: str, base: str | None = None) -> str:
     return _format_prediction(*classify(model, tokenizer, info, text))
 
 
-def prompt_style(tokenizer, info: InferenceInfo, raw: bool) -> str:
-    """How the prompt is put to the model, the way the run's training data was rendered:
-    "chat" (the chat template), "instruction" (data.py's plain prompt, for instruction data and a
-    tokenizer without a template) or "raw"."""
+def prompt_style(tokenizer, data_format: str | None, raw: bool) -> str:
+    """How the prompt is put to the model, the way the run's training data (of `data_format`; None: a bare
+    adapter dir) was rendered: "chat" (the chat template), "instruction" (data.py's plain prompt, for
+    instruction data and a tokenizer without a template) or "raw"."""
     if raw:
         return "raw"
     if getattr(tokenizer, "chat_template", None):
-        return "chat" if info.data_format is None or info.data_format in CHAT_FORMATS else "raw"
-    return "instruction" if info.data_format == "instruction" else "raw"
+        return "chat" if data_format is None or data_format in CHAT_FORMATS else "raw"
+    return "instruction" if data_format == "instruction" else "raw"
 
 
 def encode_prompt(tokenizer, prompt: str, style: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from typer.testing import CliRunner
 
 from peftcli.cli import app
-from peftcli.count import count_methods
+from peftcli.count import count_methods, count_or_refusal
+from peftcli.errors import UserError
 from peftcli.methods import make_config
 
 runner = CliRunner()
@@ -111,3 +112,20 @@ def test_count_an_adapter_dir_written_by_hf_peft(tmp_path):
     assert result.exit_code == 0, result.output
     (row,) = json.loads(result.stdout)
     assert (row["trainable"], row["total"]) == hf.get_nb_trainable_parameters()
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])  # from shapes; on the meta model (OPT is not modelled)
+def test_count_or_refusal_gives_each_methods_count_or_why_it_does_not_apply(tmp_path, arch):
+    path = _config_dir(tmp_path, tiny_config(arch))
+    methods = [
+        make_config("lora", rank=2),
+        make_config("lora", target_modules=["nope_proj"]),
+        make_config("bitfit"),
+        make_config("prompt-tuning", num_virtual_tokens=3),
+    ]
+    results = count_or_refusal(path, methods, "causal-lm")
+    fits = [methods[i] for i in ((0, 2, 3) if arch == "opt" else (0, 3))]
+    assert [r for r in results if not isinstance(r, UserError)] == count_methods(path, fits, "causal-lm")
+    assert isinstance(results[1], UserError) and "nope_proj" in str(results[1])
+    if arch == "llama":  # bias-free
+        assert isinstance(results[2], UserError) and "no bias terms" in str(results[2])

@@ -28,7 +28,7 @@ import torch
 
 from peftcli.data import cache
 from peftcli.data.batches import TokenizedDataset
-from peftcli.data.render import FORMAT_COLUMNS, as_text, render_row, short
+from peftcli.data.render import FORMAT_COLUMNS, as_text, probe_pair, render_row, short
 from peftcli.data.sources import DataSource, check_columns
 from peftcli.data.tokenize import causal_examples, classification_examples, pack
 from peftcli.errors import UserError
@@ -182,6 +182,41 @@ def _cache_key(data: DataSection, tokenizer, task: str, seed: int) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def _held_out(num_rows: int, data: DataSection, seed: int) -> tuple[list[int], list[int]]:
+    """(training rows, validation rows), 0-based: a fraction data.validation of the rows, picked with the
+    seed."""
+    held = max(1, round(num_rows * data.validation))
+    if held >= num_rows:
+        raise UserError(
+            f"{data.train_source.where}: {num_rows} rows are too few to hold out "
+            f"data.validation={data.validation}; add rows or set data.validation: null"
+        )
+    picked = set(random.Random(seed).sample(range(num_rows), held))
+    return [i for i in range(num_rows) if i not in picked], sorted(picked)
+
+
+def probe_example(data: DataSection, seed: int) -> tuple[str, str] | None:
+    """(prompt, reference answer) of the first validation row that has both (render.probe_pair), for a
+    look at what a trained model answers; None without validation data or for classification."""
+    if data.format == "classification" or data.validation is None:
+        return None
+    if isinstance(data.validation, float):
+        dataset = data.train_source.load()
+        dataset = dataset.select(_held_out(len(dataset), data, seed)[1], keep_in_memory=True)
+    else:
+        dataset = data.validation_source.load()
+    columns = [
+        c for c in dataset.column_names if c in {getattr(data, f) for f in FORMAT_COLUMNS[data.format]}
+    ]
+    if data.format == "instruction" and data.input_column in dataset.column_names:
+        columns.append(data.input_column)
+    for number, row in _rows(dataset, columns, list(range(1, len(dataset) + 1))):
+        pair = probe_pair(row, data, f"validation row {number}")
+        if pair is not None:
+            return pair
+    return None
+
+
 def prepare_data(
     data: DataSection, tokenizer, task: str, seed: int, cache_dir: str | Path | None = None
 ) -> PreparedData:
@@ -215,17 +250,9 @@ def prepare_data(
     label_names = _label_names(dataset, data, train_source) if classification else None
     parts = [(dataset, list(range(1, len(dataset) + 1)), train_source)]
     if held_out:
-        held = max(1, round(len(dataset) * data.validation))
-        if held >= len(dataset):
-            raise UserError(
-                f"{train_source.where}: {len(dataset)} rows are too few to hold out "
-                f"data.validation={data.validation}; add rows or set data.validation: null"
-            )
-        picked = set(random.Random(seed).sample(range(len(dataset)), held))
-        train_rows = [i for i in range(len(dataset)) if i not in picked]
         parts = [
             (dataset.select(rows, keep_in_memory=True), [i + 1 for i in rows], train_source)
-            for rows in (train_rows, sorted(picked))
+            for rows in _held_out(len(dataset), data, seed)
         ]
     elif val_source is not None:
         validation = val_source.load()

@@ -160,3 +160,28 @@ def render_row(row: dict, data: DataSection, tokenizer, where: str) -> tuple[str
         instruction=instruction, input=PLAIN_INPUT.format(input=extra) if extra else ""
     )
     return prompt + output, [(0 if data.train_on_inputs else len(prompt), len(prompt) + len(output))]
+
+
+def probe_pair(row: dict, data: DataSection, where: str, words: int = 12) -> tuple[str, str] | None:
+    """(prompt, reference answer) of a row, as a model would be asked it after training: a chat's first user
+    turn and the assistant's answer to it; an instruction (with its input) and its output; a text's first
+    `words` words and the rest. None when the row has no such pair."""
+    if data.format == "chat":
+        messages = chat_messages(row.get(data.messages_column), f"{where}: column `{data.messages_column}`")
+        for turn, answer in zip(messages, messages[1:], strict=False):
+            if turn["role"] == "user" and answer["role"] == "assistant" and turn["content"].strip():
+                return turn["content"], answer["content"].strip()
+        return None
+    if data.format == "instruction":
+        instruction = as_text(row.get(data.instruction_column)).strip()
+        extra = as_text(row.get(data.input_column)).strip()
+        output = as_text(row.get(data.output_column)).strip()
+        prompt = f"{instruction}\n\n{extra}" if extra else instruction
+        return (prompt, output) if prompt and output else None
+    if data.format == "text":
+        split = as_text(row.get(data.text_column)).split()
+        if len(split) < 2:
+            return None
+        head = min(words, max(1, len(split) // 2))
+        return " ".join(split[:head]), " ".join(split[head:])
+    return None

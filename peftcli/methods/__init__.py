@@ -4,6 +4,8 @@ A method module owns everything about its method, so adding one is a new module 
 
 - ``NAME`` (the recipe's ``method.name``), ``PEFT_TYPE`` (adapter_config.json's ``peft_type``: HF PEFT's
   name where it has one), ``MERGEABLE`` (and ``WHY_NOT_MERGEABLE`` where it is not).
+- ``LEARNING_RATE`` (optional): the learning rate a recipe that sets none trains it with, from the method's
+  paper or HF PEFT's guide (prompt and prefix tuning need rates ~100x LoRA's); DEFAULT_LEARNING_RATE without.
 - ``Config``: its recipe section, a dataclass subclassing ``base.MethodConfig`` (fields, defaults,
   ``check``).
 - ``count(shapes, config, saved) -> (trainable, added)``: its parameters from the model's shapes alone
@@ -31,9 +33,22 @@ from peftcli.errors import UserError, did_you_mean
 from peftcli.methods import adapter, bitfit, lora, prefix, prompt
 from peftcli.methods.base import Context, MethodConfig
 
-__all__ = ["METHODS", "TASK_TYPES", "Context", "MethodConfig", "by_peft_type", "config_class", "make_config"]
+__all__ = [
+    "DEFAULT_LEARNING_RATE",
+    "METHODS",
+    "TASK_TYPES",
+    "Context",
+    "MethodConfig",
+    "by_peft_type",
+    "config_class",
+    "default_learning_rate",
+    "make_config",
+]
 
 METHODS: dict[str, ModuleType] = {m.NAME: m for m in (lora, prefix, prompt, adapter, bitfit)}
+
+# The learning rate of a method module without LEARNING_RATE: LoRA's, the most common.
+DEFAULT_LEARNING_RATE = 2e-4
 
 TASK_TYPES = {"causal-lm": "CAUSAL_LM", "sequence-classification": "SEQ_CLS"}  # ours -> HF PEFT's task_type
 
@@ -55,3 +70,8 @@ def config_class(name: str) -> type[MethodConfig]:
 def make_config(name: str, **fields) -> MethodConfig:
     """A method's Config by name: make_config("lora", rank=4)."""
     return config_class(name)(**fields)
+
+
+def default_learning_rate(name: str) -> float:
+    """The learning rate `name` trains with when the recipe sets none (train.learning_rate: null)."""
+    return getattr(METHODS[name], "LEARNING_RATE", DEFAULT_LEARNING_RATE)

@@ -72,7 +72,8 @@ class TrainSection:
     epochs: float | None = None  # default: 1 epoch when neither is set
     batch_size: int = 4  # per process, per micro-step
     gradient_accumulation: int = 1
-    learning_rate: float = 2.0e-4
+    # null: the method's own default (LEARNING_RATE in methods/<name>.py: LoRA 2e-4, prompt tuning 3e-2)
+    learning_rate: float | None = None
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     scheduler: Literal["constant", "linear", "cosine"] = "cosine"
@@ -116,6 +117,7 @@ class Recipe:
 ACCEPTS = {
     ("data", "validation"): "a fraction like 0.1, a file path, or null for no validation",
     ("train", "gradient_checkpointing"): "auto, true, false, up or mlp",
+    ("train", "learning_rate"): "a number, or null for the method's default",
 }
 
 

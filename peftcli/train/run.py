@@ -5,6 +5,7 @@ adapter and the report.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -57,10 +58,17 @@ def run(
     overwrite: bool = False,
     console: Console | None = None,
     recipe_path: str | None = None,
+    on_trained: Callable[[Setup], dict] | None = None,
 ) -> dict:
-    """The whole `peft train`: returns the report summary."""
+    """The whole `peft train`: returns the report summary.
+
+    `on_trained(setup)`, called on the main process once training has ended normally (with the trained
+    model, speed-ups undone), returns more fields for report.json (`peft compare`'s probe answer).
+    Peak memory and wall time are this call's own, so several runs in one process each report theirs.
+    """
     console = console or Console()
     started = time.perf_counter()
+    report.reset_peak_memory()
     s = setup(recipe, resume=resume, overwrite=overwrite, console=console)
     main = s.accelerator.is_main_process
     out = s.output_dir
@@ -87,12 +95,12 @@ def run(
             console.print(eval_line({"step": s.total_steps, **final_eval}))
     s.accelerator.wait_for_everyone()
     if main and not summary.get("interrupted"):
+        extra = on_trained(s) if on_trained is not None and summary["stopped"] is None else {}
         save_adapter_files(s, out)
         rundir.save_tokenizer(s.tokenizer, out)
         all_metrics = metrics.read()
-        report.write_report(
-            out, _report(s, summary, final_eval, all_metrics, started, recipe_path), all_metrics
-        )
+        summary_fields = _report(s, summary, final_eval, all_metrics, started, recipe_path)
+        report.write_report(out, {**summary_fields, **extra}, all_metrics)
     if summary.get("interrupted"):
         raise TrainingStopped(
             f"{summary['stopped']}; checkpoint saved. Continue with: "
@@ -118,6 +126,7 @@ def _report(
         "model": recipe.model.name,
         "task": recipe.model.task,
         "params": s.params,
+        "learning_rate": recipe.train.learning_rate,
         "steps": summary["steps"],
         "train_loss": {
             "first": train_losses[0] if train_losses else None,
@@ -131,6 +140,7 @@ def _report(
         if summary["train_seconds"]
         else 0.0,
         "peak_memory_bytes": report.peak_memory_bytes(),
+        "adapter_bytes": adapter_files.adapter_bytes(s.output_dir),
         "wall_seconds": time.perf_counter() - started,
         "stopped": summary["stopped"],
         "adapter_dir": str(s.output_dir),
