@@ -64,7 +64,8 @@ def compare(
         if states[row.name] == "done":
             say(f"[bold]row {index + 1}/{len(plan.rows)}: {row.name}[/]: done already, not retrained")
             continue
-        say(_row_heading(plan, index, session_seconds))
+        remaining = sum(states[r.name] != "done" for r in plan.rows[index:])
+        say(_row_heading(plan, index, remaining, session_seconds))
         started = time.perf_counter()
         try:
             outcome = _train_row(row, states[row.name], probe, console, plan.command[0], say)
@@ -122,6 +123,8 @@ def _row_states(plan: Plan, resume: bool, overwrite: bool) -> dict[str, str]:
     --overwrite an existing comparison is refused; with --resume, a row trained from another recipe."""
     existing = [p.name for p in table.output_files(plan.output_dir) if p.exists()]
     existing += [f"{row.name}/" for row in plan.rows if _holds_run(plan.output_dir / row.name)]
+    if overwrite and resume:
+        raise UserError("--resume continues a comparison and --overwrite replaces it: give one of them")
     if overwrite:
         return {row.name: "start" for row in plan.rows}
     if not resume:
@@ -174,13 +177,14 @@ def _flatten(data: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _row_heading(plan: Plan, index: int, session_seconds: list[float]) -> str:
-    """`row 2/5: prefix-tuning (learning rate 0.01, method default) · about 6m 30s left`."""
+def _row_heading(plan: Plan, index: int, remaining: int, session_seconds: list[float]) -> str:
+    """`row 2/5: prefix-tuning (learning rate 0.01, method default) · about 6m 30s left for 4 rows`: the
+    estimate is the mean time of the rows trained so far in this session times the `remaining` rows."""
     row = plan.rows[index]
     left = ""
     if session_seconds:
-        estimate = sum(session_seconds) / len(session_seconds) * (len(plan.rows) - index)
-        left = f" · about {report.format_duration(estimate)} left for {len(plan.rows) - index} rows"
+        estimate = report.format_duration(sum(session_seconds) / len(session_seconds) * remaining)
+        left = f" · about {estimate} left for {remaining} row{'s' if remaining > 1 else ''}"
     rate = f"learning rate {row.recipe.train.learning_rate:g}, {row.learning_rate_source}"
     return f"\n[bold]row {index + 1}/{len(plan.rows)}: {row.name}[/] ({rate}){left}"
 

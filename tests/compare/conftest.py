@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny import save_tiny
 
 CHAT = [
     {
@@ -21,12 +20,6 @@ CHAT = [
 CLASSES = [
     {"text": f"{'good' if i % 2 else 'bad'} trip {i}", "label": "pos" if i % 2 else "neg"} for i in range(16)
 ]
-
-
-@pytest.fixture(scope="session")
-def bases(tmp_path_factory):
-    root = tmp_path_factory.mktemp("compare-bases")
-    return {arch: str(save_tiny(root / arch, arch)) for arch in ("llama", "gpt2", "bert")}
 
 
 @pytest.fixture(autouse=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
+from tiny import launch_two_processes
 from typer.testing import CliRunner
 
 from peftcli.cli import app
@@ -62,8 +63,11 @@ def _expected_line(report: dict, row: str, source: str) -> str:
 
 def test_every_number_in_the_table_is_the_rows_own_report(tmp_path, bases, write_recipe):
     recipe = write_recipe(bases["llama"])
-    console, _ = _quiet()
+    console, text = _quiet()
     summary = compare(recipe, [], ["lora", "prompt-tuning", "bitfit"], console=console)
+    assert "not compared: bitfit: " in text.getvalue()
+    assert "row 2/2: prompt-tuning (learning rate 0.03, method default) · about " in text.getvalue()
+    assert " left for 1 row\n" in text.getvalue()
     out = tmp_path / "out"
     saved = json.loads((out / "compare.json").read_text())
     assert saved == json.loads(json.dumps(summary))
@@ -179,6 +183,8 @@ def test_resume_continues_row_by_row_and_never_mixes_in_another_recipe(
         UserError, match=r"lora was trained with train.seed: 0, the comparison now asks for 1"
     ):
         compare(recipe, ["train.seed=1"], rows, resume=True, console=_quiet()[0])
+    with pytest.raises(UserError, match="give one of them"):
+        compare(recipe, [], rows, resume=True, overwrite=True, console=_quiet()[0])
     with pytest.raises(UserError, match="--resume: no comparison under"):
         compare(recipe, [f"output_dir={tmp_path / 'none'}"], rows, resume=True, console=_quiet()[0])
     compare(recipe, ["train.seed=1"], rows[:1], overwrite=True, console=_quiet()[0])
@@ -287,19 +293,8 @@ def test_two_processes_train_every_row_as_one_process_does(tmp_path, bases, writ
     batch 4 learns."""
     recipe = write_recipe(bases["llama"], batch_size=4)
     compare(recipe, [], ["lora", "prompt-tuning"], console=_quiet()[0])
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += [
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "peftcli.cli",
-    ]
     two = subprocess.run(
-        [*launch, "compare", str(recipe), "--method", "lora", "--method", "prompt-tuning"]
+        launch_two_processes("compare", str(recipe), "--method", "lora", "--method", "prompt-tuning")
         + ["--set", "train.batch_size=2", "--set", f"output_dir={tmp_path / 'two'}"],
         capture_output=True,
         text=True,
