@@ -146,6 +146,35 @@ def train(
 
 @app.command()
 @_handle_errors
+def compare(
+    recipe: Path = typer.Argument(..., help="The YAML recipe: its model, data, steps, batch and seed."),
+    method: list[str] = typer.Option(
+        [],
+        "--method",
+        "-m",
+        help="A row: a method, optionally with settings: lora:rank=4,alpha=8 (repeatable; "
+        "default: every method that applies).",
+    ),
+    set_: list[str] = typer.Option(
+        [], "--set", help="Override a recipe key for every row: --set train.max_steps=40 (repeatable)."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue an interrupted comparison: finished rows are not retrained."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous comparison in output_dir."),
+):
+    """Train several methods on the same data and budget; one table of cost and result (compare.md)."""
+    from peftcli.compare.plan import make_plan
+
+    plan = make_plan(recipe, set_, method)  # a bad recipe or flag is refused before torch is imported
+    _quiet_libraries()
+    from peftcli.compare.run import compare as run_compare
+
+    run_compare(plan, resume=resume, overwrite=overwrite, console=stdout)
+
+
+@app.command()
+@_handle_errors
 def count(
     model_or_recipe: str = typer.Argument(
         ..., help="A model (dir, .gguf, hub id, built-in name) or a recipe."

@@ -59,6 +59,16 @@ def write_report(output_dir: Path, summary: dict, metrics: list[dict]) -> None:
     fileio.write_text(output_dir / "report.md", render_markdown(summary, plot_note))
 
 
+def read_report(output_dir: Path) -> dict | None:
+    """A run's report.json, or None where there is none or it is not a whole one (cut short, not JSON, or
+    lacking REQUIRED_KEYS): a run without a readable report has not finished."""
+    try:
+        summary = json.loads((Path(output_dir) / "report.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return summary if isinstance(summary, dict) and not _missing_keys(summary) else None
+
+
 def _missing_keys(summary: dict) -> list[str]:
     missing = []
     for path in REQUIRED_KEYS:
@@ -184,6 +194,7 @@ def render_markdown(summary: dict, plot_note: str | None = None) -> str:
         f" ({_change(train_loss['first'], train_loss['last'])})",
         f"- **throughput**: {_int(summary['tokens_per_second'])} tokens/s",
         f"- **peak memory**: {format_bytes(summary['peak_memory_bytes'])}",
+        f"- **adapter on disk**: {format_bytes(summary.get('adapter_bytes'))}",
         f"- **wall time**: {format_duration(summary['wall_seconds'])}",
         "",
         "## Evaluation",
@@ -256,11 +267,19 @@ def format_duration(seconds: float | None) -> str:
 
 
 def peak_memory_bytes() -> int:
-    """Peak memory of this run: CUDA's max allocated bytes when a GPU is in use, else the process's
-    peak resident set size (0 where the platform cannot say)."""
+    """Peak memory since the last `reset_peak_memory` (else since the process started): CUDA's max
+    allocated bytes when a GPU is in use, else the peak resident set size (0 where the platform cannot say).
+
+    On Linux the resident peak is VmHWM, which belongs to the address space this process's exec made
+    and which `reset_peak_memory` can lower; getrusage's ru_maxrss (the fallback elsewhere) can neither be
+    reset nor separated from the peak of the parent that spawned us (vfork + exec carries it over).
+    """
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         return int(torch.cuda.max_memory_allocated())
+    high_water = _proc_status_bytes("VmHWM")
+    if high_water is not None:
+        return high_water
     try:
         import resource
     except ImportError:  # Windows
@@ -268,3 +287,42 @@ def peak_memory_bytes() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes.
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak: what `peak_memory_bytes` reports from now on is this stretch's alone, so several
+    runs in one process (`peft compare`) each report their own.
+
+    Garbage is collected and glibc's heap trimmed first, so that what an earlier run freed is not still
+    resident; then the kernel's high-water mark is set to the resident size now (/proc/self/clear_refs,
+    "5"), or CUDA's peak statistics are reset. Where neither exists this does nothing.
+    """
+    import gc
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    """A `kB` field of /proc/self/status in bytes (VmHWM, VmRSS), or None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -17,3 +17,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine threads fighting
 # over cores made single forward passes ~50x slower.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def bases(tmp_path_factory):
+    """{arch: dir} of tiny Llama, GPT-2 and BERT models saved once, for tests that train from a model name."""
+    from tiny import save_bases
+
+    return save_bases(tmp_path_factory.mktemp("bases"))

@@ -170,3 +170,20 @@ def test_count_an_adapter_dir_written_by_hf_peft(tmp_path):
     assert result.exit_code == 0, result.output
     (row,) = json.loads(result.stdout)
     assert (row["trainable"], row["total"]) == hf.get_nb_trainable_parameters()
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])  # from shapes; on the meta model (OPT is not modelled)
+def test_count_gives_each_methods_count_or_why_it_does_not_apply(tmp_path, arch):
+    path = _config_dir(tmp_path, tiny_config(arch))
+    methods = [
+        make_config("lora", rank=2),
+        make_config("lora", target_modules=["nope_proj"]),
+        make_config("bitfit"),
+        make_config("prompt-tuning", num_virtual_tokens=3),
+    ]
+    results = count_methods(path, methods, "causal-lm")
+    fits = [methods[i] for i in ((0, 2, 3) if arch == "opt" else (0, 3))]
+    assert [r for r in results if not r.error] == count_methods(path, fits, "causal-lm")
+    assert results[1].error and "nope_proj" in results[1].error
+    if arch == "llama":  # bias-free
+        assert results[2].error and "no bias terms" in results[2].error

@@ -117,7 +117,9 @@ def test_generate_text_equals_hf_greedy_with_a_lora_adapter(tmp_path, bases, arc
     hf = hf_adapter(tmp_path / "hf", bases[arch], "lora", "causal-lm")
     text = generate.run_generate(tmp_path / "hf", "Say hi", max_new_tokens=8)
     _, tokenizer, info = generate.load_for_inference(tmp_path / "hf")
-    ids, mask = generate.encode_prompt(tokenizer, "Say hi", generate.prompt_style(tokenizer, info, raw=False))
+    ids, mask = generate.encode_prompt(
+        tokenizer, "Say hi", generate.prompt_style(tokenizer, info.data_format, raw=False)
+    )
     with torch.no_grad():
         out = hf.generate(
             input_ids=ids,

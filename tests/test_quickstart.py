@@ -66,3 +66,33 @@ def test_example_recipe_runs_shortened(tmp_path, recipe, monkeypatch):
         label = peft("predict", str(out), "--text", "The ferry was three hours late and nobody told us why.")
         assert label.returncode == 0, label.stderr[-2000:]
         assert label.stdout.split(" ")[0] in ("booking", "complaint", "praise", "question")
+
+
+def test_compare_example_runs_shortened(tmp_path, monkeypatch):
+    """configs/compare.yaml, every method at 1 step: BitFit is listed as not applying (SmolLM2 has no biases),
+    the rest train and answer the probe; the table holds one line per trained row."""
+    monkeypatch.setenv("PEFTCLI_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "compare"
+    settings = [
+        "train.max_steps=1",
+        "train.eval_every=null",
+        "train.save_every=null",
+        "train.max_eval_batches=1",
+    ]
+    result = peft(
+        "compare", "configs/compare.yaml", *(f"--set={s}" for s in settings), f"--set=output_dir={out}"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "compare.json").read_text())
+    assert [r["row"] for r in summary["rows"]] == ["lora", "prefix-tuning", "prompt-tuning", "adapter"]
+    assert [r["row"] for r in summary["not_applicable"]] == ["bitfit"]
+    assert all(r["status"] == "done" and r["probe_answer"] for r in summary["rows"])
+    assert summary["probe"]["prompt"] == "Tell me the capital city of Velmora."
+    markdown = (out / "compare.md").read_text()
+    assert (
+        sum(
+            line.startswith(("| lora ", "| prefix-tuning ", "| prompt-tuning ", "| adapter "))
+            for line in markdown.splitlines()
+        )
+        == 8
+    )

@@ -1,10 +1,11 @@
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
 from peftcli import report
-from peftcli.report import format_bytes, format_duration, peak_memory_bytes, write_report
+from peftcli.report import format_bytes, format_duration, peak_memory_bytes, reset_peak_memory, write_report
 
 
 def make_summary(**overrides) -> dict:
@@ -166,15 +167,39 @@ def test_format_duration(s, text):
     assert format_duration(s) == text
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss is in KiB on Linux only")
-def test_peak_memory_is_the_process_peak_rss():
-    import resource
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(field)
 
-    before = peak_memory_bytes()
-    ballast = bytearray(64 * 1024 * 1024)  # touch 64 MiB so the peak cannot be below it
+
+def _touch(mib: int) -> bytearray:
+    ballast = bytearray(mib * 1024 * 1024)
     ballast[::4096] = b"x" * len(ballast[::4096])
+    return ballast
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/status is Linux's")
+def test_peak_memory_is_the_process_peak_rss():
+    before = peak_memory_bytes()
+    ballast = _touch(64)  # the peak cannot be below 64 MiB
     after = peak_memory_bytes()
     assert after >= before
     assert after >= 64 * 1024 * 1024
-    assert after == resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    assert after == _status_kib("VmHWM") * 1024
+    del ballast
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/clear_refs is Linux's")
+def test_reset_starts_a_new_peak_that_counts_what_is_resident():
+    ballast = _touch(256)
+    del ballast  # freed: a large bytearray is unmapped at once
+    high = peak_memory_bytes()
+    reset_peak_memory()
+    resident = _status_kib("VmRSS") * 1024
+    assert peak_memory_bytes() < high - 200 * 1024 * 1024  # the freed 256 MiB no longer count
+    assert peak_memory_bytes() >= resident - 16 * 1024 * 1024  # what is still resident does
+    ballast = _touch(64)
+    assert peak_memory_bytes() >= resident + 60 * 1024 * 1024
     del ballast

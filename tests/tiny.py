@@ -11,6 +11,7 @@ autograd keeps for backward.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -130,6 +131,18 @@ def save_tiny(
     tiny_model(arch, task, seed, num_labels).save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)
     return directory
+
+
+def save_bases(root: Path, archs: tuple[str, ...] = ("llama", "gpt2", "bert")) -> dict[str, str]:
+    """{arch: model dir} of tiny models saved under `root`, for tests that train from a model name."""
+    return {arch: str(save_tiny(Path(root) / arch, arch)) for arch in archs}
+
+
+def launch_two_processes(*args: str) -> list[str]:
+    """`accelerate launch` of `python -m peftcli.cli ARGS` on 2 CPU processes (gloo)."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return [*launch, "-m", "peftcli.cli", *args]
 
 
 def batch(n: int = 2, length: int = 12, seed: int = 1) -> dict[str, torch.Tensor]:

@@ -29,6 +29,7 @@ import torch
 
 from peftcli.data import cache, examples
 from peftcli.data.batches import TokenizedDataset
+from peftcli.data.render import probe_pair
 from peftcli.data.rows import read_row, resolve_columns, short
 from peftcli.data.sources import DataSource, Table
 from peftcli.data.tokenize import pack
@@ -188,6 +189,36 @@ def _cache_key(data: DataSection, tokenizer, task: str, seed: int) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def _held_out(num_rows: int, data: DataSection, seed: int) -> tuple[list[int], list[int]]:
+    """(training rows, validation rows), 0-based: a fraction data.validation of the rows, picked with the
+    seed."""
+    held = max(1, round(num_rows * data.validation))
+    if held >= num_rows:
+        raise UserError(
+            f"{data.train_source.where}: {num_rows} rows are too few to hold out "
+            f"data.validation={data.validation}; add rows or set data.validation: null"
+        )
+    picked = set(random.Random(seed).sample(range(num_rows), held))
+    return [i for i in range(num_rows) if i not in picked], sorted(picked)
+
+
+def probe_example(data: DataSection, seed: int) -> tuple[str, str] | None:
+    """(prompt, reference answer) of the first validation row that has both (render.probe_pair), for a
+    look at what a trained model answers; None without validation data or for classification."""
+    if data.format in ("classification", "kto", "tokenized", "segments") or data.validation is None:
+        return None
+    source = data.train_source if isinstance(data.validation, float) else data.validation_source
+    columns = resolve_columns(data, source.columns(), source.where)
+    table = source.read(list(columns.values()))
+    if isinstance(data.validation, float):
+        table = table.select(_held_out(len(table), data, seed)[1])
+    for number, row in zip(table.numbers, table.rows, strict=True):
+        pair = probe_pair(read_row(row, columns, data, f"{source.where}: {table.unit} {number}"), data.format)
+        if pair is not None:
+            return pair
+    return None
+
+
 def prepare_data(
     data: DataSection, tokenizer, task: str, seed: int, cache_dir: str | Path | None = None
 ) -> PreparedData:
@@ -221,15 +252,7 @@ def prepare_data(
     label_names = _label_names(table, columns["label"], train_source) if classification else None
     parts = [(table, columns, train_source)]
     if held_out:
-        held = max(1, round(len(table) * data.validation))
-        if held >= len(table):
-            raise UserError(
-                f"{train_source.where}: {len(table)} rows are too few to hold out "
-                f"data.validation={data.validation}; add rows or set data.validation: null"
-            )
-        picked = set(random.Random(seed).sample(range(len(table)), held))
-        train_rows = [i for i in range(len(table)) if i not in picked]
-        parts = [(table.select(rows), columns, train_source) for rows in (train_rows, sorted(picked))]
+        parts = [(table.select(rows), columns, train_source) for rows in _held_out(len(table), data, seed)]
     elif val_source is not None:
         val_columns = resolve_columns(data, val_source.columns(), val_source.where)
         parts.append((val_source.read(list(val_columns.values())), val_columns, val_source))

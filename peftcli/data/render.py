@@ -162,3 +162,31 @@ def render_answer(
     if isinstance(prompt, list) or isinstance(answer, list):
         raise UserError(f"{where}: chat messages need a tokenizer with a chat template; this one has none")
     return prompt + answer, [(len(prompt), len(prompt) + len(answer))]
+
+
+def probe_pair(row: dict, data_format: str, words: int = 12) -> tuple[str, str] | None:
+    """(prompt, reference answer) of a row as data/rows.read_row gives it, as a model would be asked it after
+    training: a chat's first user turn and the assistant's answer to it; an instruction (with its input) and
+    its output; a text's first `words` words (at most half) and the rest; a preference row's string prompt and
+    chosen answer. None when the row has no such pair."""
+    if data_format == "chat":
+        messages = row["messages"]
+        for turn, answer in zip(messages, messages[1:], strict=False):
+            if turn["role"] == "user" and answer["role"] == "assistant" and turn["content"].strip():
+                return turn["content"], answer["content"].strip()
+        return None
+    if data_format == "instruction":
+        instruction, extra, output = (row[k].strip() for k in ("instruction", "input", "output"))
+        prompt = f"{instruction}\n\n{extra}" if extra else instruction
+        return (prompt, output) if prompt and output else None
+    if data_format == "text":
+        split = row["text"].split()
+        if len(split) < 2:
+            return None
+        head = min(words, max(1, len(split) // 2))
+        return " ".join(split[:head]), " ".join(split[head:])
+    if data_format == "preference":
+        prompt, chosen = row["prompt"], row["chosen"]
+        if isinstance(prompt, str) and isinstance(chosen, str) and prompt.strip() and chosen.strip():
+            return prompt, chosen.strip()
+    return None

@@ -158,7 +158,7 @@ def _write(job: _Job, tmp: Path, temp_base: Path, adapter_only: bool, verify: bo
         model = merge_in_memory(adapter, model)
         changed = _changed(model, job) if job.base_gguf is not None and job.quant is None else set()
         _write_merged(job, tmp, model, tokenizer, job.quant, changed)
-    style = prompt_style(tokenizer, _Format(recipe.data.format if recipe else None), raw=False)
+    style = prompt_style(tokenizer, recipe.data.format if recipe else None, raw=False)
     probe_set = None
     if verify:
         probe_set = reference_continuations(
@@ -167,11 +167,6 @@ def _write(job: _Job, tmp: Path, temp_base: Path, adapter_only: bool, verify: bo
     del model, base_model
     gc.collect()
     return tokenizer, probe_set, style == "chat"
-
-
-@dataclass(frozen=True)
-class _Format:
-    data_format: str | None
 
 
 def _write_merged(job: _Job, path: Path, model, tokenizer, quant_type: int | None, changed: set[str]) -> None:

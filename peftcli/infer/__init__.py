@@ -6,7 +6,7 @@
 - `chat.py`: an interactive conversation with history.
 """
 
-from peftcli.infer.generate import classify, continue_ids, run_generate, run_predict
+from peftcli.infer.generate import classify, complete, continue_ids, run_generate, run_predict
 from peftcli.infer.load import InferenceInfo, load_for_inference
 from peftcli.infer.prompt import CHAT_FORMATS, encode_prompt, prompt_style
 
@@ -14,6 +14,7 @@ __all__ = [
     "CHAT_FORMATS",
     "InferenceInfo",
     "classify",
+    "complete",
     "continue_ids",
     "encode_prompt",
     "load_for_inference",

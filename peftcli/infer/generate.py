@@ -42,19 +42,28 @@ def run_generate(
         if on_text:
             on_text(text)
         return text
-    style = prompt_style(tokenizer, info, raw)
-    input_ids, attention_mask = encode_prompt(tokenizer, prompt, style)
+    style = prompt_style(tokenizer, info.data_format, raw)
     sampling = (
         {"temperature": temperature, "top_p": top_p, "seed": seed} if sample and temperature > 0 else None
     )
+    return complete(model, tokenizer, prompt, style, info.device, max_new_tokens, sampling, on_text)
+
+
+def complete(
+    model: nn.Module,
+    tokenizer,
+    prompt: str,
+    style: str,
+    device: torch.device,
+    max_new_tokens: int = 64,
+    sampling: dict | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> str:
+    """The new text (stripped) a loaded causal LM writes after `prompt`, put to it in `style` (see
+    prompt.prompt_style): greedy, or sampled with `sampling` (see continue_ids)."""
+    input_ids, _ = encode_prompt(tokenizer, prompt, style)
     new_ids = continue_ids(
-        model,
-        tokenizer,
-        input_ids.to(info.device),
-        max_new_tokens,
-        stop_ids(tokenizer, style),
-        sampling,
-        on_text,
+        model, tokenizer, input_ids.to(device), max_new_tokens, stop_ids(tokenizer, style), sampling, on_text
     )
     return tokenizer.decode(new_ids, skip_special_tokens=True).strip()
 

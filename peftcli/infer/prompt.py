@@ -16,11 +16,10 @@ from peftcli.errors import UserError
 CHAT_FORMATS = ("chat", "instruction", "preference", "kto")
 
 
-def prompt_style(tokenizer, info, raw: bool) -> str:
-    """ "chat" when the tokenizer has a template and the run trained on chat or instruction data (a bare
-    adapter dir, ``info.data_format`` None: whenever there is a template); "instruction" for instruction
-    data without a template; else "raw"."""
-    data_format = info.data_format
+def prompt_style(tokenizer, data_format: str | None, raw: bool) -> str:
+    """How the prompt is put to the model, the way the run's training data (of `data_format`; None: a bare
+    adapter dir) was rendered: "chat" (the chat template), "instruction" (the plain instruction prompt, for
+    instruction data and a tokenizer without a template) or "raw"."""
     if raw:
         return "raw"
     if getattr(tokenizer, "chat_template", None):

@@ -4,6 +4,8 @@ A method module owns everything about its method, so adding one is a new module 
 
 - ``NAME`` (the recipe's ``method.name``), ``PEFT_TYPE`` (adapter_config.json's ``peft_type``: HF PEFT's
   name where it has one), ``MERGEABLE`` (and ``WHY_NOT_MERGEABLE`` where it is not).
+- ``LEARNING_RATE`` (optional): the learning rate a recipe that sets none trains it with, from the method's
+  paper or HF PEFT's guide (prompt and prefix tuning need rates ~100x LoRA's); DEFAULT_LEARNING_RATE without.
 - ``Config``: its recipe section, a dataclass subclassing ``base.MethodConfig`` (fields, defaults,
   ``check``).
 - ``count(shapes, config, saved) -> (trainable, added)``: its parameters from the model's shapes alone
@@ -55,6 +57,7 @@ from peftcli.methods import adapter, bitfit, ia3, loha, lokr, lora, oft, prefix,
 from peftcli.methods.base import Context, MethodConfig
 
 __all__ = [
+    "DEFAULT_LEARNING_RATE",
     "METHODS",
     "TASK_TYPES",
     "Context",
@@ -62,6 +65,7 @@ __all__ = [
     "by_peft_type",
     "config_class",
     "disabled",
+    "default_learning_rate",
     "make_config",
 ]
 
@@ -70,6 +74,9 @@ modules = LazyModule("peftcli.methods.modules")
 METHODS: dict[str, ModuleType] = {
     m.NAME: m for m in (lora, prefix, prompt, adapter, bitfit, ia3, vera, loha, lokr, oft)
 }
+
+# The learning rate of a method module without LEARNING_RATE: LoRA's, the most common.
+DEFAULT_LEARNING_RATE = 2e-4
 
 TASK_TYPES = {"causal-lm": "CAUSAL_LM", "sequence-classification": "SEQ_CLS"}  # ours -> HF PEFT's task_type
 
@@ -98,3 +105,8 @@ def disabled(model, name: str) -> AbstractContextManager:
     ``disabled`` where it has one, else the generic switch of adapted layers and wrappers."""
     own = getattr(METHODS[name], "disabled", None)
     return own(model) if own is not None else modules.disabled(model)
+
+
+def default_learning_rate(name: str) -> float:
+    """The learning rate `name` trains with when the recipe sets none (train.learning_rate: null)."""
+    return getattr(METHODS[name], "LEARNING_RATE", DEFAULT_LEARNING_RATE)

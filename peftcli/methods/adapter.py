@@ -53,6 +53,9 @@ WHY_NOT_MERGEABLE = (
     "a bottleneck adapter is non-linear (up(act(down(h)))), so it cannot be folded into the base weights; "
     "serve the base model with the adapter loaded instead"
 )
+# The learning rate a recipe gets when it sets none: 1e-4, as AdapterHub's training examples and Pfeiffer et
+# al. 2021 (arXiv:2005.00247) use (Houlsby et al. swept 3e-5 to 3e-3).
+LEARNING_RATE = 1e-4
 
 
 @dataclass

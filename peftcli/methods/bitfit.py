@@ -47,6 +47,9 @@ modules = LazyModule("peftcli.methods.modules")
 NAME = "bitfit"
 PEFT_TYPE = "BITFIT"
 MERGEABLE = True
+# The learning rate a recipe gets when it sets none: the top of the paper's sweep (1e-4 to 1e-3, picked per
+# task); a few thousand biases move slowly at the rates LoRA uses.
+LEARNING_RATE = 1e-3
 
 # The names of the trained bias-owning modules, kept on the model: which biases are "the adapter" is
 # not visible in the module tree (nothing is wrapped), and requires_grad is too easily changed by others.

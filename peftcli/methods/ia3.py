@@ -53,6 +53,9 @@ targeting = LazyModule("peftcli.methods.targeting")
 NAME = "ia3"
 PEFT_TYPE = "IA3"
 MERGEABLE = True
+# The learning rate a recipe gets when it sets none: (IA)3's paper (Liu et al. 2022, arXiv:2205.05638)
+# trains its scaling vectors at 3e-3; a vector started at 1 moves slowly at LoRA's rates.
+LEARNING_RATE = 3e-3
 
 # The architecture's usual (IA)^3 targets (keys, values, the feed-forward output projection) and which of
 # them are feed-forward layers (input scaled): the facts HF PEFT ships as its default mappings.

@@ -38,6 +38,9 @@ targeting = LazyModule("peftcli.methods.targeting")
 NAME = "loha"
 PEFT_TYPE = "LOHA"
 MERGEABLE = True
+# The learning rate a recipe gets when it sets none: no published default of its own; LoRA's (HF PEFT's
+# examples train it at LoRA's rates).
+LEARNING_RATE = 2e-4
 
 
 @dataclass

@@ -45,6 +45,9 @@ targeting = LazyModule("peftcli.methods.targeting")
 NAME = "lokr"
 PEFT_TYPE = "LOKR"
 MERGEABLE = True
+# The learning rate a recipe gets when it sets none: no published default of its own; LoRA's (HF PEFT's
+# examples train it at LoRA's rates).
+LEARNING_RATE = 2e-4
 
 
 @dataclass

@@ -60,6 +60,9 @@ log = logging.getLogger(__name__)
 NAME = "lora"
 PEFT_TYPE = "LORA"
 MERGEABLE = True
+# The learning rate a recipe gets when it sets none: QLoRA's (Dettmers et al. 2023, arXiv:2305.14314) for
+# models up to 13B, the usual LoRA default.
+LEARNING_RATE = 2e-4
 
 
 @dataclass

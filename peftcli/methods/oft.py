@@ -64,6 +64,9 @@ log = logging.getLogger(__name__)
 NAME = "oft"
 PEFT_TYPE = "OFT"
 MERGEABLE = True
+# The learning rate a recipe gets when it sets none: no published default of its own; LoRA's (HF PEFT's
+# examples train it at LoRA's rates).
+LEARNING_RATE = 2e-4
 DEFAULT_BLOCK_SIZE = 32
 HF_PEFT_FORMAT = "0.21.0"
 

@@ -47,6 +47,9 @@ WHY_NOT_MERGEABLE = (
     "weights reproduces attention over extra positions, so it cannot be folded into the base model. "
     "Serve the base model with the adapter instead (`peft generate RUN_DIR`)."
 )
+# The learning rate a recipe gets when it sets none: HF PEFT's prefix tuning guide trains with 1e-2; a prefix
+# has no pretrained starting point and moves slowly at the rates LoRA uses.
+LEARNING_RATE = 1e-2
 
 # Checkpointed layers run without their cache (transformers drops it so the backward replay does not append
 # twice), which would silently drop the prefix.

@@ -46,6 +46,9 @@ WHY_NOT_MERGEABLE = (
     "weight, so it cannot be folded into the base model. Serve the base model with the adapter instead "
     "(`peft generate RUN_DIR`)."
 )
+# The learning rate a recipe gets when it sets none: HF PEFT's prompt tuning guide for causal LMs trains with
+# 3e-2 (Lester et al. 2021 used 0.3 with Adafactor); soft prompts need rates far above LoRA's.
+LEARNING_RATE = 3e-2
 INIT_NAMES = {"random": "RANDOM", "text": "TEXT", "vocab": "SAMPLE_VOCAB"}  # ours -> HF PEFT's
 
 

@@ -58,6 +58,9 @@ log = logging.getLogger(__name__)
 NAME = "vera"
 PEFT_TYPE = "VERA"
 MERGEABLE = True
+# The learning rate a recipe gets when it sets none: VeRA's paper (Kopiczko et al. 2024, arXiv:2310.11454)
+# trains its few scaling vectors at about ten times LoRA's rate (4e-3 in its instruction tuning).
+LEARNING_RATE = 4e-3
 
 # The architecture's usual targets: LoRA's, except Phi's (HF PEFT's VeRA mapping).
 TARGETS: dict[str, list[str]] = {**layout.DEFAULT_TARGETS, "phi": ["q_proj", "v_proj"]}

@@ -1,7 +1,8 @@
 """The YAML recipe: read it (parse.py), type it (schema.py), check it (checks.py), write it back.
 
 `load_recipe` returns a `Recipe` whose model and data names are already resolved (``recipe.model.source``,
-``recipe.data.train_source``); every fault is a RecipeError naming the file, line and key. `--set
+``recipe.data.train_source``) and whose learning rate is a number (the method's default where the recipe
+sets none); every fault is a RecipeError naming the file, line and key. `--set
 key.path=value` overrides exactly like the file.
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from peftcli.data.rows import format_fields
+from peftcli.methods import default_learning_rate
 from peftcli.recipe.checks import check
 from peftcli.recipe.parse import KeySource, RecipeError, build, dump_yaml, join_key, parse_yaml, show
 from peftcli.recipe.schema import (
@@ -44,24 +46,32 @@ __all__ = [
 ]
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`train.max_steps=10` -> (["train", "max_steps"], 10); the value is read as YAML."""
+def parse_override(text: str, flag: str | None = None) -> tuple[list[str], Any]:
+    """`train.max_steps=10` -> (["train", "max_steps"], 10); the value is read as YAML. `flag`: the
+    command-line flag the override came from, for messages (default `--set KEY`)."""
     key, eq, raw = text.partition("=")
     parts = key.strip().split(".")
     if not eq or not all(parts):
-        raise RecipeError("", f"--set expects key.path=value (e.g. --set train.max_steps=10), got {text!r}")
-    value, _ = parse_yaml(raw, "--set " + key.strip(), with_lines=False)
+        example = "key.path=value (e.g. --set train.max_steps=10)"
+        raise RecipeError("", f"{flag or '--set'} expects {example}, got {text!r}")
+    value, _ = parse_yaml(raw, flag or "--set " + key.strip(), with_lines=False)
     return parts, value
 
 
+# An override: `key.path=value` from --set, or (`key.path=value`, the flag it came from) from another flag
+# such as `peft compare --method lora:rank=4`, which messages then name instead of --set.
+Override = str | tuple[str, str]
+
+
 def load_recipe(
-    path: str | Path | None, overrides: Iterable[str] = (), data: dict | None = None, paths: bool = True
+    path: str | Path | None, overrides: Iterable[Override] = (), data: dict | None = None, paths: bool = True
 ) -> Recipe:
     """Read, override and validate a recipe. Raises RecipeError (exit code 2) on any fault.
 
     `data` is an already-parsed recipe (then `path` only names it in messages). Relative paths in the
     recipe are relative to the working directory. `paths=False` checks everything but the files the recipe
-    names (a recipe read back from a run dir, whose data may have moved since).
+    names (a recipe read back from a run dir, whose data may have moved since). An override whose value is a
+    mapping replaces that whole section (`method={name: prefix-tuning}`).
     """
     src = KeySource(str(path) if path is not None else None)
     where = src.path or ""
@@ -70,8 +80,10 @@ def load_recipe(
     if not isinstance(data, dict):
         raise RecipeError("", f"the recipe must be a mapping of sections, got {show(data)}", where)
     data = copy.deepcopy(data)  # overrides must not change the caller's dict
-    for text in overrides:
-        keys, value = parse_override(text)
+    for override in overrides:
+        text, flag = (override, None) if isinstance(override, str) else override
+        keys, value = parse_override(text, flag)
+        flag = flag or "--set " + ".".join(keys)
         node = data
         for i, k in enumerate(keys[:-1]):
             if node.get(k) is None:
@@ -82,13 +94,15 @@ def load_recipe(
                 raise RecipeError(
                     join_key(tuple(keys[: i + 1])),
                     f"is {show(node[k])}, not a section, so it has no key {keys[i + 1]!r}",
-                    "--set " + ".".join(keys),
+                    flag,
                 )
             node = node[k]
         node[keys[-1]] = value
-        src.overridden.append(tuple(keys))
+        src.overridden.append((tuple(keys), flag))
     _read_old_column_keys(data, src)
     recipe = build(Recipe, data, src, ACCEPTS, TAGGED)
+    if recipe.train.learning_rate is None:
+        recipe.train.learning_rate = default_learning_rate(recipe.method.name)
     check(recipe, src, paths=paths)
     return recipe
 
@@ -131,7 +145,9 @@ def _read_old_column_keys(data: dict, src: KeySource) -> None:
         columns[name] = value
         if ("data", old) in src.lines:
             src.lines.setdefault(("data", "columns", name), src.lines[("data", old)])
-        src.overridden[:] = [("data", "columns", name) if k == ("data", old) else k for k in src.overridden]
+        src.overridden[:] = [
+            (("data", "columns", name) if k == ("data", old) else k, flag) for k, flag in src.overridden
+        ]
     section["columns"] = columns
 
 

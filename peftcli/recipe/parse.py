@@ -52,13 +52,13 @@ class KeySource:
     def __init__(self, path: str | None):
         self.path = path
         self.lines: dict[Key, int] = {}
-        self.overridden: list[Key] = []  # in the order applied
+        self.overridden: list[tuple[Key, str]] = []  # (key path, the flag that set it), in the order applied
 
     def where(self, key: Key) -> str:
-        for done in reversed(self.overridden):  # the last --set touching this key won
+        for done, flag in reversed(self.overridden):  # the last override touching this key won
             n = min(len(done), len(key))
             if done[:n] == key[:n]:
-                return "--set " + join_key(done)
+                return flag
         for n in range(len(key), 0, -1):
             if key[:n] in self.lines and self.path:
                 return f"{self.path}:{self.lines[key[:n]]}"
@@ -222,6 +222,8 @@ def _coerce(value: Any, hint: Any, key: Key, src: KeySource, accepts: Accepts) -
         args = typing.get_args(hint)
         if value is None and type(None) in args:
             return None
+        if float in args and isinstance(value, float) and not math.isfinite(value):
+            raise src.error(key, f"must be a finite number, got {value}")
         # In declaration order, so "all-linear" stays a string and 0.1 stays a float.
         for arg in args:
             if isinstance(value, list) and typing.get_origin(arg) is list:

@@ -197,7 +197,8 @@ class TrainSection:
     epochs: float | None = field(default=None, metadata=RESUMABLE)
     batch_size: int = 4  # per process, per micro-step
     gradient_accumulation: int = 1
-    learning_rate: float = 2.0e-4
+    # null: the method's own default (LEARNING_RATE in methods/<name>.py: LoRA 2e-4, prompt tuning 3e-2)
+    learning_rate: float | None = None
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     scheduler: Literal["constant", "linear", "cosine"] = "cosine"
@@ -248,6 +249,7 @@ ACCEPTS = {
     ("data", "columns"): "a mapping from the format's fields to your column names, like {text: body}",
     ("data", "roles"): "a mapping from your data's role names to system, user, assistant or tool",
     ("train", "gradient_checkpointing"): "auto, true, false, up or mlp",
+    ("train", "learning_rate"): "a number, or null for the method's default",
 }
 
 

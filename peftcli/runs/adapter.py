@@ -65,6 +65,12 @@ def save_adapter(
         fileio.write_json(directory / LABELS_NAME, label_names)
 
 
+def adapter_bytes(directory: str | Path) -> int:
+    """Size on disk of the adapter files `save_adapter` wrote into `directory` (weights, config, labels)."""
+    paths = (Path(directory) / name for name in (WEIGHTS_NAME, CONFIG_NAME, LABELS_NAME))
+    return sum(path.stat().st_size for path in paths if path.is_file())
+
+
 class AdapterDir:
     """An adapter dir, ours or HF PEFT's, read once: each fact on first use, each fault a UserError.
 

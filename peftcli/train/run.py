@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -77,11 +78,16 @@ def run(
     overwrite: bool = False,
     console: Console | None = None,
     recipe_path: str | None = None,
+    on_trained: Callable[[Setup], dict] | None = None,
 ) -> dict:
     """The whole `peft train`: returns the report summary.
 
     The output dir is checked before anything loads, locked for the run, and never left without a good
     state: see runs/rundir.py for --overwrite and resume_plan for --resume.
+
+    `on_trained(setup)`, called on the main process once training has ended normally (with the trained
+    model, speed-ups undone), returns more fields for report.json (`peft compare`'s probe answer).
+    Peak memory and wall time are this call's own, so several runs in one process each report theirs.
     """
     console = console or Console()
     out = Path(recipe.output_dir).expanduser()
@@ -92,13 +98,15 @@ def run(
         out.mkdir(parents=True, exist_ok=True)
     try:
         with lock.hold(out, "peft train") if main else contextlib.nullcontext():
-            return _run_locked(recipe, out, main, resume, overwrite, console, recipe_path)
+            return _run_locked(recipe, out, main, resume, overwrite, console, recipe_path, on_trained)
     finally:
         if made and not any(out.iterdir()):  # a run refused before it wrote anything leaves no dir
             out.rmdir()
 
 
-def _run_locked(recipe: Recipe, out: Path, main: bool, resume: bool, overwrite: bool, console, recipe_path):
+def _run_locked(
+    recipe: Recipe, out: Path, main: bool, resume: bool, overwrite: bool, console, recipe_path, on_trained
+):
     """The run, with the output dir held: a replaced run is set aside until the new one has a good state."""
     if main and rundir.restore_set_aside(out):
         console.print(f"note: put back the run in {out} that an interrupted --overwrite had set aside")
@@ -108,7 +116,7 @@ def _run_locked(recipe: Recipe, out: Path, main: bool, resume: bool, overwrite: 
     if replacing:
         rundir.set_aside(out)
     try:
-        return _train(recipe, resume_from, changes, console, recipe_path)
+        return _train(recipe, resume_from, changes, console, recipe_path, on_trained)
     except BaseException:
         if replacing:
             rundir.restore_set_aside(out)  # a no-op once the new run has a good state
@@ -134,12 +142,21 @@ def resume_plan(out: Path, recipe: Recipe) -> dict:
             f"run cannot change: {'; '.join(refused)}. Resume with the run's recipe "
             f"(peft train --resume {out}) or start a new run in another output_dir"
         )
-    report_path = out / rundir.REPORT_NAME
-    done = json.loads(report_path.read_text()) if report_path.is_file() else None
+    done = _read_report(out / rundir.REPORT_NAME)
     budget = ("train.max_steps", "train.epochs")
     if done and done.get("stopped") is None and not any(key in allowed for key in budget):
         raise RunComplete(f"{out} is complete ({done.get('steps')} steps): nothing to resume")
     return {key: list(values) for key, values in allowed.items()}
+
+
+def _read_report(path: Path) -> dict | None:
+    """A run's report.json, or None where there is none or it does not read (a file cut short: the run is
+    not known to be complete)."""
+    try:
+        done = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return done if isinstance(done, dict) else None
 
 
 class RunComplete(UserError):
@@ -148,8 +165,11 @@ class RunComplete(UserError):
     exit_code = 0
 
 
-def _train(recipe: Recipe, resume_from: Path | None, changes: dict, console: Console, recipe_path) -> dict:
+def _train(
+    recipe: Recipe, resume_from: Path | None, changes: dict, console: Console, recipe_path, on_trained
+) -> dict:
     started = time.perf_counter()
+    report.reset_peak_memory()
     s = setup(recipe, resume_from=resume_from, console=console)
     main = s.accelerator.is_main_process
     out = s.output_dir
@@ -183,13 +203,13 @@ def _train(recipe: Recipe, resume_from: Path | None, changes: dict, console: Con
             console.print(eval_line({"step": s.total_steps, **final_eval}))
     s.accelerator.wait_for_everyone()
     if main and not summary.get("interrupted"):
+        extra = on_trained(s) if on_trained is not None and summary["stopped"] is None else {}
         with disk_errors(f"the adapter and report in {out}"):
             save_adapter_files(s, out)
             rundir.save_tokenizer(s.tokenizer, out)
             all_metrics = metrics.read()
-            report.write_report(
-                out, _report(s, summary, final_eval, all_metrics, started, recipe_path), all_metrics
-            )
+            summary_fields = _report(s, summary, final_eval, all_metrics, started, recipe_path)
+            report.write_report(out, {**summary_fields, **extra}, all_metrics)
         rundir.discard_set_aside(out)
     if summary.get("interrupted"):
         raise TrainingStopped(
@@ -215,6 +235,7 @@ def _report(
         "model": recipe.model.name,
         "task": recipe.model.task,
         "params": s.params,
+        "learning_rate": recipe.train.learning_rate,
         "steps": summary["steps"],
         "train_loss": {
             "first": train_losses[0] if train_losses else None,
@@ -228,6 +249,7 @@ def _report(
         if summary["train_seconds"]
         else 0.0,
         "peak_memory_bytes": report.peak_memory_bytes(),
+        "adapter_bytes": adapter_files.adapter_bytes(s.output_dir),
         "wall_seconds": time.perf_counter() - started,
         "stopped": summary["stopped"],
         "adapter_dir": str(s.output_dir),

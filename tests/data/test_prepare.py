@@ -14,7 +14,9 @@ from tokenizers import processors
 
 from peftcli.data.batches import IGNORE_INDEX, collate
 from peftcli.data.cache import default_cache_dir
-from peftcli.data.prepare import prepare_data
+from peftcli.data.prepare import prepare_data, probe_example
+from peftcli.data.render import probe_pair
+from peftcli.data.rows import read_row, resolve_columns
 from peftcli.data.sources import check_data_source
 from peftcli.errors import UserError
 from peftcli.recipe import DataSection
@@ -337,6 +339,44 @@ def test_validation_file_and_none(tmp_path, tok):
     prepared = prep(tmp_path, tok, train=train, validation=validation)
     assert [text_of(tok, ex) for ex in prepared.validation] == ["val row" + EOS, "val two" + EOS]
     assert prep(tmp_path, tok, train=train, validation=None).validation is None
+
+
+def test_probe_is_the_first_validation_row_the_run_evaluates_on(tmp_path, tok):
+    rows = [{"text": f"row {i:02d} is one of twenty rows"} for i in range(20)]
+    train = write(tmp_path / "d.jsonl", rows)
+    prepared = prep(tmp_path, tok, seed=3, train=train, validation=0.25)
+    first = text_of(tok, prepared.validation[0]).removesuffix(EOS)
+    prompt, reference = probe_example(DataSection(train=train, validation=0.25), seed=3)
+    assert f"{prompt} {reference}" == first and prompt == " ".join(first.split()[:3])  # half of 7 words
+    validation = write(
+        tmp_path / "v.jsonl", [{"messages": [{"role": "user", "content": "Hi"}]}, {"messages": CHAT}]
+    )
+    chat = DataSection(train=train, validation=validation, format="chat")
+    assert probe_example(chat, seed=0) == ("Hi", "Hello!")  # the first row has no answer to show
+    assert probe_example(DataSection(train=train, validation=None), seed=0) is None
+    classes = DataSection(train=train, validation=validation, format="classification")
+    assert probe_example(classes, seed=0) is None
+
+
+@pytest.mark.parametrize(
+    ("fmt", "row", "expected"),
+    [
+        (
+            "instruction",
+            {"instruction": "Double it.", "input": "4", "output": " 8 "},
+            ("Double it.\n\n4", "8"),
+        ),
+        ("instruction", {"instruction": "Say hi.", "output": "hi"}, ("Say hi.", "hi")),
+        ("instruction", {"instruction": "Say hi.", "output": ""}, None),
+        ("text", {"text": "one"}, None),
+        ("text", {"text": "a b c d"}, ("a b", "c d")),
+        ("chat", {"messages": [{"role": "assistant", "content": "x"}]}, None),
+    ],
+)
+def test_probe_pair_by_format(fmt, row, expected):
+    data = DataSection(format=fmt)
+    row = read_row(row, resolve_columns(data, list(row), "row 1"), data, "row 1")
+    assert probe_pair(row, fmt) == expected
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from peftcli.recipe.changes import resume_changes
 def recipe(**train) -> Recipe:
     r = Recipe()
     r.model.name, r.data.train = "org/model", "train.jsonl"
+    r.train.learning_rate = 2e-4  # as load_recipe resolves it (the method's default)
     for key, value in train.items():
         setattr(r.train, key, value)
     return r

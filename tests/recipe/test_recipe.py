@@ -16,7 +16,7 @@ import yaml
 from typer.testing import CliRunner
 
 from peftcli.errors import UserError
-from peftcli.methods import make_config
+from peftcli.methods import DEFAULT_LEARNING_RATE, METHODS, default_learning_rate, lora, make_config
 from peftcli.recipe import (
     DataSection,
     ModelSection,
@@ -699,7 +699,9 @@ def test_huge_alias_value_gives_a_short_message(workdir):
 def test_defaults_come_from_the_dataclasses(workdir):
     recipe = load_recipe(_write(GOOD))
     expected = Recipe(
-        model=ModelSection(name="HuggingFaceTB/SmolLM2-135M"), data=DataSection(train="train.jsonl")
+        model=ModelSection(name="HuggingFaceTB/SmolLM2-135M"),
+        data=DataSection(train="train.jsonl"),
+        train=TrainSection(learning_rate=lora.LEARNING_RATE),  # null in the schema: the method's own
     )
     assert recipe == expected
     assert (recipe.method.name, recipe.method.rank, recipe.method.alpha) == ("lora", 8, 16.0)
@@ -709,7 +711,52 @@ def test_defaults_come_from_the_dataclasses(workdir):
 
 def test_empty_sections_mean_defaults(workdir):
     recipe = load_recipe(_write(GOOD + "method:\ntrain:\n"))
-    assert recipe.method == make_config("lora") and recipe.train == TrainSection()
+    assert recipe.method == make_config("lora") and recipe.train == TrainSection(learning_rate=2e-4)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_a_recipe_without_a_learning_rate_gets_its_methods_default(workdir, name):
+    recipe = load_recipe(_write(GOOD + f"method:\n  name: {name}\n"))
+    assert recipe.train.learning_rate == default_learning_rate(name) == METHODS[name].LEARNING_RATE
+    assert recipe.train.learning_rate > 0
+
+
+def test_the_methods_default_learning_rates_are_the_documented_ones():
+    # LoRA as QLoRA; prefix and prompt tuning as HF PEFT's guides; adapters as AdapterHub; BitFit's sweep top
+    rates = {name: default_learning_rate(name) for name in ("lora", "prefix-tuning", "prompt-tuning")}
+    assert rates == {"lora": 2e-4, "prefix-tuning": 1e-2, "prompt-tuning": 3e-2}
+    assert (default_learning_rate("adapter"), default_learning_rate("bitfit")) == (1e-4, 1e-3)
+
+
+def test_a_learning_rate_the_recipe_sets_wins_and_null_asks_for_the_default(workdir):
+    path = _write(GOOD + "method:\n  name: prompt-tuning\ntrain:\n  learning_rate: 5e-4\n")
+    assert load_recipe(path).train.learning_rate == 5e-4
+    assert load_recipe(path, ["train.learning_rate=null"]).train.learning_rate == 3e-2
+    assert load_recipe(path, ["method.name=lora", "train.learning_rate=1e-3"]).train.learning_rate == 1e-3
+    # the resolved number is what recipe.yaml holds, so a run reads back what it trained with
+    assert (
+        load_recipe(
+            None, data=yaml.safe_load(dump_recipe(load_recipe(path, ["train.learning_rate=null"])))
+        ).train.learning_rate
+        == 3e-2
+    )
+
+
+def test_a_method_without_a_learning_rate_of_its_own_gets_the_common_default(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setitem(METHODS, "bare", SimpleNamespace(NAME="bare"))
+    assert default_learning_rate("bare") == DEFAULT_LEARNING_RATE == 2e-4
+
+
+def test_an_override_names_the_flag_it_came_from(workdir):
+    flag = "--method lora:rank=0"
+    message = _refusal(GOOD, [("method.rank=0", flag)])
+    assert message == "--method lora:rank=0: method.rank: must be > 0, got 0", message
+    message = _refusal(GOOD, [("method={name: prefix-tuning, rank: 4}", "--method prefix-tuning:rank=4")])
+    assert message.startswith("--method prefix-tuning:rank=4: method.rank: unknown key"), message
+    message = _refusal(GOOD, [("method.rank=[", flag)])
+    assert message.startswith("--method lora:rank=0: YAML syntax error"), message
 
 
 def test_overrides_are_applied_and_typed(workdir):

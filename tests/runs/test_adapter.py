@@ -31,6 +31,7 @@ def adapter_dir(tmp_path, recipe_text: str | None = None, config: dict = LORA_CO
 def test_the_runs_recipe_is_read_through_the_schema(tmp_path):
     recipe = Recipe()
     recipe.model.name, recipe.data.train, recipe.data.format = "gone/model", "gone.jsonl", "chat"
+    recipe.train.learning_rate = 2e-4  # a run's recipe.yaml holds the rate it trained with
     read = adapter_dir(tmp_path, dump_recipe(recipe)).recipe
     assert read == recipe  # typed and defaulted; the data file need not exist any more
     bare = tmp_path / "bare"

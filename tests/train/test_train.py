@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny import batch, save_tiny, tiny_tokenizer
+from tiny import batch, launch_two_processes, tiny_tokenizer
 from typer.testing import CliRunner
 
 from peftcli.errors import UserError
@@ -63,12 +63,6 @@ CLASSES = [
     {"text": f"{'good' if i % 2 else 'bad'} trip number {i}", "label": "pos" if i % 2 else "neg"}
     for i in range(24)
 ]
-
-
-@pytest.fixture(scope="module")
-def bases(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bases")
-    return {arch: str(save_tiny(root / arch, arch)) for arch in ("llama", "gpt2", "bert")}
 
 
 @pytest.fixture(autouse=True)
@@ -457,28 +451,9 @@ def test_two_processes_match_one(tmp_path, bases, fmt, objective):
     assert train_cli(str(one)).returncode == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "-m",
-            "peftcli.cli",
-            "train",
-            str(one),
-            "--set",
-            "train.batch_size=2",
-            "--set",
-            f"output_dir={tmp_path / 'two'}",
-        ],
+        launch_two_processes(
+            "train", str(one), "--set", "train.batch_size=2", "--set", f"output_dir={tmp_path / 'two'}"
+        ),
         capture_output=True,
         text=True,
         cwd=ROOT,
