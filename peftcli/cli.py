@@ -123,10 +123,20 @@ def count(
     task: str | None = typer.Option(
         None, help="causal-lm | sequence-classification (default: the config's)."
     ),
+    dtype: str | None = typer.Option(
+        None,
+        help="auto | float32 | bfloat16 | float16: the base's, for the memory (default: recipe's, or auto).",
+    ),
+    quantize: str | None = typer.Option(
+        None,
+        help="auto | none | int8 | int4 | nf4: the frozen weights' storage (default: recipe's, or auto).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
-    """Compare trainable vs total parameters of methods, without loading weights."""
+    """Compare methods: trainable vs total parameters, and the memory a run's weights need, without loading
+    weights."""
     from peftcli.count import count_target
+    from peftcli.report import format_bytes
 
     _quiet_libraries()
     overrides = {
@@ -136,9 +146,9 @@ def count(
         "bottleneck_size": bottleneck,
         "target_modules": target_modules,
     }
-    model_name, counts = count_target(model_or_recipe, method, overrides, task)
+    model_name, counts, precision = count_target(model_or_recipe, method, overrides, task, dtype, quantize)
     if as_json:
-        print(json.dumps([c.to_dict() for c in counts], indent=2))
+        print(json.dumps([{**c.to_dict(), "precision": precision.to_dict()} for c in counts], indent=2))
         return
     table = Table(title=f"Parameters: {model_name}")
     for column in ("method", "trainable", "total", "trainable %"):
@@ -146,6 +156,17 @@ def count(
     for c in counts:
         table.add_row(c.method, f"{c.trainable:,}", f"{c.total:,}", f"{c.trainable_percent:.4f}")
     stdout.print(table)
+    memory = Table(
+        title="Memory of a training run's weights",
+        caption=f"base: {precision.describe()}. Trained: fp32 master copies, gradients and AdamW's two "
+        "moments (16 bytes a parameter). Activations come on top.",
+    )
+    for column in ("method", "frozen base", "trained + AdamW", "total"):
+        memory.add_column(column, justify="left" if column == "method" else "right")
+    for c in counts:
+        sizes = (c.frozen_bytes, c.trained_bytes, c.frozen_bytes + c.trained_bytes)
+        memory.add_row(c.method, *(format_bytes(n) for n in sizes))
+    stdout.print(memory)
 
 
 @app.command()

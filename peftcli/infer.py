@@ -40,7 +40,7 @@ def load_for_inference(
 
 def _load(adapter: AdapterDir) -> tuple[nn.Module, object, InferenceInfo]:
     recipe = adapter.recipe
-    model = adapter.load_model(dtype=recipe.model.dtype if recipe else "auto")
+    model = adapter.load_model()  # the run's dtype and quantization, as trained
     tokenizer = adapter.load_tokenizer()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()

@@ -15,6 +15,7 @@ from transformers.pytorch_utils import Conv1D
 
 from peftcli.errors import UserError, did_you_mean
 from peftcli.methods.layout import matches, outermost, select_targets
+from peftcli.quant.convert import is_quantized, quantized_numel
 
 KEY_PREFIX = "base_model.model."
 
@@ -97,7 +98,8 @@ def output_head_names(model: nn.Module) -> set[str]:
 
 
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, Conv1D))
+    """nn.Linear, GPT-2's Conv1D, or a frozen linear layer stored quantized (peftcli/quant)."""
+    return isinstance(module, (nn.Linear, Conv1D)) or is_quantized(module)
 
 
 def match_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
@@ -122,7 +124,10 @@ def layer_shape(module: nn.Module) -> tuple[int, int]:
 
 
 def parameter_factory(base: nn.Module) -> dict:
-    """New parts on the base weight's device and dtype: on the meta device they are shapes only."""
+    """New parts on the base weight's device and dtype (a quantized base: the dtype it computes in); on the
+    meta device they are shapes only."""
+    if is_quantized(base):
+        return {"device": base.device, "dtype": base.compute_dtype}
     return {"device": base.weight.device, "dtype": base.weight.dtype}
 
 
@@ -305,8 +310,9 @@ def merge_layers(
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total), each shared tensor once: HF PEFT's convention."""
-    trainable = total = 0
+    """(trainable, total), each shared tensor once: HF PEFT's convention. A quantized weight counts as the
+    weights it stands for (as HF PEFT counts bitsandbytes' 4-bit ones)."""
+    trainable, total = 0, quantized_numel(model)
     for p in model.parameters():  # parameters() already yields a shared tensor once
         total += p.numel()
         if p.requires_grad:

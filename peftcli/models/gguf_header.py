@@ -1,11 +1,11 @@
 """A GGUF file's metadata and tensor names, read straight from its header (GGUF versions 2 and 3).
 
-Only what `peft count` needs to tell a model's shapes (shapes.py): no tensor data, no torch, and not the
-gguf package's reader (only its table of tensor type sizes), whose full parse of a 49k-token vocabulary
-takes ~5 s here. An array value comes
-back as an Array (its item type and length), never its items. It checks what transformers'
-reader would refuse: strings that are not UTF-8, a key or a tensor given twice, an unknown tensor type,
-tensor data running past the end of the file (a partial download).
+What `peft count` needs to tell a model's shapes (shapes.py), and where each tensor's bytes lie (the packed
+loader, models/gguf_weights.py, reads them itself): no tensor data, no torch, and not the gguf package's
+reader (only its table of tensor type sizes), whose full parse of a 49k-token vocabulary takes ~5 s here.
+An array value comes back as an Array (its item type and length), never its items. It checks what
+transformers' reader would refuse: strings that are not UTF-8, a key or a tensor given twice, an unknown
+tensor type, tensor data running past the end of the file (a partial download).
 
 Layout (little-endian): "GGUF", version u32, tensor count u64, metadata count u64; then each metadata
 entry as key (string), value type u32, value; then each tensor as name (string), dimension count u32,
@@ -46,8 +46,25 @@ class Array:
     length: int
 
 
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of the table; ``dims`` as GGUF lists them, fastest-varying first: (in, out) for a weight."""
+
+    name: str
+    dims: tuple[int, ...]
+    ggml_type: int
+    start: int  # absolute offset of its data in the file
+    nbytes: int
+
+
 def read_header(path: str) -> tuple[dict[str, object], list[str]]:
     """(metadata by key, tensor names in file order)."""
+    metadata, tensors = read_tensor_table(path)
+    return metadata, [t.name for t in tensors]
+
+
+def read_tensor_table(path: str) -> tuple[dict[str, object], list[TensorEntry]]:
+    """(metadata by key, every tensor's entry in file order), checked as the module docstring says."""
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as blob:
         try:
             if blob[:4] != b"GGUF":
@@ -67,23 +84,25 @@ def read_header(path: str) -> tuple[dict[str, object], list[str]]:
             alignment = metadata.get("general.alignment", 32)
             if alignment <= 0 or alignment & (alignment - 1):
                 raise GGUFError(f"general.alignment {alignment} is not a power of two")
-            names, data_end = [], 0
+            entries, data_end = [], 0
             for _ in range(tensor_count):
                 name, pos = _string(blob, pos)
                 (ndims,) = struct.unpack_from("<I", blob, pos)
                 dims = struct.unpack_from(f"<{ndims}Q", blob, pos + 4)
                 ggml_type, offset = struct.unpack_from("<IQ", blob, pos + 4 + 8 * ndims)
                 pos += 4 + 8 * ndims + 12
-                data_end = max(data_end, offset + _tensor_bytes(name, dims, ggml_type))
-                names.append(name)
+                nbytes = _tensor_bytes(name, dims, ggml_type)
+                data_end = max(data_end, offset + nbytes)
+                entries.append((name, tuple(dims), ggml_type, offset, nbytes))
         except struct.error as e:  # ran past the end
             raise GGUFError(f"truncated header: {e}") from e
-        if len(set(names)) != len(names):
+        if len({e[0] for e in entries}) != len(entries):
             raise GGUFError("a tensor is named twice")
         data_start = -(-pos // alignment) * alignment
         if data_start + data_end > len(blob):  # what a partial download looks like
             raise GGUFError("the tensor data runs past the end of the file")
-    return metadata, names
+    tensors = [TensorEntry(name, dims, kind, data_start + start, n) for name, dims, kind, start, n in entries]
+    return metadata, tensors
 
 
 def _tensor_bytes(name: str, dims: tuple[int, ...], ggml_type: int) -> int:

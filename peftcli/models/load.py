@@ -8,11 +8,19 @@ reads no weights.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from peftcli.errors import FieldError
+from peftcli.models import filled, precision
 from peftcli.models.sources import ModelSource
+from peftcli.quant import nf4
+from peftcli.quant.convert import quantize_model
+from peftcli.quant.formats import FORMATS
+
+log = logging.getLogger(__name__)
 
 TASK_AUTO_CLASSES = {
     "causal-lm": "AutoModelForCausalLM",
@@ -62,29 +70,58 @@ def load_model(
     num_labels: int | None = None,
     label_names: list[str] | None = None,
     dtype: str = "auto",
+    quantize: str = "auto",
     trust_remote_code: bool = False,
     revision: str | None = None,
 ) -> nn.Module:
-    """Load the base model with real weights, in eval mode, ready for a method to be injected."""
+    """Load the base model with real weights, in eval mode, ready for a method to be injected.
+
+    `dtype` and `quantize` as the recipe's model section has them (precision.py resolves auto). Quantized
+    (and GGUF) bases are filled tensor by tensor (filled.py); where that cannot place the checkpoint, the
+    model is loaded whole by transformers and quantized after.
+    """
+    chosen = precision_of(source, dtype, quantize)
+    torch_dtype = DTYPES[chosen.dtype]
     config = load_config(source, trust_remote_code, revision)
     if task == "sequence-classification":
         config = classification_config(config, num_labels, label_names)
-    kwargs = {"config": config, "trust_remote_code": trust_remote_code, "revision": revision}
+    if chosen.quantize == "nf4":
+        nf4.check_available()
+    model = None
+    if chosen.quantize != "none" or source.gguf_file:
+        try:
+            model = filled.load_filled(auto_class(task), config, source, torch_dtype, chosen.quantize, task)
+        except filled.CannotFill as e:
+            if chosen.quantize != "none":
+                log.info("loading %s whole, then quantizing it: %s", source.name, e)
+    if model is None:
+        model = _from_pretrained(source, task, config, torch_dtype, trust_remote_code, revision)
+        if chosen.quantize in FORMATS:
+            quantize_model(model, chosen.quantize, torch_dtype)
+    model.config.name_or_path = source.name
+    model.eval()
+    return model
+
+
+def precision_of(source: ModelSource, dtype: str = "auto", quantize: str = "auto") -> precision.Precision:
+    """The dtype and weight storage `load_model` uses for `source`, with the reasons."""
+    return precision.resolve(dtype, quantize, gguf=bool(source.gguf_file))
+
+
+def _from_pretrained(source: ModelSource, task: str, config, dtype, trust_remote_code: bool, revision):
+    """transformers' own loading of the whole model (a GGUF file dequantized in full)."""
+    kwargs = {"config": config, "trust_remote_code": trust_remote_code, "revision": revision, "dtype": dtype}
     if task == "sequence-classification":
         # A base with a head of another size (or none) gets a fresh head of the recipe's size.
         kwargs["ignore_mismatched_sizes"] = True
-    kwargs["dtype"] = DTYPES[dtype] if dtype != "auto" else "auto"
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
-        kwargs["dtype"] = DTYPES.get(dtype, torch.float32)
     try:
         model = auto_class(task).from_pretrained(source.path, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise FieldError("model.name", f"cannot load {source.name} for {task}: {_first_line(e)}") from e
     if source.gguf_file:
         drop_quantization_flags(model)
-    model.config.name_or_path = source.name
-    model.eval()
     return model
 
 

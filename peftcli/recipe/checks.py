@@ -8,6 +8,7 @@ Relative paths mean relative to the working directory.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import NoReturn
 
@@ -35,6 +36,8 @@ def check(recipe: Recipe, src: KeySource, paths: bool = True) -> None:
         _resolve(lambda: m.source, fail)
     if m.num_labels is not None and m.num_labels < 2:
         fail("model.num_labels", f"must be >= 2, got {m.num_labels}")
+    if m.quantize == "nf4" and importlib.util.find_spec("bitsandbytes") is None:
+        fail("model.quantize", "nf4 needs bitsandbytes: pip install 'peftcli[quant]' (or use int4, built in)")
 
     method.check(lambda key, message: fail(f"method.{key}", message))
     if paths and method.from_adapter is not None and not Path(method.from_adapter).expanduser().is_dir():

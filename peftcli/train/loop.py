@@ -29,7 +29,9 @@ from peftcli.data.sources import check_data_source
 from peftcli.errors import UserError
 from peftcli.methods import METHODS, Context
 from peftcli.methods.modules import adapted_layers, count_parameters
-from peftcli.models.load import load_model, load_tokenizer
+from peftcli.models.load import load_model, load_tokenizer, precision_of
+from peftcli.models.precision import Precision
+from peftcli.quant import convert as quant_convert
 from peftcli.recipe import Recipe
 from peftcli.runs import adapter as adapter_files
 from peftcli.runs import rundir
@@ -52,6 +54,8 @@ class Setup:
     params: dict
     # The speed-ups in place (peftcli/fast): undone when training ends.
     speedups: fast.Installed = field(default_factory=fast.Installed)
+    # The base's dtype and weight storage, and why; what the frozen weights occupy (precision_report).
+    precision: dict = field(default_factory=dict)
     start_step: int = 0
     console: Console = field(default_factory=Console)
 
@@ -101,6 +105,18 @@ def upcast_trainable(model, autocast: bool) -> None:
             param.data = param.data.float()
 
 
+def precision_report(model, chosen: Precision) -> dict:
+    """report.json's `precision`: the base's dtype and storage with the reasons, the formats of its quantized
+    layers, what its frozen weights occupy, and the dtype of what trains (fp32 master copies, above)."""
+    trained = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad})
+    return {
+        **chosen.to_dict(),
+        "quantized_layers": quant_convert.describe(model),
+        "frozen_bytes": quant_convert.frozen_bytes(model),
+        "trainable_dtype": ", ".join(trained),
+    }
+
+
 def make_optimizer(model, recipe: Recipe) -> torch.optim.Optimizer:
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
@@ -143,7 +159,8 @@ def setup(
     with accelerator.main_process_first():
         data = prepare_data(recipe.data, tokenizer, m.task, train.seed)
     say(f"data: {data.describe()}")
-    say(f"model: loading {m.name}")
+    chosen = precision_of(m.source, m.dtype, m.quantize)
+    say(f"model: loading {m.name}: {chosen.describe()}")
     model, speedups, params = build_model(
         recipe, tokenizer, data.label_names, autocast=accelerator.mixed_precision != "no"
     )
@@ -171,6 +188,7 @@ def setup(
         output_dir,
         params,
         speedups=speedups,
+        precision=precision_report(model, chosen),
         console=console,
     )
     if resume_from is not None:
@@ -190,6 +208,7 @@ def build_model(recipe: Recipe, tokenizer, label_names: list[str] | None, autoca
         label_names=label_names,
         num_labels=m.num_labels,
         dtype=m.dtype,
+        quantize=m.quantize,
         trust_remote_code=m.trust_remote_code,
         revision=m.revision,
     )
