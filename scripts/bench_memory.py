@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -34,9 +35,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import (  # noqa: E402  (the sibling script's measuring helpers)
+import bench_train  # noqa: E402  (the sibling script: its child protocol and measuring helpers)
+from bench_train import (  # noqa: E402
     ROOT,
-    _process_peak,
     _reset_high_water,
     _rss_high_water,
     make_batch,
@@ -138,7 +139,12 @@ def child(args) -> None:
     started = time.perf_counter()
     build = _peftcli_side if name == "peftcli" else _hf_side
     _, step, info = build(args, kind, set(extra))
-    ready = {"ready": True, "load_seconds": time.perf_counter() - started, "load_peak_bytes": _process_peak()}
+    # VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's RSS at fork (Linux keeps the larger)
+    ready = {
+        "ready": True,
+        "load_seconds": time.perf_counter() - started,
+        "load_peak_bytes": _rss_high_water(),
+    }
     _reset_high_water()
     print(json.dumps({**ready, **info}), flush=True)
     losses: list[float] = []
@@ -158,21 +164,16 @@ def child(args) -> None:
 # parent
 
 
-class Child:
+class Child(bench_train.Child):
+    """A side's process (bench_train.Child's pipe protocol: receive, run, close), started with this script."""
+
     def __init__(self, side: str, args, tmp: Path, save_adapter: bool):
         command = [sys.executable, __file__, "--child", side, "--model", args.model, "--gguf", args.gguf]
-        command += [
-            "--rank",
-            str(args.rank),
-            "--targets",
-            args.targets,
-            "--batch-file",
-            str(tmp / "batch.pt"),
-        ]
+        command += ["--rank", str(args.rank), "--targets", args.targets]
+        command += ["--batch-file", str(tmp / "batch.pt")]
         command += ["--adapter-out" if save_adapter else "--adapter-in", str(tmp / "adapter")]
         env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-        import os
-
+        env["TQDM_DISABLE"] = "1"
         self.side = side
         self.process = subprocess.Popen(
             command,
@@ -182,23 +183,6 @@ class Child:
             env={**os.environ, **env},
             cwd=ROOT,
         )
-
-    def receive(self) -> dict:
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"side {self.side}: the child process died (exit {self.process.wait()})")
-        return json.loads(line)
-
-    def run(self, steps: int) -> dict:
-        self.process.stdin.write(json.dumps({"cmd": "run", "steps": steps}) + "\n")
-        self.process.stdin.flush()
-        return self.receive()
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.stdin.write(json.dumps({"cmd": "exit"}) + "\n")
-            self.process.stdin.close()
-            self.process.wait(timeout=120)
 
 
 def prepare(args, tmp: Path) -> None:
@@ -211,14 +195,14 @@ def prepare(args, tmp: Path) -> None:
     if source.gguf_file:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from peftcli.models.load import drop_quantization_flags
+
         args.gguf = args.model
         copy = tmp / "safetensors"
         model = AutoModelForCausalLM.from_pretrained(
             source.path, gguf_file=source.gguf_file, dtype=torch.float32
         )
-        model.config.quantization_config = None
-        if hasattr(model, "hf_quantizer"):
-            model.hf_quantizer = None
+        drop_quantization_flags(model)
         model.save_pretrained(copy)
         AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file).save_pretrained(copy)
         del model

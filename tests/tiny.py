@@ -78,6 +78,19 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def chat_rows(n: int) -> list[dict]:
+    """`n` chat examples a tiny model learns in a few steps: "What is i plus i?" -> "It is 2i."."""
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} plus {i}?"},
+                {"role": "assistant", "content": f"It is {2 * i}."},
+            ]
+        }
+        for i in range(n)
+    ]
+
+
 def tiny_config(arch: str, num_labels: int = 3):
     common = dict(
         vocab_size=VOCAB_SIZE, pad_token_id=0, bos_token_id=1, eos_token_id=2, num_labels=num_labels

@@ -73,7 +73,7 @@ class _Filler:
         module_name, _, leaf = key.rpartition(".")
         module = self.model.get_submodule(module_name)
         if leaf == "weight" and module_name in self.targets:
-            self.replace(module_name, quantize_linear(tensor, None, self.quantize, self.dtype))
+            self.replace(module_name, quantize_linear(tensor, None, self.quantize, self.dtype, key))
         elif leaf == "bias" and is_quantized(module):
             module.bias = nn.Parameter(tensor.to(self.dtype), requires_grad=False)
         else:

@@ -17,7 +17,7 @@ from peftcli.errors import FieldError
 from peftcli.models import filled, precision
 from peftcli.models.sources import ModelSource
 from peftcli.quant import nf4
-from peftcli.quant.convert import quantize_model
+from peftcli.quant.convert import left_unquantized, quantize_model
 from peftcli.quant.formats import FORMATS
 
 log = logging.getLogger(__name__)
@@ -92,12 +92,23 @@ def load_model(
         try:
             model = filled.load_filled(auto_class(task), config, source, torch_dtype, chosen.quantize, task)
         except filled.CannotFill as e:
-            if chosen.quantize != "none":
+            if chosen.quantize in FORMATS:
                 log.info("loading %s whole, then quantizing it: %s", source.name, e)
+            elif chosen.quantize == "gguf":
+                log.info("loading %s whole (every tensor dequantized by transformers): %s", source.name, e)
     if model is None:
         model = _from_pretrained(source, task, config, torch_dtype, trust_remote_code, revision)
         if chosen.quantize in FORMATS:
             quantize_model(model, chosen.quantize, torch_dtype)
+    skipped = left_unquantized(model) if chosen.quantize in FORMATS else []
+    if skipped:
+        log.info(
+            "model.quantize: %s leaves %d linear layers unquantized (e.g. `%s`): int8 and int4 need inputs "
+            "in whole blocks of 32, and GPT-2's Conv1D layers are not quantized",
+            chosen.quantize,
+            len(skipped),
+            skipped[0],
+        )
     model.config.name_or_path = source.name
     model.eval()
     return model

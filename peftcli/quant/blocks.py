@@ -130,9 +130,7 @@ def quantize(weight: Tensor, bits: int) -> Blocks:
     if not bool(torch.isfinite(scale.float()).all()) or (
         minimum is not None and not torch.isfinite(minimum).all()
     ):
-        raise ValueError(
-            "the weight has values beyond fp16's range (or not finite): it cannot be quantized here"
-        )
+        raise ValueError("its values lie beyond fp16's range, or are not finite (inf, NaN)")
     return Blocks(codes, scale, minimum)
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
+from peftcli.errors import UserError
 from peftcli.quant import blocks, nf4
 from peftcli.quant.formats import can_quantize, keeps_float
 from peftcli.quant.product import QuantLinear
@@ -31,25 +33,38 @@ def dense_weight(module: nn.Module, dtype: torch.dtype | None = None) -> Tensor:
 
 
 def quantize_linear(
-    weight: Tensor, bias: Tensor | None, kind: str, compute_dtype: torch.dtype
+    weight: Tensor, bias: Tensor | None, kind: str, compute_dtype: torch.dtype, name: str = "weight"
 ) -> QuantLinear:
-    """A QuantLinear of `kind` (int8 | int4 | nf4) holding `weight` (out, in)."""
-    if kind == "nf4":
-        return nf4.NF4Linear(weight, bias, compute_dtype)
-    return blocks.BlockLinear(blocks.quantize(weight, _BITS[kind]), bias, compute_dtype, kind)
+    """A QuantLinear of `kind` (int8 | int4 | nf4) holding `weight` (out, in); `name` (the weight's key)
+    names it in the one-line error for a weight the format cannot hold (beyond fp16's range, NaN, inf)."""
+    try:
+        if kind == "nf4":
+            return nf4.NF4Linear(weight, bias, compute_dtype)
+        return blocks.BlockLinear(blocks.quantize(weight, _BITS[kind]), bias, compute_dtype, kind)
+    except ValueError as e:
+        raise UserError(f"model.quantize: {kind} cannot hold `{name}`: {e}") from e
 
 
 def quantize_targets(model: nn.Module, kind: str) -> list[str]:
     """Names of the linear layers `kind` quantizes: every nn.Linear but the output head and classification
     heads, where the format can hold its shape (formats.keeps_float, can_quantize)."""
+    return [name for name, module in _frozen_linears(model) if can_quantize(module.in_features, kind)]
+
+
+def left_unquantized(model: nn.Module) -> list[str]:
+    """Linear layers (heads aside) that a loaded model holds unquantized: a shape the format cannot hold,
+    or a kind of layer the formats do not take (GPT-2's Conv1D)."""
+    return [name for name, _ in _frozen_linears(model, plain_only=False)]
+
+
+def _frozen_linears(model: nn.Module, plain_only: bool = True) -> list[tuple[str, nn.Module]]:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_name = next((n for n, m in model.named_modules() if head is not None and m is head), None)
+    kinds = (nn.Linear,) if plain_only else (nn.Linear, Conv1D)
     return [
-        name
+        (name, module)
         for name, module in model.named_modules()
-        if type(module) is nn.Linear
-        and not keeps_float(name, head_name)
-        and can_quantize(module.in_features, kind)
+        if type(module) in kinds and not keeps_float(name, head_name)
     ]
 
 
@@ -60,7 +75,9 @@ def quantize_model(model: nn.Module, kind: str, compute_dtype: torch.dtype) -> i
     for name in names:
         linear = model.get_submodule(name)
         set_submodule(
-            model, name, quantize_linear(linear.weight.data, _data(linear.bias), kind, compute_dtype)
+            model,
+            name,
+            quantize_linear(linear.weight.data, _data(linear.bias), kind, compute_dtype, f"{name}.weight"),
         )
         del linear
     return len(names)

@@ -44,6 +44,8 @@ class NF4Linear(QuantLinear):
 
     def __init__(self, weight: Tensor, bias: Tensor | None, compute_dtype: torch.dtype):
         out_features, in_features = weight.shape
+        if not bool(torch.isfinite(weight).all()):  # bitsandbytes would store NaN blocks without a word
+            raise ValueError("its values are not finite (inf, NaN)")
         super().__init__(in_features, out_features, bias, compute_dtype)
         packed, state = _functional().quantize_4bit(
             weight.to(torch.float32).contiguous(),

@@ -13,6 +13,7 @@ import torch
 from tiny import logits, save_tiny, tiny_config, tiny_model, write_llama_gguf
 from transformers import AutoModelForCausalLM
 
+from peftcli.errors import UserError
 from peftcli.models import filled
 from peftcli.models.gguf_header import read_tensor_table
 from peftcli.models.load import load_model
@@ -148,3 +149,23 @@ def test_gguf_requantized_to_nf4_and_dense_bf16(gguf_files):
     dense = load_model(resolve(str(root / "q41.gguf")), dtype="bfloat16", quantize="none")
     assert dense.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     assert (logits(dense).float() - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def test_layers_a_format_cannot_hold_are_named(tmp_path, caplog):
+    """GPT-2's Conv1D layers stay as they are under int4: said once, with an example."""
+    save_tiny(tmp_path, "gpt2")
+    with caplog.at_level(logging.INFO, logger="peftcli"):
+        model = load_model(resolve(str(tmp_path)), dtype="float32", quantize="int4")
+    assert not any(convert.is_quantized(m) for m in model.modules())
+    assert "int4 leaves 8 linear layers unquantized (e.g. `transformer.h.0.attn.c_attn`)" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["int4", "nf4"])
+def test_a_weight_a_format_cannot_hold_is_a_clear_error(tmp_path, kind):
+    model = tiny_model("llama", "causal-lm")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    model.save_pretrained(tmp_path)
+    where = "`model.layers.1.mlp.up_proj.weight`"
+    with pytest.raises(UserError, match=rf"{kind} cannot hold {where}: .*not finite"):
+        load_model(resolve(str(tmp_path)), quantize=kind)

@@ -69,3 +69,17 @@ def test_a_clear_error_without_bitsandbytes(monkeypatch):
     monkeypatch.setattr(nf4.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match=r"pip install 'peftcli\[quant\]'"):
         nf4.NF4Linear(torch.randn(4, 64), None, torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_a_model_loaded_whole_names_the_weight_it_cannot_quantize(kind):
+    """quantize_model (the path for a model loaded whole) says which weight holds inf/NaN, one line."""
+    from tiny import tiny_model
+
+    from peftcli.quant import convert
+
+    model = tiny_model("llama", "causal-lm")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("inf")
+    with pytest.raises(UserError, match=rf"{kind} cannot hold `model.layers.0.self_attn.q_proj.weight`: "):
+        convert.quantize_model(model, kind, torch.float32)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tiny import save_tiny
+from tiny import chat_rows, save_tiny
 
 from peftcli.count import count_target
 from peftcli.infer import load_for_inference, run_generate
@@ -17,15 +17,7 @@ from peftcli.quant import convert
 from peftcli.recipe import load_recipe
 from peftcli.train.run import run
 
-CHAT = [
-    {
-        "messages": [
-            {"role": "user", "content": f"What is {i} plus {i}?"},
-            {"role": "assistant", "content": f"It is {2 * i}."},
-        ]
-    }
-    for i in range(24)
-]
+CHAT = chat_rows(24)
 
 
 @pytest.fixture(scope="module")
