@@ -161,9 +161,18 @@ def count(
     task: str | None = typer.Option(
         None, help="causal-lm | sequence-classification (default: the config's)."
     ),
+    dtype: str | None = typer.Option(
+        None,
+        help="auto | float32 | bfloat16 | float16: the base's, for the memory (default: recipe's, or auto).",
+    ),
+    quantize: str | None = typer.Option(
+        None,
+        help="auto | none | int8 | int4 | nf4: the frozen weights' storage (default: recipe's, or auto).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
-    """Compare trainable vs total parameters of methods, without loading weights."""
+    """Compare methods: trainable vs total parameters, and the memory a run's weights need, without loading
+    weights."""
     from peftcli.count import count_target
 
     _quiet_libraries()
@@ -174,10 +183,16 @@ def count(
         "bottleneck_size": bottleneck,
         "target_modules": target_modules,
     }
-    model_name, counts = count_target(model_or_recipe, method, overrides, task)
+    model_name, counts, precision = count_target(model_or_recipe, method, overrides, task, dtype, quantize)
     if as_json:
-        print(json.dumps([c.to_dict() for c in counts], indent=2))
+        print(json.dumps([{**c.to_dict(), "precision": precision.to_dict()} for c in counts], indent=2))
         return
+    stdout.print(_count_table(model_name, counts))
+    stdout.print(_memory_table(counts, precision))
+
+
+def _count_table(model_name: str, counts) -> Table:
+    """`peft count`'s parameter table; a method that does not apply shows why."""
     table = Table(title=f"Parameters: {model_name}")
     columns = ["method", "trainable", "total", "trainable %"] + (
         ["not applicable"] if any(c.error for c in counts) else []
@@ -192,7 +207,26 @@ def count(
         else:
             cells = [c.method, f"{c.trainable:,}", f"{c.total:,}", f"{c.trainable_percent:.4f}"]
             table.add_row(*cells, *([""] if len(columns) > 4 else []))
-    stdout.print(table)
+    return table
+
+
+def _memory_table(counts, precision) -> Table:
+    """`peft count`'s memory table: the frozen base at `precision`, the trained parameters with AdamW."""
+    from peftcli.report import format_bytes
+
+    memory = Table(
+        title="Memory of a training run's weights",
+        caption=f"base: {precision.describe()}. Trained: fp32 master copies, gradients and AdamW's two "
+        "moments (16 bytes a parameter). Activations come on top.",
+    )
+    for column in ("method", "frozen base", "trained + AdamW", "total"):
+        memory.add_column(column, justify="left" if column == "method" else "right")
+    for c in counts:
+        if c.error:
+            continue  # the method does not apply: the parameter table says why
+        sizes = (c.frozen_bytes, c.trained_bytes, c.frozen_bytes + c.trained_bytes)
+        memory.add_row(c.method, *(format_bytes(n) for n in sizes))
+    return memory
 
 
 @app.command()

@@ -215,6 +215,7 @@ def _report(
         "model": recipe.model.name,
         "task": recipe.model.task,
         "params": s.params,
+        "precision": s.precision,
         "steps": summary["steps"],
         "train_loss": {
             "first": train_losses[0] if train_losses else None,
