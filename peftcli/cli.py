@@ -15,7 +15,6 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from peftcli.errors import UserError
 
@@ -190,9 +189,18 @@ def count(
     task: str | None = typer.Option(
         None, help="causal-lm | sequence-classification (default: the config's)."
     ),
+    dtype: str | None = typer.Option(
+        None,
+        help="auto | float32 | bfloat16 | float16: the base's, for the memory (default: recipe's, or auto).",
+    ),
+    quantize: str | None = typer.Option(
+        None,
+        help="auto | none | int8 | int4 | nf4: the frozen weights' storage (default: recipe's, or auto).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
-    """Compare trainable vs total parameters of methods, without loading weights."""
+    """Compare methods: trainable vs total parameters, and the memory a run's weights need, without loading
+    weights."""
     from peftcli.count import count_target
 
     _quiet_libraries()
@@ -203,25 +211,14 @@ def count(
         "bottleneck_size": bottleneck,
         "target_modules": target_modules,
     }
-    model_name, counts = count_target(model_or_recipe, method, overrides, task)
+    model_name, counts, precision = count_target(model_or_recipe, method, overrides, task, dtype, quantize)
     if as_json:
-        print(json.dumps([c.to_dict() for c in counts], indent=2))
+        print(json.dumps([{**c.to_dict(), "precision": precision.to_dict()} for c in counts], indent=2))
         return
-    table = Table(title=f"Parameters: {model_name}")
-    columns = ["method", "trainable", "total", "trainable %"] + (
-        ["not applicable"] if any(c.error for c in counts) else []
-    )
-    for column in columns:
-        table.add_column(
-            column, justify="right" if column in ("trainable", "total", "trainable %") else "left"
-        )
-    for c in counts:
-        if c.error:
-            table.add_row(c.method, "-", "-", "-", escape(c.error))
-        else:
-            cells = [c.method, f"{c.trainable:,}", f"{c.total:,}", f"{c.trainable_percent:.4f}"]
-            table.add_row(*cells, *([""] if len(columns) > 4 else []))
-    stdout.print(table)
+    from peftcli.count_tables import count_table, memory_table
+
+    stdout.print(count_table(model_name, counts))
+    stdout.print(memory_table(counts, precision))
 
 
 @app.command()

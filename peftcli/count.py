@@ -12,11 +12,15 @@ import copy
 import dataclasses
 from pathlib import Path
 
+from peftcli import memory
 from peftcli.errors import UserError
 from peftcli.methods import METHODS, TASK_TYPES, Context, MethodConfig, config_class, layout
 from peftcli.methods.base import saved_modules
-from peftcli.models.shapes import NotModelled, Shapes, config_shapes
+from peftcli.models.precision import Precision
+from peftcli.models.precision import resolve as resolve_precision
+from peftcli.models.shapes import Linear, NotModelled, Shapes, config_shapes
 from peftcli.models.sources import ADAPTER_CONFIG, ModelSource, resolve
+from peftcli.quant.formats import DTYPE_BYTES, QUANTIZE_CHOICES
 
 
 @dataclasses.dataclass
@@ -25,6 +29,8 @@ class Count:
     trainable: int
     total: int
     error: str | None = None  # why the method does not apply to this model (then the counts are 0)
+    frozen_bytes: int | None = None  # the frozen base as `precision` loads it (memory.py); None: not asked
+    trained_bytes: int | None = None  # the trainable parameters with their gradients and AdamW state
 
     @property
     def trainable_percent(self) -> float:
@@ -33,12 +39,19 @@ class Count:
     def to_dict(self) -> dict:
         if self.error:
             return {"method": self.method, "error": self.error}
-        return {
+        counted = {
             "method": self.method,
             "trainable": self.trainable,
             "total": self.total,
             "trainable_percent": round(self.trainable_percent, 6),
         }
+        if self.frozen_bytes is not None:
+            counted["memory"] = {
+                "frozen_bytes": self.frozen_bytes,
+                "trained_bytes": self.trained_bytes,
+                "total_bytes": self.frozen_bytes + self.trained_bytes,
+            }
+        return counted
 
 
 def count_methods(
@@ -46,9 +59,11 @@ def count_methods(
     methods: list[MethodConfig],
     task: str | None = None,
     trust_remote_code: bool = False,
+    precision: Precision | None = None,
 ) -> list[Count]:
     """One Count per method: from the config's shapes where they are modelled, else on the meta model. A
-    method that does not apply to the model gets a Count with its reason."""
+    method that does not apply to the model gets a Count with its reason. With `precision`, each Count
+    holds the memory of a run too (memory.py)."""
     source = resolve(model) if isinstance(model, str) else model
     shapes = config_shapes(source, task, trust_remote_code)
     counts: dict[int, Count] = {}
@@ -58,18 +73,47 @@ def count_methods(
                 counts[i] = shape_count(shapes, method)
             except (NotModelled, UserError):  # the meta model tells the same, or says what is wrong
                 pass
+    inventory = memory.inventory_of_shapes(shapes) if shapes is not None and precision is not None else None
     rest = [i for i in range(len(methods)) if i not in counts]
     if rest:
         from peftcli.models.load import meta_model
 
         base = meta_model(source, task, trust_remote_code)
+        if precision is not None and inventory is None:
+            inventory = _inventory_of_model(base)  # before a method is injected into it
         for n, i in enumerate(rest):
             model = base if n == len(rest) - 1 else copy.deepcopy(base)  # see injected_counts
             try:
                 counts[i] = injected_counts(model, [methods[i]], task)[0]
             except UserError as e:
                 counts[i] = Count(methods[i].name, 0, 0, error=str(e))
-    return [counts[i] for i in range(len(methods))]
+    return _with_memory([counts[i] for i in range(len(methods))], inventory, precision)
+
+
+def _with_memory(counts: list[Count], inventory, precision: Precision | None) -> list[Count]:
+    if precision is None:
+        return counts
+    frozen = memory.frozen_bytes(inventory, precision)
+    return [
+        dataclasses.replace(c, frozen_bytes=frozen, trained_bytes=memory.trained_bytes(c.trainable))
+        for c in counts
+    ]
+
+
+def _inventory_of_model(model) -> memory.Inventory:
+    """The memory inventory of a (meta) model: its tensors once each, its linear layers."""
+    from transformers.pytorch_utils import Conv1D
+
+    from peftcli.methods.modules import is_linear, layer_shape, output_head_names
+
+    tensors = {name: p.numel() for name, p in model.named_parameters()}  # a tied tensor once
+    linears = {
+        name: Linear(*layer_shape(module), isinstance(module, Conv1D))
+        for name, module in model.named_modules()
+        if is_linear(module)
+    }
+    head = next(iter(output_head_names(model)), None)
+    return memory.Inventory(tensors, linears, head)
 
 
 def meta_counts(
@@ -121,16 +165,24 @@ def shape_count(shapes: Shapes, method: MethodConfig) -> Count:
 
 
 def count_target(
-    target: str, method_names: list[str], overrides: dict, task: str | None = None
-) -> tuple[str, list[Count]]:
-    """`peft count TARGET`: (the model counted, one Count per method). TARGET is a model (dir, .gguf, hub id,
-    built-in name), a recipe (its model and method), or an adapter dir (its base and method). `overrides`:
-    the command line's method flags (None: not given)."""
+    target: str,
+    method_names: list[str],
+    overrides: dict,
+    task: str | None = None,
+    dtype: str | None = None,
+    quantize: str | None = None,
+) -> tuple[str, list[Count], Precision]:
+    """`peft count TARGET`: (the model counted, one Count per method with its memory, the precision that
+    memory assumes). TARGET is a model (dir, .gguf, hub id, built-in name), a recipe (its model and
+    method), or an adapter dir (its base and method). `overrides`: the command line's method flags (None: not
+    given); `dtype`, `quantize`: the command line's (None: the recipe's or the run's, else auto)."""
+    settings = ("auto", "auto")
     if target.endswith((".yaml", ".yml")):
         from peftcli.recipe import load_recipe
 
         recipe = load_recipe(target)
         model, base, task = recipe.model.source, recipe.method, task or recipe.model.task
+        settings = (recipe.model.dtype, recipe.model.quantize)
     elif (Path(target) / ADAPTER_CONFIG).is_file():  # an adapter dir, ours or HF PEFT's
         from peftcli.runs.adapter import AdapterDir
 
@@ -141,16 +193,29 @@ def count_target(
                 "count the base model with --method instead"
             )
         model, base, task = adapter.base_source, adapter.method, task or adapter.task
+        settings = adapter.precision()
     else:
         model, base = target, None  # each method with its own defaults
     if task is not None and task not in TASK_TYPES:
         raise UserError(f"--task: unknown task {task!r}; choose one of {', '.join(TASK_TYPES)}")
     configs = method_configs(base, method_names or [base.name if base else "lora"], overrides)
-    name = model if isinstance(model, str) else model.name
-    counts = count_methods(model, configs, task)
+    source = resolve(model) if isinstance(model, str) else model
+    precision = _precision(source, dtype or settings[0], quantize or settings[1])
+    counts = count_methods(source, configs, task, precision=precision)
     if all(c.error for c in counts):  # nothing to show: the reasons are the answer
         raise UserError("; ".join(dict.fromkeys(c.error for c in counts)))
-    return name, counts
+    return source.name, counts, precision
+
+
+def _precision(source: ModelSource, dtype: str, quantize: str) -> Precision:
+    """The command line's --dtype and --quantize, checked, resolved as the loader would (no CUDA probe)."""
+    if dtype not in ("auto", *DTYPE_BYTES):
+        raise UserError(f"--dtype: unknown dtype {dtype!r}; choose auto, {', '.join(DTYPE_BYTES)}")
+    if quantize not in QUANTIZE_CHOICES:
+        raise UserError(
+            f"--quantize: unknown value {quantize!r}; choose one of {', '.join(QUANTIZE_CHOICES)}"
+        )
+    return resolve_precision(dtype, quantize, gguf=bool(source.gguf_file), probe_cuda=False)
 
 
 def method_configs(base: MethodConfig | None, names: list[str], overrides: dict) -> list[MethodConfig]:

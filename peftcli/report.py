@@ -168,6 +168,21 @@ def _plot_preference(ax, metrics: list[dict]) -> None:
 # report.md
 
 
+def _precision_lines(precision: dict | None) -> list[str]:
+    """The base's dtype and storage, and why (report.json's `precision`, where the run recorded it)."""
+    if not precision:
+        return []
+    storage = precision["quantize"]
+    layers = ", ".join(f"{count} {fmt}" for fmt, count in (precision.get("quantized_layers") or {}).items())
+    return [
+        f"- **base dtype**: {precision['dtype']} ({precision['dtype_reason']})",
+        f"- **frozen weights**: {storage if storage != 'none' else 'unquantized'}"
+        f" ({precision['quantize_reason']}{'; ' + layers if layers else ''}),"
+        f" {format_bytes(precision['frozen_bytes'])} resident",
+        f"- **trained parameters**: {precision['trainable_dtype']}",
+    ]
+
+
 def render_markdown(summary: dict, plot_note: str | None = None) -> str:
     params, train_loss, evals = summary["params"], summary["train_loss"], summary["eval"] or {}
     title = f"# peftcli report: {summary['method']}"
@@ -196,6 +211,7 @@ def render_markdown(summary: dict, plot_note: str | None = None) -> str:
         f"- **peak memory**: {format_bytes(summary['peak_memory_bytes'])}",
         f"- **adapter on disk**: {format_bytes(summary.get('adapter_bytes'))}",
         f"- **wall time**: {format_duration(summary['wall_seconds'])}",
+        *_precision_lines(summary.get("precision")),
         "",
         "## Evaluation",
         "",

@@ -135,7 +135,7 @@ def _peftcli_side(args, options: set[str], batch: dict):
             ),
         ),
     )
-    model = load_model(resolve(args.model), dtype="float32")
+    model = load_model(resolve(args.model), dtype="float32", quantize="none")
     torch.manual_seed(SEED)
     model = inject(model, recipe, tokenizer=None)
     if args.adapter_out:
@@ -176,7 +176,7 @@ def _hf_side(args, options: set[str], batch: dict):
     from peftcli.models.load import load_model
     from peftcli.models.sources import resolve
 
-    model = load_model(resolve(args.model), dtype="float32")
+    model = load_model(resolve(args.model), dtype="float32", quantize="none")
     if "gc" in options:
         checkpointing.enable(model)
     model = PeftModel.from_pretrained(model, args.adapter_in, is_trainable=True)

@@ -13,6 +13,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# model.dtype: auto picks bf16 on hardware with native bf16; the tests compute in fp32 on every machine
+# (tests/models/test_precision.py sets this itself to test the detection).
+os.environ.setdefault("PEFTCLI_BF16", "0")
 
 # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine threads fighting
 # over cores made single forward passes ~50x slower.

@@ -88,6 +88,19 @@ def _with_chat_specials(tok: Tokenizer) -> PreTrainedTokenizerFast:
     )
 
 
+def chat_rows(n: int) -> list[dict]:
+    """`n` chat examples a tiny model learns in a few steps: "What is i plus i?" -> "It is 2i."."""
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} plus {i}?"},
+                {"role": "assistant", "content": f"It is {2 * i}."},
+            ]
+        }
+        for i in range(n)
+    ]
+
+
 def tiny_config(arch: str, num_labels: int = 3):
     common = dict(
         vocab_size=VOCAB_SIZE, pad_token_id=0, bos_token_id=1, eos_token_id=2, num_labels=num_labels
@@ -518,3 +531,58 @@ def save_gguf_base(path: str | Path, arch: str, quant: str = "f32", **config) ->
     )
     write_gguf(path, kind, metadata, model_tensors(model, kind, QUANTS[quant]))
     return path
+
+
+def llama_cpp_permute(weight, heads: int):
+    """llama.cpp's converter's row order for a query or key weight: each head's rotary halves interleaved.
+    (The loader's inverse is under test; this is the forward direction, written from the same facts.)"""
+    rows = weight.shape[0]
+    return (
+        weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    )
+
+
+def write_llama_gguf(path, model, kinds: dict[str, str] | None = None, tied: bool = True) -> None:
+    """A llama-architecture GGUF file of `model` (a tiny LlamaForCausalLM), as llama.cpp's converter lays it
+    out: its names, the permuted query/key rows, (in, out) dims. `kinds`: GGUF type per tensor kind
+    ("linear", "embedding", "head"; default F32), quantized by the gguf package itself."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFWriter, quants
+
+    from peftcli.models.gguf_names import to_gguf_name
+
+    kinds = {"linear": "F32", "embedding": "F32", "head": "F32", **(kinds or {})}
+    c = model.config
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_rope_freq_base(c.rope_parameters["rope_theta"] if getattr(c, "rope_parameters", None) else 1e4)
+    writer.add_vocab_size(c.vocab_size)
+    for name, tensor in model.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue
+        gguf, _ = to_gguf_name("llama", name)
+        array = tensor.detach().float().numpy()
+        if ".attn_q." in gguf:
+            array = llama_cpp_permute(array, c.num_attention_heads)
+        elif ".attn_k." in gguf:
+            array = llama_cpp_permute(array, c.num_key_value_heads)
+        kind = (
+            "embedding"
+            if gguf.startswith("token_embd")
+            else "head"
+            if gguf.startswith("output.")
+            else "linear"
+        )
+        qtype = GGMLQuantizationType[kinds[kind] if array.ndim == 2 else "F32"]
+        data = quants.quantize(np.ascontiguousarray(array), qtype)
+        writer.add_tensor(gguf, data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

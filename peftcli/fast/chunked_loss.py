@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 
 from peftcli.data.batches import IGNORE_INDEX
 from peftcli.fast import frozen_linear
+from peftcli.quant.convert import dense_weight, is_quantized
 
 CHUNK_ROWS = 256  # (256, vocab) fp32 logits: ~50 MB for a 49k vocabulary
 
@@ -135,20 +136,22 @@ def _causal_lm(model: nn.Module) -> nn.Module:
 class ChunkedLoss:
     """``loss_sum(model, batch)`` of a causal LM, chunked: build it with `for_model`."""
 
-    def __init__(self, parent: nn.Module, child: str, head: nn.Linear, linear: Linear):
+    def __init__(self, parent: nn.Module, child: str, head: nn.Module, linear: Linear):
         self.parent, self.child, self.head, self.linear = parent, child, head, linear
 
     @classmethod
     def for_model(cls, model: nn.Module, onednn: bool = True) -> ChunkedLoss | None:
         """The chunked loss for `model`, where that is exact (the architecture's logits are the head's
-        output, and the head is a frozen Linear); else None."""
+        output, and the head is a frozen Linear, plain or quantized); else None."""
         base = _causal_lm(model)
         if getattr(base.config, "model_type", None) not in CHUNKABLE_MODEL_TYPES:
             return None
         if getattr(base.config, "final_logit_softcapping", None) or getattr(base.config, "logit_scale", None):
             return None
         head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-        if not isinstance(head, nn.Linear) or any(p.requires_grad for p in head.parameters()):
+        if not isinstance(head, nn.Linear) and not is_quantized(head):
+            return None
+        if any(p.requires_grad for p in head.parameters()):
             return None
         name = next(name for name, module in base.named_modules() if module is head)
         parent_name, _, child = name.rpartition(".")
@@ -166,7 +169,10 @@ class ChunkedLoss:
             hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         finally:
             setattr(self.parent, self.child, self.head)
-        return chunked_token_logprobs(hidden, self.head.weight, self.head.bias, batch["labels"], self.linear)
+        # A quantized head is dequantized for the loss call only (its chunks all read the whole weight).
+        return chunked_token_logprobs(
+            hidden, dense_weight(self.head), self.head.bias, batch["labels"], self.linear
+        )
 
 
 def _plain_linear(x: Tensor, weight: Tensor) -> Tensor:

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from peftcli.methods import lora
 from peftcli.methods.modules import AdaptedLayer
+from peftcli.quant.convert import is_quantized
 
 # transformers classes whose forward is exactly the math above in fp32 (read in transformers 5)
 SWIGLU_MLPS = {
@@ -67,8 +68,11 @@ class _SiluMulDown(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate, up, weight, bias, lora_a, lora_b, scale, x=None, up_proj=None):
+        # A quantized down_proj (`weight` is the layer) is dequantized here and again in backward.
+        ctx.quantized = weight if is_quantized(weight) else None
         hidden = F.silu(gate).mul_(up)  # (tokens, inter)
-        out = F.linear(hidden, weight, bias)  # (tokens, out)
+        out = F.linear(hidden, _dense(weight, hidden.dtype), bias)  # (tokens, out)
+        weight = None if ctx.quantized is not None else weight
         down = None
         if lora_a is not None:
             down = hidden @ lora_a.t()  # (tokens, r)
@@ -97,6 +101,8 @@ class _SiluMulDown(torch.autograd.Function):
         else:
             hidden, weight, lora_a, lora_b, down = ctx.saved_tensors
         grad_a = grad_b = grad_gate = grad_up = None
+        if ctx.quantized is not None and ctx.through:
+            weight = ctx.quantized.dequantize(grad_out.dtype)
         grad_hidden = grad_out @ weight if ctx.through else None  # (tokens, inter)
         if lora_a is not None:
             grad_down = (grad_out @ lora_b).mul_(ctx.scale)  # (tokens, r)
@@ -121,9 +127,15 @@ def _recomputed_forward(mlp: nn.Module, x: Tensor) -> Tensor:
     return torch.utils.checkpoint.checkpoint(_lean_forward, mlp, x, use_reentrant=False)
 
 
+def _dense(weight, dtype: torch.dtype) -> Tensor:
+    """A weight tensor as it is, a quantized layer's weight dequantized."""
+    return weight.dequantize(dtype) if is_quantized(weight) else weight
+
+
 def _frozen_parts(proj: nn.Module):
     """(weight, bias, lora_A, lora_B, scale) of a frozen Linear or a dropout-free plain LoRA layer (not
-    DoRA, whose magnitude rescales the output), else None."""
+    DoRA, whose magnitude rescales the output), else None. For a quantized layer (peftcli/quant) the
+    `weight` is the layer itself."""
     lora_a = lora_b = None
     scale = 0.0
     if isinstance(proj, AdaptedLayer) and proj.method == lora.NAME:
@@ -131,9 +143,11 @@ def _frozen_parts(proj: nn.Module):
             return None
         lora_a, lora_b, scale = proj.lora_A.weight, proj.lora_B.weight, proj.scale
         proj = proj.base
-    if type(proj) is not nn.Linear or any(p.requires_grad for p in proj.parameters()):
+    if (type(proj) is not nn.Linear and not is_quantized(proj)) or any(
+        p.requires_grad for p in proj.parameters()
+    ):
         return None
-    return proj.weight, proj.bias, lora_a, lora_b, scale
+    return (proj if is_quantized(proj) else proj.weight), proj.bias, lora_a, lora_b, scale
 
 
 def _lean_forward(mlp: nn.Module, x: Tensor, recompute_up: bool = False) -> Tensor:
@@ -143,7 +157,7 @@ def _lean_forward(mlp: nn.Module, x: Tensor, recompute_up: bool = False) -> Tens
         parts is not None
         and torch.is_grad_enabled()
         and not torch.is_autocast_enabled(x.device.type)
-        and all(t is None or t.dtype == gate.dtype for t in parts[:4])
+        and all(t is None or _dtype(t) == gate.dtype for t in parts[:4])
     )
     if not usable:  # the module's own math
         return mlp.down_proj(mlp.act_fn(gate) * up)
@@ -152,6 +166,10 @@ def _lean_forward(mlp: nn.Module, x: Tensor, recompute_up: bool = False) -> Tens
     up_proj = mlp.up_proj if recompute_up and _frozen_parts(mlp.up_proj) is not None else None
     out = _SiluMulDown.apply(gate.reshape(-1, inter), up.reshape(-1, inter), *parts, x, up_proj)
     return out.view(*gate.shape[:-1], out.shape[-1])
+
+
+def _dtype(weight) -> torch.dtype:
+    return weight.compute_dtype if is_quantized(weight) else weight.dtype
 
 
 def _up_recomputed_forward(mlp: nn.Module, x: Tensor) -> Tensor:

@@ -48,7 +48,7 @@ def load_for_inference(
 
 def load_adapter_dir(adapter: AdapterDir, fold: bool = False) -> tuple[nn.Module, object, InferenceInfo]:
     recipe = adapter.recipe
-    model = adapter.load_model(dtype=recipe.model.dtype if recipe else "auto")
+    model = adapter.load_model()  # the run's dtype and quantization, as trained
     folded = False
     if fold and getattr(adapter.module, "MERGEABLE", False):
         try:

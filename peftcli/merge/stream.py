@@ -5,7 +5,7 @@ each checkpoint key is mapped to the model's key, each adapted layer's weight to
 (LoRA: W + scale * B @ A; and its bias where the method changes it, IA3), and every other adapter tensor
 (BitFit biases, ``modules_to_save``) to the base
 tensor it replaces. The writer then reads one base tensor at a time, changes it if the adapter touches it,
-casts it and appends it to the output shard through shards.py; nothing else is held. to_dir.py decides
+casts it and appends it to the output shard through models/shards.py; nothing else is held. to_dir.py decides
 when this applies.
 """
 
@@ -22,13 +22,12 @@ from torch import Tensor, nn
 
 from peftcli import fileio
 from peftcli.errors import UserError
-from peftcli.merge import shards as st
 from peftcli.methods.modules import KEY_PREFIX, AdaptedLayer, adapted_layers, shared_tensors
+from peftcli.models import shards as st
 from peftcli.models.load import auto_class
+from peftcli.models.shards import INDEX_NAME, SINGLE_NAME
 from peftcli.runs.adapter import AdapterDir, apply_adapter
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 GENERATION_CONFIG = "generation_config.json"
 
 
@@ -115,7 +114,7 @@ def _base_tensors(shard_paths: list[Path], expected: dict, prefix: str, replaced
     for path in shard_paths:
         entries = []
         for ckpt_key, info in st.read_header(path).items():
-            key = _model_key(ckpt_key, expected, prefix)
+            key = st.model_key(ckpt_key, expected, prefix)
             if key is None:
                 continue  # a tensor the task's model has no place for (e.g. lm_head for a classifier)
             if key in sources:
@@ -173,16 +172,6 @@ def _tie_groups(model: nn.Module) -> list[list[str]]:
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
     return [group for group in names.values() if len(group) > 1]
-
-
-def _model_key(ckpt_key: str, expected: dict, prefix: str) -> str | None:
-    """The model's name for a checkpoint tensor: the same, or under the base model's prefix (a checkpoint
-    of LlamaModel stores `layers.0...`, LlamaForCausalLM `model.layers.0...`)."""
-    if ckpt_key in expected:
-        return ckpt_key
-    if prefix and f"{prefix}.{ckpt_key}" in expected:
-        return f"{prefix}.{ckpt_key}"
-    return None
 
 
 def write_streamed(plan: Plan, directory: Path, out_dtype: torch.dtype) -> None:

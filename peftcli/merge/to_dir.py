@@ -9,7 +9,9 @@ Two ways to the same files:
   adapter touches it, cast and appended to the output shard; nothing else is held (stream.py). Peak memory
   is the largest tensor (a few copies of it while it is merged) plus the adapter, whatever the model's size.
 - **In memory**, for everything else (a GGUF or hub base, a checkpoint whose tensor names transformers
-  converts on load): load base + adapter, the method's ``merge(model)``, ``save_pretrained``.
+  converts on load, a run that trained on quantized weights): load base + adapter as the run trained them,
+  dequantize any quantized layers (the weights the adapter was trained against, not a re-read original),
+  the method's ``merge(model)``, ``save_pretrained``.
 
 Then the check (check.py). Both models are never in memory at once: base + adapter give the reference
 logits and are freed before the merged model is loaded. The check still loads the model once in float32;
@@ -22,7 +24,6 @@ which is renamed at the very end.
 from __future__ import annotations
 
 import gc
-import json
 import os
 import shutil
 import tempfile
@@ -37,9 +38,10 @@ from torch import Tensor, nn
 from peftcli.errors import UserError
 from peftcli.fileio import disk_errors, make_readable
 from peftcli.merge.check import check_merged, logits_of, probe_batch
-from peftcli.merge.stream import INDEX_NAME, SINGLE_NAME, stream_plan, write_streamed
-from peftcli.models.load import classification_config, load_config
-from peftcli.models.sources import ModelSource
+from peftcli.merge.stream import stream_plan, write_streamed
+from peftcli.models.load import classification_config, load_config, precision_of
+from peftcli.models.shards import safetensors_shards
+from peftcli.quant.convert import dequantize_model
 from peftcli.runs import lock
 from peftcli.runs.adapter import AdapterDir
 
@@ -91,7 +93,10 @@ def merge_to_dir(
     check_mergeable(adapter)
     with lock.hold(adapter.path, "peft merge"):  # no run rewrites the adapter while it is read
         plan = None
-        shards = safetensors_shards(adapter.base_source)
+        trained_on = precision_of(adapter.base_source, *adapter.precision()).quantize
+        if trained_on != "none":
+            say(QUANTIZED_NOTE.format(storage=_storage_name(trained_on)))
+        shards = safetensors_shards(adapter.base_source) if trained_on == "none" else None
         if shards:
             plan, reason = stream_plan(adapter, _base_config(adapter), shards, Path(adapter.base_source.path))
             if plan is None:
@@ -130,7 +135,8 @@ def _write(
         probe = probe_batch(plan.config)
         reference = _reference_logits(adapter, probe) if verify else None
     else:
-        model = adapter.load_model(dtype="float32")  # the check's reference precision
+        # The base as the run trained on it (quantized, if it was), computed in the check's precision.
+        model = adapter.load_model(dtype="float32")
         probe = probe_batch(model.config)
         reference = logits_of(model, probe) if verify else None
         model = merge_in_memory(adapter, model)
@@ -142,7 +148,10 @@ def _write(
         say("check: skipped")
         return None, None
     diff, tolerance = check_merged(directory, adapter.task, probe, reference, out_dtype)
-    say(f"check: max |logit difference| vs base + adapter = {diff:.2e} (tolerance {tolerance:.1e}): ok")
+    say(
+        f"check: max |logit difference| vs base + adapter as trained = {diff:.2e} "
+        f"(tolerance {tolerance:.1e}): ok"
+    )
     return diff, tolerance
 
 
@@ -154,13 +163,25 @@ def check_mergeable(adapter: AdapterDir) -> None:
 
 
 def merge_in_memory(adapter: AdapterDir, model: nn.Module | None = None) -> nn.Module:
-    """Base + adapter (`model`, else loaded in float32) with the adapter folded in: the plain transformers
-    model, its head untied from the embedding where the adapter trained one of them in full."""
+    """Base + adapter (`model`, else loaded computing in float32) with the adapter folded in: the plain
+    transformers model, its head untied from the embedding where the adapter trained one of them in full.
+    A quantized base (the run's model.quantize, a GGUF file's blocks) is dequantized first: the adapter
+    folds into the weights it was trained against."""
     if model is None:
         model = adapter.load_model(dtype="float32")
-    model = adapter.module.merge(model)
+    model = adapter.module.merge(dequantize_model(model, torch.float32))
     _untie_split_embeddings(model)
     return model
+
+
+QUANTIZED_NOTE = (
+    "note: the run trained on {storage} weights: the adapter is folded into those weights dequantized (what "
+    "it was trained against, not the original file's), and the check compares with base + adapter as trained"
+)
+
+
+def _storage_name(quantize: str) -> str:
+    return "the GGUF file's quantized" if quantize == "gguf" else quantize
 
 
 def _parse_dtype(dtype: str | None) -> torch.dtype | None:
@@ -193,25 +214,6 @@ def _config_dtype(adapter: AdapterDir) -> torch.dtype:
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     return dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
-
-
-def safetensors_shards(source: ModelSource) -> list[Path] | None:
-    """The base's safetensors files, when it is a local dir that has them (tests and
-    scripts/bench_merge.py patch this to force the in-memory path)."""
-    if not source.is_local or source.gguf_file:
-        return None
-    root = Path(source.path)
-    if (root / INDEX_NAME).is_file():
-        try:
-            weight_map = json.loads((root / INDEX_NAME).read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise UserError(f"{root / INDEX_NAME}: not a valid safetensors index ({e})") from e
-        names = sorted(set(weight_map.values()))
-        missing = [n for n in names if not (root / n).is_file()]
-        if missing:
-            raise UserError(f"base model {source.name}: shard {missing[0]} listed in {INDEX_NAME} is missing")
-        return [root / n for n in names]
-    return [root / SINGLE_NAME] if (root / SINGLE_NAME).is_file() else None
 
 
 def _untie_split_embeddings(model: nn.Module) -> None:

@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from peftcli.models.shapes import Shapes
 
 modules = LazyModule("peftcli.methods.modules")
+quant = LazyModule("peftcli.quant.convert")
 log = logging.getLogger(__name__)
 
 NAME = "lora"
@@ -121,7 +122,8 @@ def run_dora(layer: AdaptedLayer, x: Tensor) -> Tensor:
     h = _factor_input(layer, x)
     low_rank = layer.lora_B(layer.lora_A(h))  # (..., out)
     factor = layer.lora_magnitude_vector / weight_norm(layer)  # (out,)
-    weight = layer.base.weight.T if layer.fan_in_fan_out else layer.base.weight  # (out, in)
+    # (out, in); a quantized base dequantized for the step, as HF PEFT's DoRA does on bitsandbytes layers
+    weight = layer.base.weight.T if layer.fan_in_fan_out else quant.dense_weight(layer.base)
     if layer.dropout is not None and layer.training:
         out = layer.base(x)
         rescaled = (factor - 1) * F.linear(h.to(weight.dtype), weight) + factor * layer.scale * low_rank
@@ -143,9 +145,10 @@ def _factor_input(layer: AdaptedLayer, x: Tensor) -> Tensor:
 def weight_norm(layer: AdaptedLayer) -> Tensor:
     """||W + scale * B A|| of each output row, (out,), in float32 and outside autograd (DoRA's constant).
 
-    W + scale * B A is one fused product-and-add (addmm), laid out as the base stores W.
+    W + scale * B A is one fused product-and-add (addmm), laid out as the base stores W (a quantized base:
+    its dequantized weight).
     """
-    weight = layer.base.weight
+    weight = quant.dense_weight(layer.base)
     with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
         lora_A, lora_B = layer.lora_A.weight.float(), layer.lora_B.weight.float()
         if layer.fan_in_fan_out:  # (in, out) + (in, r) @ (r, out)
@@ -207,11 +210,11 @@ def wrap_layer(
     layer.lora_B = nn.Linear(rank, layer.out_features, bias=False, **factory)
     if not from_base:
         reset_parameters(layer, init)
-    elif not base.weight.is_meta:
+    elif factory["device"].type != "meta":
         lora_init.start_from_base(layer, initial)
     if use_dora:
         magnitude = torch.empty(layer.out_features, **modules.parameter_factory(base))
-        if not base.weight.is_meta:
+        if factory["device"].type != "meta":
             magnitude = weight_norm(layer).to(magnitude.dtype)
         layer.lora_magnitude_vector = nn.Parameter(magnitude)
     return layer
@@ -296,7 +299,12 @@ def inject(model, config: Config, context: Context):
                 f"method.rank: {config.rank} is larger than layer `{name}` allows "
                 f"(in {in_features}, out {out_features}): use a rank <= {min(in_features, out_features)}"
             )
-        if id(layer.weight) in tied:
+        if lora_init.from_base(config.init) and quant.is_quantized(layer):
+            raise UserError(
+                f"method.init: {config.init} rewrites the weight of `{name}`, which model.quantize stores "
+                "quantized; use init: kaiming, or model.quantize: none"
+            )
+        if id(getattr(layer, "weight", None)) in tied:
             raise UserError(
                 f"method.init: {config.init} rewrites the weight of `{name}`, which is shared with another "
                 "layer (tied embeddings); leave it out of target_modules or use init: kaiming"

@@ -16,6 +16,7 @@ from transformers.pytorch_utils import Conv1D
 
 from peftcli.errors import UserError, did_you_mean
 from peftcli.methods.layout import matches, outermost, select_targets
+from peftcli.quant.convert import is_quantized, quantized_numel
 
 KEY_PREFIX = "base_model.model."
 
@@ -126,7 +127,8 @@ def output_head_names(model: nn.Module) -> set[str]:
 
 
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, Conv1D))
+    """nn.Linear, GPT-2's Conv1D, or a frozen linear layer stored quantized (peftcli/quant)."""
+    return isinstance(module, (nn.Linear, Conv1D)) or is_quantized(module)
 
 
 def match_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
@@ -151,7 +153,10 @@ def layer_shape(module: nn.Module) -> tuple[int, int]:
 
 
 def parameter_factory(base: nn.Module) -> dict:
-    """New parts on the base weight's device and dtype: on the meta device they are shapes only."""
+    """New parts on the base weight's device and dtype (a quantized base: the dtype it computes in); on the
+    meta device they are shapes only."""
+    if is_quantized(base):
+        return {"device": base.device, "dtype": base.compute_dtype}
     return {"device": base.weight.device, "dtype": base.weight.dtype}
 
 
@@ -321,11 +326,16 @@ def merge_layers(
     as messages name it (LoRA).
 
     Every check before the first change: a tied weight (which the fold would change under another name too)
-    leaves the model as it was.
+    or a quantized one leaves the model as it was.
     """
     tied = tied_parameters(model)
     layers = adapted_layers(model, method)
     for name, layer in layers:
+        if is_quantized(layer.base):  # folding would requantize: not the model that was trained
+            raise UserError(
+                f"cannot merge {title} into `{name}`: its weight is stored quantized (model.quantize); "
+                "dequantize the model first (peft merge does)"
+            )
         if id(layer.base.weight) in tied:
             raise UserError(
                 f"cannot merge {title} into `{name}`: its weight is shared with another layer "
@@ -383,8 +393,9 @@ def shared_tensors(
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total), each shared tensor once: HF PEFT's convention."""
-    trainable = total = 0
+    """(trainable, total), each shared tensor once: HF PEFT's convention. A quantized weight counts as the
+    weights it stands for (as HF PEFT counts bitsandbytes' 4-bit ones)."""
+    trainable, total = 0, quantized_numel(model)
     for p in model.parameters():  # parameters() already yields a shared tensor once
         total += p.numel()
         if p.requires_grad:

@@ -147,14 +147,14 @@ def draw_projections(rank: int, in_max: int, out_max: int, seed: int) -> tuple[T
     return he_uniform(rank, in_max), he_uniform(out_max, rank)
 
 
-def projections(config: Config, layers: list, like: Tensor):
+def projections(config: Config, layers: list, factory: dict):
     """The shared projections for `layers` (the base layers to wrap): as large as the largest of them, in
-    `like`'s dtype and on its device (on the CPU for a meta-device base)."""
+    `factory`'s dtype and on its device (modules.parameter_factory; on the CPU for a meta-device base)."""
     in_max = max(modules.layer_shape(layer)[0] for layer in layers)
     out_max = max(modules.layer_shape(layer)[1] for layer in layers)
     proj_a, proj_b = draw_projections(config.rank, in_max, out_max, config.projection_prng_key)
-    device = "cpu" if like.is_meta else like.device
-    tensors = {"vera_A": proj_a.to(device, like.dtype), "vera_B": proj_b.to(device, like.dtype)}
+    device = "cpu" if factory["device"].type == "meta" else factory["device"]
+    tensors = {"vera_A": proj_a.to(device, factory["dtype"]), "vera_B": proj_b.to(device, factory["dtype"])}
     return modules.SharedTensors(tensors, saved=config.save_projection)
 
 
@@ -187,7 +187,7 @@ def inject(model, config: Config, context: Context):
     targets = targets_or_default(config.target_modules, modules.model_type(model), "VeRA", TARGETS)
     names = targeting.claim_targets(model, NAME, "VeRA", targets, config, context.task)
     bases = [model.get_submodule(name) for name in names]
-    shared = projections(config, bases, like=bases[0].weight)
+    shared = projections(config, bases, modules.parameter_factory(bases[0]))
     for name, base in zip(names, bases, strict=True):
         layer = wrap_layer(base, shared, config.rank, config.dropout, config.d_initial)
         modules.set_submodule(model, name, layer)

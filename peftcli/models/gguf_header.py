@@ -1,13 +1,13 @@
 """A GGUF file's metadata and tensor names, read straight from its header (GGUF versions 2 and 3).
 
-What `peft count` needs to tell a model's shapes (shapes.py), and what the fast GGUF loader
-(gguf_load.py) and `peft export` need besides: the tensor table (name, shape, type, where its data lies)
-and, on request, the arrays' items (the vocabulary). No tensor data, no torch, and not the gguf package's
-reader (only its table of tensor type sizes), whose full parse of a 49k-token vocabulary takes ~5 s here
-(38 s under load) where this one takes a tenth of a second. Without `arrays`, an array value comes back
-as an Array (its item type and length). It checks what transformers'
-reader would refuse: strings that are not UTF-8, a key or a tensor given twice, an unknown tensor type,
-tensor data running past the end of the file (a partial download).
+What `peft count` needs to tell a model's shapes and memory (shapes.py, memory.py), and what the loader
+(models/filled.py, which reads each tensor's bytes itself: gguf_load.py) and `peft export` need besides:
+the tensor table (name, shape, type, where its data lies) and, on request, the arrays' items (the
+vocabulary). No tensor data, no torch, and not the gguf package's reader (only its table of tensor type
+sizes), whose full parse of a 49k-token vocabulary takes ~5 s here (38 s under load) where this one takes
+a tenth of a second. Without `arrays`, an array value comes back as an Array (its item type and length). It
+checks what transformers' reader would refuse: strings that are not UTF-8, a key or a tensor given twice,
+an unknown tensor type, tensor data running past the end of the file (a partial download).
 
 Layout (little-endian): "GGUF", version u32, tensor count u64, metadata count u64; then each metadata
 entry as key (string), value type u32, value; then each tensor as name (string), dimension count u32,

@@ -1,26 +1,32 @@
-"""Load a llama-architecture GGUF file as a transformers model in one pass.
+"""A llama-architecture GGUF file read as transformers holds it: its config from the header, its tensors
+one at a time.
 
 transformers' GGUF loader parses the whole file twice (once for the config, once for the weights) with
 the gguf package's reader, whose per-item parse of a 49k-token vocabulary alone takes seconds, and
-dequantizes in numpy. Here the header is read once (gguf_header.py: metadata and tensor table), the config
-is made from the metadata by transformers' own key table, the model is built without initialising its
-weights, and each tensor is dequantized with torch straight from the memory-mapped file and undone from
-llama.cpp's layout (gguf_names.py). The result equals transformers' load tensor for tensor (tests pin
-it, the packaged SmolLM2 included); the packaged SmolLM2 loads in ~1 s instead of ~10 s.
+dequantizes in numpy. Here the header is read once (gguf_header.py: metadata and tensor table) and the
+config made from the metadata by transformers' own key table (`gguf_config`); the loader
+(models/filled.py) then reads each tensor's bytes (`read_rows`), packs the block types it keeps packed
+(quant/ggml.py) and dequantizes the rest with torch (`dense`), after undoing llama.cpp's layout
+(gguf_names.py: `to_transformers_layout`). With nothing kept packed the result equals transformers' load
+tensor for tensor (tests/models/test_gguf_load.py pins it, the packaged SmolLM2 included).
 
 Only what transformers would read as Llama is taken here (`fast_gguf`); anything else (another
-architecture, a file transformers reads as Mistral, a quantization type without a torch dequantizer here)
-goes to transformers' loader.
+architecture, a file transformers reads as Mistral) is configured by transformers.
+
+Data is read with plain file reads (no memory map, whose touched pages would count in the process's RSS
+for as long as the file stays mapped).
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from peftcli.models.gguf_header import GGUFError, GGUFFile, TensorInfo, read_gguf
-from peftcli.models.gguf_names import from_llamacpp_rotary, rotary_heads, to_hf_name
+from peftcli.models.gguf_names import Rule, from_llamacpp_rotary, rotary_heads, to_hf_name
 
 # ggml type ids (the gguf package's GGMLQuantizationType) this module dequantizes
 F32, F16, Q4_0, Q4_1, Q8_0, BF16 = 0, 1, 2, 3, 8, 30
@@ -28,7 +34,8 @@ BLOCK = 32  # values per block of the Q4_0, Q4_1 and Q8_0 types
 
 
 def fast_gguf(path: str) -> GGUFFile | None:
-    """The file's header when this module can load it exactly as transformers would, else None."""
+    """The file's header when transformers would read it as a Llama (so `gguf_config` makes its config and
+    filled.py its weights, as transformers would), else None."""
     try:
         gguf = read_gguf(path)
     except (GGUFError, OSError):
@@ -42,8 +49,6 @@ def fast_gguf(path: str) -> GGUFFile | None:
         key.split(".", 1)[0] not in ("general", "llama", "tokenizer", "quantize") for key in gguf.metadata
     ):
         return None  # keys of another architecture, which transformers would map too; or a split file
-    if any(t.ggml_type not in DEQUANTIZERS for t in gguf.tensors):
-        return None
     if any(to_hf_name("llama", t.name) is None for t in gguf.tensors):
         return None
     return gguf
@@ -69,32 +74,21 @@ def gguf_config(gguf: GGUFFile, path: str):
     return LlamaConfig.from_dict(config)
 
 
-def load_llama_gguf(path: str, gguf: GGUFFile, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """LlamaForCausalLM with the file's weights, dequantized to `dtype`, in eval mode."""
-    from accelerate import init_empty_weights
-    from transformers import LlamaForCausalLM
+def read_rows(f, info: TensorInfo) -> Tensor:
+    """The tensor's bytes as stored, (rows, bytes per row) uint8: a weight's (out, in) rows; a vector is
+    one row. A block never crosses a row, so rows can be reordered before unpacking."""
+    raw = torch.empty(info.nbytes, dtype=torch.uint8)
+    f.seek(info.offset)
+    if f.readinto(memoryview(raw.numpy())) != info.nbytes:
+        raise GGUFError(f"{info.name}: the file ends inside its data")
+    return raw.view(math.prod(info.shape[:-1]), -1)
 
-    config = gguf_config(gguf, path)
-    with init_empty_weights(include_buffers=False):  # parameters on the meta device: nothing initialised
-        model = LlamaForCausalLM(config)
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    state = {}
-    blob = np.memmap(path, dtype=np.uint8, mode="r")
-    for info in gguf.tensors:
-        hf_name, rule = to_hf_name("llama", info.name)
-        tensor = dequantize(blob, info)
-        if (n := rotary_heads(rule, heads, kv_heads)) is not None:
-            tensor = from_llamacpp_rotary(tensor, n)
-        state[hf_name] = tensor.to(dtype).contiguous()
-    del blob
-    model.config.dtype = dtype
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    tied = ["lm_head.weight"] if config.tie_word_embeddings else []
-    if unexpected or sorted(missing) != tied:
-        raise GGUFError(f"tensors do not fit a Llama: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    return model.eval()
+
+def to_transformers_layout(tensor: Tensor, rule: Rule, heads: int, kv_heads: int) -> Tensor:
+    """A llama q or k projection's rows (floats, or packed rows of bytes) from llama.cpp's rotary pairs
+    back to transformers' halves (gguf_names.py); any other tensor as given."""
+    n = rotary_heads(rule, heads, kv_heads)
+    return tensor if n is None else from_llamacpp_rotary(tensor, n)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -102,16 +96,21 @@ def load_llama_gguf(path: str, gguf: GGUFFile, dtype: torch.dtype = torch.float3
 
 
 def dequantize(blob: np.ndarray, info: TensorInfo) -> Tensor:
-    """The tensor `info` describes, as float32 of its shape (a type without a torch dequantizer here goes
-    through the gguf package's numpy one)."""
-    raw = np.array(blob[info.offset : info.offset + info.nbytes])
+    """The tensor `info` describes, as float32 of its shape, from `blob`: the file's bytes (a memory map)."""
+    return dense(torch.from_numpy(np.array(blob[info.offset : info.offset + info.nbytes])), info)
+
+
+def dense(raw: Tensor, info: TensorInfo) -> Tensor:
+    """A tensor's bytes (uint8, any shape: `read_rows`' rows, reordered or not) as float32 of its shape. A
+    type without a torch dequantizer here goes through the gguf package's numpy one."""
+    raw = raw.reshape(-1)
     if info.ggml_type not in DEQUANTIZERS:
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize as gguf_dequantize
 
-        values = gguf_dequantize(raw, GGMLQuantizationType(info.ggml_type))
+        values = gguf_dequantize(raw.numpy(), GGMLQuantizationType(info.ggml_type))
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(info.shape)
-    return DEQUANTIZERS[info.ggml_type](torch.from_numpy(raw)).reshape(info.shape)
+    return DEQUANTIZERS[info.ggml_type](raw).reshape(info.shape)
 
 
 def _f32(raw: Tensor) -> Tensor:

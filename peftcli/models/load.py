@@ -9,6 +9,7 @@ reads no weights.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,13 @@ import torch
 from torch import nn
 
 from peftcli.errors import FieldError
+from peftcli.models import filled, precision
 from peftcli.models.sources import ModelSource
+from peftcli.quant import nf4
+from peftcli.quant.convert import left_unquantized, quantize_model
+from peftcli.quant.formats import FORMATS
+
+log = logging.getLogger(__name__)
 
 TASK_AUTO_CLASSES = {
     "causal-lm": "AutoModelForCausalLM",
@@ -118,54 +125,77 @@ def load_model(
     num_labels: int | None = None,
     label_names: list[str] | None = None,
     dtype: str = "auto",
+    quantize: str = "auto",
     trust_remote_code: bool = False,
     revision: str | None = None,
 ) -> nn.Module:
     """Load the base model with real weights, in eval mode, ready for a method to be injected.
 
-    A llama-architecture GGUF file loads in one pass (gguf_load.py) where transformers would parse it twice;
-    the result is the same model, tensor for tensor."""
-    if source.gguf_file and task == "causal-lm":
-        model = _load_gguf_fast(source, dtype)
-        if model is not None:
-            return model
+    `dtype` and `quantize` as the recipe's model section has them (precision.py resolves auto). Quantized
+    (and GGUF) bases are filled tensor by tensor (filled.py: a llama GGUF file read in one pass, its blocks
+    kept packed or dequantized); where that cannot place the checkpoint, the model is loaded whole by
+    transformers and quantized after.
+    """
+    chosen = precision_of(source, dtype, quantize)
+    torch_dtype = DTYPES[chosen.dtype]
     config = load_config(source, trust_remote_code, revision)
     check_task(config, task, source)
     check_weights(source)
     if task == "sequence-classification":
         config = classification_config(config, num_labels, label_names)
-    kwargs = {"config": config, "trust_remote_code": trust_remote_code, "revision": revision}
-    if not source.gguf_file:
-        kwargs["use_safetensors"] = True  # a hub model with pickle weights only is refused, not unpickled
-    if task == "sequence-classification":
-        # A base with a head of another size (or none) gets a fresh head of the recipe's size.
-        kwargs["ignore_mismatched_sizes"] = True
-    kwargs["dtype"] = DTYPES[dtype] if dtype != "auto" else "auto"
-    if source.gguf_file:
-        kwargs["gguf_file"] = source.gguf_file
-        kwargs["dtype"] = DTYPES.get(dtype, torch.float32)
-    with reading(source, f"load {task} weights of"):
-        model = auto_class(task).from_pretrained(source.path, **kwargs)
-    if source.gguf_file:
-        drop_quantization_flags(model)
+    if chosen.quantize == "nf4":
+        nf4.check_available()
+    model = None
+    if chosen.quantize != "none" or source.gguf_file:
+        with reading(source, f"load {task} weights of"):
+            try:
+                model = filled.load_filled(
+                    auto_class(task), config, source, torch_dtype, chosen.quantize, task
+                )
+            except filled.CannotFill as e:
+                if chosen.quantize in FORMATS:
+                    log.info("loading %s whole, then quantizing it: %s", source.name, e)
+                elif chosen.quantize == "gguf":
+                    log.info(
+                        "loading %s whole (every tensor dequantized by transformers): %s", source.name, e
+                    )
+    if model is None:
+        model = _from_pretrained(source, task, config, torch_dtype, trust_remote_code, revision)
+        if chosen.quantize in FORMATS:
+            quantize_model(model, chosen.quantize, torch_dtype)
+    skipped = left_unquantized(model) if chosen.quantize in FORMATS else []
+    if skipped:
+        log.info(
+            "model.quantize: %s leaves %d linear layers unquantized (e.g. `%s`): int8 and int4 need inputs "
+            "in whole blocks of 32, and GPT-2's Conv1D layers are not quantized",
+            chosen.quantize,
+            len(skipped),
+            skipped[0],
+        )
     model.config.name_or_path = source.name
     model.eval()
     return model
 
 
-def _load_gguf_fast(source: ModelSource, dtype: str) -> nn.Module | None:
-    from peftcli.models.gguf_header import GGUFError
-    from peftcli.models.gguf_load import fast_gguf, load_llama_gguf
+def precision_of(source: ModelSource, dtype: str = "auto", quantize: str = "auto") -> precision.Precision:
+    """The dtype and weight storage `load_model` uses for `source`, with the reasons."""
+    return precision.resolve(dtype, quantize, gguf=bool(source.gguf_file))
 
-    path = f"{source.path}/{source.gguf_file}"
-    gguf = fast_gguf(path)
-    if gguf is None:
-        return None
-    try:
-        model = load_llama_gguf(path, gguf, DTYPES.get(dtype, torch.float32))
-    except GGUFError:  # tensors that do not fit: transformers' loader says what is wrong
-        return None
-    model.config.name_or_path = source.name
+
+def _from_pretrained(source: ModelSource, task: str, config, dtype, trust_remote_code: bool, revision):
+    """transformers' own loading of the whole model (a GGUF file dequantized in full)."""
+    kwargs = {"config": config, "trust_remote_code": trust_remote_code, "revision": revision, "dtype": dtype}
+    if not source.gguf_file:
+        kwargs["use_safetensors"] = True  # a hub model with pickle weights only is refused, not unpickled
+    if task == "sequence-classification":
+        # A base with a head of another size (or none) gets a fresh head of the recipe's size.
+        kwargs["ignore_mismatched_sizes"] = True
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    with reading(source, f"load {task} weights of"):
+        model = auto_class(task).from_pretrained(source.path, **kwargs)
+    if source.gguf_file:
+        drop_quantization_flags(model)
     return model
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peftcli.errors import UserError
-from peftcli.models.gguf_header import STRING_TYPE, Array, read_header
+from peftcli.models.gguf_header import STRING_TYPE, Array, TensorInfo, read_gguf
 from peftcli.models.sources import ModelSource, resolve
 
 
@@ -32,6 +32,7 @@ class Linear:
 
     in_features: int
     out_features: int
+    conv1d: bool = False  # GPT-2's Conv1D (never quantized: peftcli/quant holds nn.Linear layers only)
 
 
 @dataclass
@@ -47,12 +48,13 @@ class Shapes:
     params: dict[str, tuple[str, int]] = field(default_factory=dict)
     linears: dict[str, Linear] = field(default_factory=dict)  # by module name, in model order
     output_head: str | None = None  # the module get_output_embeddings() returns
+    gguf_tensors: list[TensorInfo] = field(default_factory=list)  # a GGUF file's tensor table, else empty
 
     def add(self, name: str, *shape: int, tied_to: str | None = None) -> None:
         self.params[name] = (tied_to or name, math.prod(shape))
 
     def add_linear(self, name: str, in_features: int, out_features: int, bias: bool, conv1d: bool = False):
-        self.linears[name] = Linear(in_features, out_features)
+        self.linears[name] = Linear(in_features, out_features, conv1d)
         self.add(f"{name}.weight", *((in_features, out_features) if conv1d else (out_features, in_features)))
         if bias:
             self.add(f"{name}.bias", out_features)
@@ -150,8 +152,14 @@ def config_shapes(
     if not source.is_local or not config_file.is_file():
         return None
     try:
-        config = _gguf_config(str(config_file)) if source.gguf_file else json.loads(config_file.read_text())
-        return _from_config(config, task, trust_remote_code)
+        if not source.gguf_file:
+            return _from_config(json.loads(config_file.read_text()), task, trust_remote_code)
+        gguf = read_gguf(str(config_file))
+        shapes = _from_config(
+            _gguf_config(gguf.metadata, [t.name for t in gguf.tensors]), task, trust_remote_code
+        )
+        shapes.gguf_tensors = gguf.tensors
+        return shapes
     # GGUFError is a ValueError; the others: malformed configs (wrong types, missing keys)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, NotModelled):
         return None
@@ -160,9 +168,9 @@ def config_shapes(
 _GGUF_PREFIXES = {"general", "llama", "tokenizer", "split", "quantize"}
 
 
-def _gguf_config(path: str) -> dict:
-    """The config transformers makes of a llama-architecture GGUF file's metadata (shape keys only)."""
-    metadata, tensors = read_header(path)
+def _gguf_config(metadata: dict, tensors: list[str]) -> dict:
+    """The config transformers makes of a llama-architecture GGUF file's metadata (shape keys only);
+    `tensors`: the file's tensor names."""
     name = metadata.get("general.name", "")
     if (
         metadata.get("general.architecture") != "llama"

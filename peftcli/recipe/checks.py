@@ -8,6 +8,7 @@ Relative paths mean relative to the working directory.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import NoReturn
 
@@ -40,6 +41,8 @@ def check(recipe: Recipe, src: KeySource, paths: bool = True) -> None:
         fail(
             "model.num_labels", f"applies to model.task: sequence-classification, and model.task is {m.task}"
         )
+    if m.quantize == "nf4" and importlib.util.find_spec("bitsandbytes") is None:
+        fail("model.quantize", "nf4 needs bitsandbytes: pip install 'peftcli[quant]' (or use int4, built in)")
 
     method.check(lambda key, message: fail(f"method.{key}", message))
     if paths and method.from_adapter is not None and not Path(method.from_adapter).expanduser().is_dir():

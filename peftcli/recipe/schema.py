@@ -30,7 +30,12 @@ class ModelSection:
     name: str = ""
     task: Literal["causal-lm", "sequence-classification"] = "causal-lm"
     num_labels: int | None = None  # sequence classification: default is the number of labels in the data
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # weights' dtype when loaded
+    # The frozen base's dtype (and the dtype quantized weights are computed in). auto: bf16 where the
+    # hardware computes it natively (a bf16 GPU; a CPU with AVX512_BF16 or AMX), else float32.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Frozen linear layers stored quantized: int8 | int4 (blocks of 32, GGUF Q8_0's / Q4_1's layouts) | nf4
+    # (bitsandbytes, QLoRA) | none. auto: a GGUF file keeps its own blocks; anything else: none.
+    quantize: Literal["auto", "none", "int8", "int4", "nf4"] = "auto"
     revision: str | None = None  # hub revision
     trust_remote_code: bool = False  # run a hub model's own Python code: only when the recipe says so
 

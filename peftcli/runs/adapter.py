@@ -183,27 +183,37 @@ class AdapterDir:
                 best = tensor.shape[0]
         return best
 
-    def load_base(self, dtype: str = "auto") -> nn.Module:
-        """The base model with real weights (a classifier with the adapter's labels), in eval mode.
+    def precision(self) -> tuple[str, str]:
+        """(model.dtype, model.quantize) the run trained with (its recipe.yaml), else (auto, auto)."""
+        if self.recipe is None:
+            return "auto", "auto"
+        return self.recipe.model.dtype, self.recipe.model.quantize
+
+    def load_base(self, dtype: str | None = None, quantize: str | None = None) -> nn.Module:
+        """The base model with real weights (a classifier with the adapter's labels), in eval mode; `dtype`
+        and `quantize` default to the run's (`precision`), so the base is the one the adapter trained on.
 
         trust_remote_code is never taken from an adapter dir: a copied dir must not run code by itself."""
         from peftcli.models.load import load_model
 
+        run_dtype, run_quantize = self.precision()
         try:
             return load_model(
                 self.base_source,
                 self.task,
                 label_names=self.label_names,
                 num_labels=self.num_labels,
-                dtype=dtype,
+                dtype=dtype or run_dtype,
+                quantize=quantize or run_quantize,
                 revision=self.revision,
             )
         except UserError as e:
             raise self.base_error(e) from e
 
-    def load_model(self, dtype: str = "auto") -> nn.Module:
-        """Base + adapter, in eval mode."""
-        return apply_adapter(self.load_base(dtype), self.module, self.method, self.task, self.state).eval()
+    def load_model(self, dtype: str | None = None, quantize: str | None = None) -> nn.Module:
+        """Base + adapter, in eval mode (`load_base` says which dtype and storage)."""
+        base = self.load_base(dtype, quantize)
+        return apply_adapter(base, self.module, self.method, self.task, self.state).eval()
 
     def load_tokenizer(self):
         """The run's tokenizer (a `peft train` output dir saves it, chat template included), else the

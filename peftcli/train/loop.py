@@ -31,7 +31,7 @@ from peftcli.data.sources import check_data_source
 from peftcli.errors import UserError
 from peftcli.methods import METHODS, Context
 from peftcli.methods.modules import adapted_layers, count_parameters
-from peftcli.models.load import load_model, load_tokenizer
+from peftcli.models.load import load_model, load_tokenizer, precision_of
 from peftcli.recipe import Recipe
 from peftcli.runs import adapter as adapter_files
 from peftcli.train import reference, schedule, state
@@ -59,6 +59,8 @@ class Setup:
     objective: Objective
     # The speed-ups in place (peftcli/fast): undone when training ends.
     speedups: fast.Installed = field(default_factory=fast.Installed)
+    # The base's dtype and weight storage, and why; what the frozen weights occupy (Precision.report).
+    precision: dict = field(default_factory=dict)
     start_step: int = 0
     console: Console = field(default_factory=Console)
 
@@ -132,13 +134,13 @@ def setup(recipe: Recipe, resume_from: Path | None = None, console: Console | No
             f"{accelerator.num_processes} processes ({accelerator.distributed_type.value}), "
             f"global batch {global_batch}"
         )
-
     tokenizer = load_tokenizer(m.source, m.trust_remote_code, m.revision)
     with accelerator.main_process_first():
         data = prepare_data(recipe.data, tokenizer, m.task, train.seed)
     say(f"data: {data.describe()}")
     check_data(recipe, data, accelerator.num_processes)
-    say(f"model: loading {m.name}")
+    chosen = precision_of(m.source, m.dtype, m.quantize)
+    say(f"model: loading {m.name}: {chosen.describe()}")
     initial = state.load_initial_state(resume_from) if resume_from is not None else None
     model, speedups, params = build_model(
         recipe, tokenizer, data.label_names, autocast=accelerator.mixed_precision != "no", initial=initial
@@ -169,6 +171,7 @@ def setup(recipe: Recipe, resume_from: Path | None = None, console: Console | No
         params,
         objective,
         speedups=speedups,
+        precision=chosen.report(model),
         console=console,
     )
     if resume_from is not None:
@@ -237,6 +240,7 @@ def build_model(
         label_names=label_names,
         num_labels=m.num_labels,
         dtype=m.dtype,
+        quantize=m.quantize,
         trust_remote_code=m.trust_remote_code,
         revision=m.revision,
     )

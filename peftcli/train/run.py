@@ -236,6 +236,7 @@ def _report(
         "task": recipe.model.task,
         "params": s.params,
         "learning_rate": recipe.train.learning_rate,
+        "precision": s.precision,
         "steps": summary["steps"],
         "train_loss": {
             "first": train_losses[0] if train_losses else None,

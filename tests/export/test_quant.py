@@ -41,7 +41,7 @@ def test_a_quantized_file_holds_the_quantized_merged_weights(tmp_path, quant):
     export.export_run(run, out, quant=quant, verify=False)
     merged, _, info = load_for_inference(run, fold=True)
     assert info.folded
-    loaded = dict(load_model(resolve(str(out))).named_parameters())
+    loaded = dict(load_model(resolve(str(out)), dtype="float32", quantize="none").named_parameters())
     qtype = GGMLQuantizationType[quant.upper()]
     config = merged.config
     for name, param in merged.named_parameters():

@@ -21,6 +21,7 @@ from peftcli.errors import CheckFailed, UserError
 from peftcli.merge import to_dir as merge
 from peftcli.methods import METHODS, Context, MethodConfig, lora, make_config
 from peftcli.models import load as models
+from peftcli.models.shards import INDEX_NAME, SINGLE_NAME
 from peftcli.models.sources import resolve
 from peftcli.runs import adapter as checkpoint
 
@@ -117,8 +118,8 @@ def test_merged_logits_equal_base_plus_adapter(tmp_path, bases, arch, task, sect
     if task == CLASSIFY:
         assert config["id2label"] == {"0": "neg", "1": "neutral", "2": "pos"}
     sharded = arch != "bert"
-    assert (tmp_path / "merged" / merge.INDEX_NAME).is_file() == sharded
-    assert (tmp_path / "merged" / merge.SINGLE_NAME).is_file() != sharded
+    assert (tmp_path / "merged" / INDEX_NAME).is_file() == sharded
+    assert (tmp_path / "merged" / SINGLE_NAME).is_file() != sharded
     assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template == tiny_tokenizer().chat_template
 
 

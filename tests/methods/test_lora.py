@@ -399,7 +399,7 @@ def test_without_loraplus_every_parameter_has_the_schedule_s_rate():
     from peftcli.train.optim import make_optimizer
 
     model, _ = injected("bert", rank=4)
-    recipe = Recipe(method=method(rank=4), train=TrainSection(weight_decay=0.1))
+    recipe = Recipe(method=method(rank=4), train=TrainSection(weight_decay=0.1, learning_rate=2e-4))
     groups = make_optimizer(model, recipe).param_groups
     # the two groups a run always had (checkpoints index the optimizer state by group order)
     assert [(g["weight_decay"], g["lr_scale"]) for g in groups] == [(0.1, 1.0), (0.0, 1.0)]

@@ -1,5 +1,6 @@
-"""gguf_load: a llama GGUF loads in one pass to the model transformers' own GGUF loader makes, tensor for
-tensor; its torch dequantizers give the gguf package's numpy results bit for bit."""
+"""gguf_load: a llama GGUF's config from its header, and (filled.py reading its tensors through gguf_load,
+nothing kept packed) the model transformers' own GGUF loader makes, tensor for tensor; its torch
+dequantizers give the gguf package's numpy results bit for bit."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def test_a_llama_gguf_loads_as_transformers_loads_it(tmp_path, quant, tied):
     source = resolve(path)
     gguf = gguf_load.fast_gguf(path)
     assert gguf is not None
-    ours = load_model(source)
+    ours = load_model(source, dtype="float32", quantize="none")  # every tensor dequantized
     reference = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32)
     a, b = ours.state_dict(), reference.state_dict()
     assert a.keys() == b.keys()
@@ -70,7 +71,7 @@ def test_what_transformers_reads_otherwise_is_left_to_it(tmp_path):
 @pytest.mark.slow
 def test_the_packaged_smollm2_loads_as_transformers_loads_it():
     source = resolve("smollm2-135m-instruct")
-    ours = load_model(source)
+    ours = load_model(source, dtype="float32", quantize="none")
     reference = AutoModelForCausalLM.from_pretrained(
         source.path, gguf_file=source.gguf_file, dtype=torch.float32
     )

@@ -337,6 +337,12 @@ BROKEN = [
         ["recipe.yaml:3: model.dtype: unknown value 'fp32'; expected one of auto, float32"],
     ),
     (
+        "quantize",
+        "model:\n  name: m\n  quantize: q4\ndata:\n  train: train.jsonl\n",
+        [],
+        ["recipe.yaml:3: model.quantize: unknown value 'q4'; expected one of auto, none, int8, int4, nf4"],
+    ),
+    (
         "format-task-mismatch",
         GOOD + "  format: classification\n",
         [],
@@ -973,3 +979,15 @@ def test_entry_point_in_a_subprocess(workdir):
     assert result.returncode == 2
     assert "recipe.yaml:1: modle: unknown key (did you mean `model`?)" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_nf4_without_bitsandbytes_is_refused_at_its_line(workdir, monkeypatch):
+    from peftcli.recipe import checks
+
+    real = checks.importlib.util.find_spec
+    monkeypatch.setattr(
+        checks.importlib.util, "find_spec", lambda n: None if n == "bitsandbytes" else real(n)
+    )
+    message = _refusal(GOOD.replace("  name: HuggingFaceTB/SmolLM2-135M\n", "  name: m\n  quantize: nf4\n"))
+    assert message.startswith("recipe.yaml:3: model.quantize: nf4 needs bitsandbytes")
+    assert "pip install 'peftcli[quant]'" in message

@@ -491,7 +491,10 @@ def test_a_bf16_base_trains_fp32_lora_factors(tmp_path, bases):
     load_model(resolve(bases["llama"])).to(torch.bfloat16).save_pretrained(base)
     tiny_tokenizer().save_pretrained(base)
     recipe = load_recipe(write_recipe(tmp_path, str(base), CHAT, "chat", max_steps=2, learning_rate=1e-4))
+    recipe.model.dtype = "bfloat16"  # auto would pick fp32 on a machine without native bf16
     s = loop.setup(recipe)
+    assert s.model.model.norm.weight.dtype == torch.bfloat16
+    assert s.precision["dtype"] == "bfloat16" and s.precision["trainable_dtype"] == "float32"
     factors = {n: p for n, p in s.model.named_parameters() if p.requires_grad}
     assert factors and all(p.dtype == torch.float32 for p in factors.values())
     before = {n: p.detach().clone() for n, p in factors.items()}

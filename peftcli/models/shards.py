@@ -1,4 +1,4 @@
-"""safetensors files read and written one tensor at a time, for merging models bigger than memory.
+"""safetensors files read and written one tensor at a time, for loading and merging models bigger than memory.
 
 The format: an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
 then the tensors' bytes. safetensors' own reader maps the whole file (all of a shard in RSS once
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from peftcli.errors import UserError
+from peftcli.models.sources import ModelSource
 
 DTYPE_CODES = {
     torch.float64: "F64",
@@ -45,6 +46,30 @@ class TensorInfo:
     end: int
 
 
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+def safetensors_shards(source: ModelSource) -> list[Path] | None:
+    """The model's safetensors files, when it is a local dir that has them (the single file, or the shards its
+    index lists); None otherwise. (Tests and scripts/bench_merge.py patch merge.to_dir's name for this to
+    force the in-memory merge.)"""
+    if not source.is_local or source.gguf_file:
+        return None
+    root = Path(source.path)
+    if (root / INDEX_NAME).is_file():
+        try:
+            weight_map = json.loads((root / INDEX_NAME).read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise UserError(f"{root / INDEX_NAME}: not a valid safetensors index ({e})") from e
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (root / n).is_file()]
+        if missing:
+            raise UserError(f"base model {source.name}: shard {missing[0]} listed in {INDEX_NAME} is missing")
+        return [root / n for n in names]
+    return [root / SINGLE_NAME] if (root / SINGLE_NAME).is_file() else None
+
+
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """The tensors of a safetensors file, in file order, without reading their data."""
     size = path.stat().st_size
@@ -68,6 +93,16 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
         raise UserError(f"{path}: not a readable safetensors file ({e})") from e
     return dict(sorted(infos.items(), key=lambda item: item[1].start))
+
+
+def model_key(ckpt_key: str, expected, prefix: str) -> str | None:
+    """The model's name for a checkpoint tensor (`expected`: the model's names): the same, or under the base
+    model's prefix (a checkpoint of LlamaModel stores `layers.0...`, LlamaForCausalLM `model.layers.0...`)."""
+    if ckpt_key in expected:
+        return ckpt_key
+    if prefix and f"{prefix}.{ckpt_key}" in expected:
+        return f"{prefix}.{ckpt_key}"
+    return None
 
 
 def read_tensor(f, info: TensorInfo) -> Tensor:
