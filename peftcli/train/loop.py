@@ -34,7 +34,7 @@ from peftcli.methods.modules import adapted_layers, count_parameters
 from peftcli.models.load import load_model, load_tokenizer
 from peftcli.recipe import Recipe
 from peftcli.runs import adapter as adapter_files
-from peftcli.train import reference, schedule, state
+from peftcli.train import distributed, reference, schedule, state
 from peftcli.train.objectives import Objective, make_objective
 from peftcli.train.optim import make_optimizer
 from peftcli.train.signals import StopRequest
@@ -60,6 +60,7 @@ class Setup:
     # The speed-ups in place (peftcli/fast): undone when training ends.
     speedups: fast.Installed = field(default_factory=fast.Installed)
     start_step: int = 0
+    mode: str = "single"  # how the processes share the model: single, ddp or fsdp (train/distributed.py)
     console: Console = field(default_factory=Console)
 
     @property
@@ -127,11 +128,6 @@ def setup(recipe: Recipe, resume_from: Path | None = None, console: Console | No
     set_seed(train.seed)
     say = console.print if accelerator.is_main_process else (lambda *a, **k: None)
     global_batch = train.batch_size * accelerator.num_processes * train.gradient_accumulation
-    if accelerator.num_processes > 1:
-        say(
-            f"{accelerator.num_processes} processes ({accelerator.distributed_type.value}), "
-            f"global batch {global_batch}"
-        )
 
     tokenizer = load_tokenizer(m.source, m.trust_remote_code, m.revision)
     with accelerator.main_process_first():
@@ -148,8 +144,9 @@ def setup(recipe: Recipe, resume_from: Path | None = None, console: Console | No
         f"({params['trainable_percent']:.4f}%)"
     )
     model.train()
-    optimizer = make_optimizer(model, recipe)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    mode = distributed.resolve(recipe, accelerator, model)
+    model, optimizer = distributed.prepare(accelerator, model, mode, lambda m: make_optimizer(m, recipe))
+    set_seed(train.seed + accelerator.process_index)  # each process its own dropout masks, run to run alike
     objective = _objective(recipe, accelerator, model, data, speedups, say)
 
     steps_per_epoch = math.ceil(len(data.train) / global_batch)
@@ -170,9 +167,14 @@ def setup(recipe: Recipe, resume_from: Path | None = None, console: Console | No
         objective,
         speedups=speedups,
         console=console,
+        mode=mode,
     )
+    if mode != "single":
+        say(f"{accelerator.num_processes} processes ({mode}), global batch {global_batch}")
     if resume_from is not None:
-        saved = state.load_training_state(resume_from, accelerator.unwrap_model(model), optimizer)
+        saved = state.load_training_state(
+            resume_from, accelerator, accelerator.unwrap_model(model), optimizer
+        )
         s.start_step = saved["step"]
         say(f"resuming from {resume_from} (step {s.start_step} of {total_steps})")
     return s
@@ -369,11 +371,11 @@ def train_step(s: Setup, step: int) -> dict:
     step_loss = torch.zeros((), device=acc.device)
     for i, batch in enumerate(batches):
         # Only the last micro-batch syncs gradients across processes.
-        context = acc.no_sync(s.model) if i < len(batches) - 1 else contextlib.nullcontext()
+        context = distributed.no_sync(acc, s.model) if i < len(batches) - 1 else contextlib.nullcontext()
         with context, acc.autocast():
             value = s.objective.loss(s.model, batch, totals)
             step_loss += value.detach()
-            # DDP averages gradients over processes: scale so the update is the global batch's.
+            # DDP and FSDP average gradients over processes: scale so the update is the global batch's.
             acc.backward(value * acc.num_processes)
     step_loss = float(acc.reduce(step_loss, "sum"))
     if not math.isfinite(step_loss):
