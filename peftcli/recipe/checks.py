@@ -79,31 +79,10 @@ def check(recipe: Recipe, src: KeySource, paths: bool = True) -> None:
             "train.gradient_checkpointing",
             f"{t.gradient_checkpointing} needs train.lean_layers: true (or use true)",
         )
-    if t.distributed == "fsdp" and (problem := fsdp_problem(recipe)):
-        fail(*problem)
     if not recipe.output_dir:
         fail("output_dir", "must not be empty")
     if paths and Path(recipe.output_dir).expanduser().is_file():
         fail("output_dir", f"{recipe.output_dir} is a file; output_dir must be a directory")
-
-
-def fsdp_problem(recipe: Recipe) -> tuple[str, str] | None:
-    """(key, why) where sharded training (train.distributed: fsdp) does not do what the recipe asks, else
-    None. Checked here where the recipe says fsdp, and by train/distributed.py where auto picks it."""
-    t = recipe.train
-    if t.objective.REFERENCE:
-        return (
-            "train.objective",
-            f"{t.objective.name} needs the reference log-probs, which the main process computes alone: "
-            "a sharded model cannot (train.distributed: fsdp); use train.distributed: ddp",
-        )
-    if t.gradient_checkpointing is True:
-        return (
-            "train.gradient_checkpointing",
-            "true recomputes whole layers, which train.distributed: fsdp gathers and frees around its own "
-            "hooks; use auto, up or mlp",
-        )
-    return None
 
 
 def _check_columns(recipe: Recipe, fail) -> None:

@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 from peftcli.errors import UserError
-from peftcli.recipe.checks import fsdp_problem
 
 log = logging.getLogger(__name__)
 
@@ -71,18 +70,11 @@ def device_bytes(device: torch.device, local_processes: int) -> int | None:
 
 
 def resolve(recipe, accelerator, model: nn.Module) -> str:
-    """train.distributed for this launch ("single", "ddp" or "fsdp"), refused in one line where fsdp does
-    not do what the recipe asks (recipe/checks.py's rules: a recipe that says fsdp was refused on load)."""
+    """train.distributed for this launch: "single", "ddp" or "fsdp"."""
     processes = accelerator.num_processes
     local = int(os.environ.get("LOCAL_WORLD_SIZE", processes))
     share = device_bytes(accelerator.device, local)
-    mode = choose(recipe.train.distributed, processes, base_bytes(model), share)
-    problem = fsdp_problem(recipe) if mode == "fsdp" else None
-    if problem:
-        raise UserError(
-            f"train.distributed: {recipe.train.distributed} chose fsdp, but {problem[0]}: {problem[1]}"
-        )
-    return mode
+    return choose(recipe.train.distributed, processes, base_bytes(model), share)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -147,7 +147,7 @@ def setup(recipe: Recipe, resume_from: Path | None = None, console: Console | No
     mode = distributed.resolve(recipe, accelerator, model)
     model, optimizer = distributed.prepare(accelerator, model, mode, lambda m: make_optimizer(m, recipe))
     set_seed(train.seed + accelerator.process_index)  # each process its own dropout masks, run to run alike
-    objective = _objective(recipe, accelerator, model, data, speedups, say)
+    objective = _objective(recipe, accelerator, model, data, speedups, say, together=mode == "fsdp")
 
     steps_per_epoch = math.ceil(len(data.train) / global_batch)
     total_steps = train.max_steps or max(1, math.ceil((train.epochs or 1.0) * steps_per_epoch))
@@ -209,19 +209,20 @@ def check_data(recipe: Recipe, data, processes: int) -> None:
         )
 
 
-def _objective(recipe: Recipe, accelerator: Accelerator, model, data, speedups, say) -> Objective:
+def _objective(recipe: Recipe, accelerator: Accelerator, model, data, speedups, say, together) -> Objective:
     """The recipe's objective; where it needs them, the reference policy's log-probs for every row of the
     data (train/reference.py), before any update and before a resumed run loads its trained state: the main
-    process computes them, the others read its cache."""
+    process computes them, the others read its cache; `together` (a sharded model): all compute them."""
     objective = make_objective(recipe, speedups, lambda t: accelerator.reduce(t, "sum"))
     if not objective.needs_reference:
         return objective
     splits = {"train": data.train, "validation": data.validation}
     splits = {name: split for name, split in splits.items() if split is not None}
     size = 2 * (recipe.train.eval_batch_size or recipe.train.batch_size)  # rows: a pair is two
-    with accelerator.main_process_first():
+    with contextlib.nullcontext() if together else accelerator.main_process_first():
+        model = accelerator.unwrap_model(model)
         hit = reference.attach(
-            splits, accelerator.unwrap_model(model), recipe, data, objective.token_logprobs, size, accelerator
+            splits, model, recipe, data, objective.token_logprobs, size, accelerator, together
         )
     say(f"reference log-probs: {'from cache' if hit else 'computed and cached'}")
     return objective

@@ -87,8 +87,9 @@ def run(
     The output dir is checked before anything loads, locked for the run, and never left without a good
     state: see runs/rundir.py for --overwrite and resume_plan for --resume.
 
-    `on_trained(setup)`, called on the main process once training has ended normally (with the trained
-    model, speed-ups undone), returns more fields for report.json (`peft compare`'s probe answer).
+    `on_trained(setup)`, called on every process once training has ended normally (with the trained model,
+    speed-ups undone), returns more fields for report.json (`peft compare`'s probe answer): the main
+    process's are kept.
     Peak memory and wall time are this call's own, so several runs in one process each report theirs.
     """
     console = console or Console()
@@ -219,12 +220,13 @@ def _train(
 
 def _finish(s: Setup, summary: dict, final_eval, metrics, started: float, recipe_path, on_trained) -> None:
     """The trained adapter (gathered by every process), the tokenizer and the report, written by the main
-    process."""
+    process; `on_trained` runs on every process."""
     out = s.output_dir
+    # On every process (a sharded model's forward is a collective), before the parameters are gathered.
+    extra = on_trained(s) if on_trained is not None and summary["stopped"] is None else {}
     with distributed.gathered(s.accelerator.unwrap_model(s.model)):
         if not s.accelerator.is_main_process:
             return
-        extra = on_trained(s) if on_trained is not None and summary["stopped"] is None else {}
         with disk_errors(f"the adapter and report in {out}"):
             save_adapter_files(s, out)
             rundir.save_tokenizer(s.tokenizer, out)

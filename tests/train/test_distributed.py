@@ -122,17 +122,6 @@ def test_a_bad_setting_is_refused_with_its_line(tmp_path, bases):
         load_recipe(path)
 
 
-def test_fsdp_refuses_objectives_that_need_the_reference_policy(tmp_path, bases):
-    path = write_recipe(tmp_path, bases["llama"], objective="dpo")
-    text = yaml.safe_load(path.read_text())
-    text["data"]["format"] = "preference"
-    path.write_text(yaml.safe_dump(text))
-    with pytest.raises(
-        UserError, match=r"train.objective: dpo needs the reference log-probs.*distributed: ddp"
-    ):
-        load_recipe(path)
-
-
 def test_rng_states_are_restored_per_process_and_not_across_a_different_count(caplog):
     torch.manual_seed(1)
     first = torch.get_rng_state()
@@ -211,3 +200,24 @@ def test_fsdp_resume_is_exact_and_moves_onto_one_process(tmp_path, bases):
     result = cli("train", str(recipe), "--set", f"output_dir={alone}", "--resume")
     assert "written by 2 processes, this run has 1" in result.stderr
     assert sorted(losses(alone)) == [1, 2, 3, 4, 5]
+
+
+PREFERENCE = [
+    {"prompt": f"What is {i} plus {i}?", "chosen": f"It is {2 * i}.", "rejected": f"Maybe {i + 1}, or {i}."}
+    for i in range(24)
+]
+
+
+@pytest.mark.slow
+def test_fsdp_computes_dpo_s_reference_on_every_process_and_recomputes_whole_layers(tmp_path, bases):
+    """The reference log-probs are a sharded forward: every process computes them (none waits on the main
+    process's cache); gradient checkpointing recomputes sharded layers. Both equal one process to 1e-5."""
+    recipe = write_recipe(tmp_path, bases["llama"], objective="dpo", gradient_checkpointing=True, max_steps=3)
+    text = yaml.safe_load(recipe.read_text())
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PREFERENCE))
+    text["data"].update(train=str(tmp_path / "pairs.jsonl"), format="preference")
+    recipe.write_text(yaml.safe_dump(text))
+    cli("train", str(recipe))
+    two = tmp_path / "two"
+    cli("train", str(recipe), "--set", "train.batch_size=2", "--set", f"output_dir={two}", processes=2)
+    assert list(losses(two).values()) == pytest.approx(list(losses(tmp_path / "one").values()), abs=1e-5)
