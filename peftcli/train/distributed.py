@@ -70,11 +70,17 @@ def device_bytes(device: torch.device, local_processes: int) -> int | None:
 
 
 def resolve(recipe, accelerator, model: nn.Module) -> str:
-    """train.distributed for this launch: "single", "ddp" or "fsdp"."""
+    """train.distributed for this launch: "single", "ddp" or "fsdp". auto is agreed by every process (fsdp
+    if any one's device is short of room: nodes may differ), since all must shard alike."""
     processes = accelerator.num_processes
     local = int(os.environ.get("LOCAL_WORLD_SIZE", processes))
-    share = device_bytes(accelerator.device, local)
-    return choose(recipe.train.distributed, processes, base_bytes(model), share)
+    mode = choose(
+        recipe.train.distributed, processes, base_bytes(model), device_bytes(accelerator.device, local)
+    )
+    if recipe.train.distributed == "auto" and processes > 1:
+        vote = torch.tensor(float(mode == "fsdp"), device=accelerator.device)
+        mode = "fsdp" if float(accelerator.reduce(vote, "sum")) > 0 else "ddp"
+    return mode
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
