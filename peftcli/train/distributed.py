@@ -111,7 +111,8 @@ def shard(model: nn.Module, device: torch.device) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    model.to(device)
+    # No model.to(device) first: fully_shard moves each group's tensors to the mesh's device as it shards
+    # them, so a GPU never holds more than one group whole.
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, reshard_after_forward=True)
