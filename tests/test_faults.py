@@ -372,7 +372,7 @@ def test_classification_data_faults_are_named(tmp_path):
         cwd=tmp_path,
     )
     clean(cell, 2)
-    assert "row 1: column `text`: expected text, got ['trip', '0']" in cell.stderr
+    assert "line 1: column `text`: expected text, got ['trip', '0']" in cell.stderr  # JSON Lines: its line
     labels = peft(
         "train",
         path,

@@ -158,6 +158,20 @@ def launch_two_processes(*args: str) -> list[str]:
     return [*launch, "-m", "peftcli.cli", *args]
 
 
+def torchrun(*args: str, processes: int = 2) -> list[str]:
+    """`torchrun` of `python -m peftcli.cli ARGS` on `processes` CPU processes (gloo), one node."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(processes),
+        "-m",
+        "peftcli.cli",
+        *args,
+    ]
+
+
 def batch(n: int = 2, length: int = 12, seed: int = 1) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 256, (n, length), generator=g)

@@ -229,6 +229,10 @@ class TrainSection:
     chunked_loss: bool = field(default=True, metadata=RESUMABLE)
     # Llama-family SwiGLU MLPs and RMSNorms keep less for backward and recompute the rest (same math).
     lean_layers: bool = field(default=True, metadata=RESUMABLE)
+    # How the processes of a torchrun / accelerate launch share the model. ddp: each holds all of it;
+    # fsdp: each holds one slice of every layer (FSDP2); auto: fsdp where the frozen base takes more than
+    # half of one process's device memory, else ddp. One process trains plainly. See train/distributed.py.
+    distributed: Literal["auto", "ddp", "fsdp"] = field(default="auto", metadata=RESUMABLE)
 
 
 @dataclass

@@ -34,7 +34,7 @@ from peftcli.methods.modules import adapted_layers, count_parameters
 from peftcli.models.load import load_model, load_tokenizer, precision_of
 from peftcli.recipe import Recipe
 from peftcli.runs import adapter as adapter_files
-from peftcli.train import reference, schedule, state
+from peftcli.train import distributed, reference, schedule, state
 from peftcli.train.objectives import Objective, make_objective
 from peftcli.train.optim import make_optimizer
 from peftcli.train.signals import StopRequest
@@ -62,6 +62,7 @@ class Setup:
     # The base's dtype and weight storage, and why; what the frozen weights occupy (Precision.report).
     precision: dict = field(default_factory=dict)
     start_step: int = 0
+    mode: str = "single"  # how the processes share the model: single, ddp or fsdp (train/distributed.py)
     console: Console = field(default_factory=Console)
 
     @property
@@ -129,11 +130,7 @@ def setup(recipe: Recipe, resume_from: Path | None = None, console: Console | No
     set_seed(train.seed)
     say = console.print if accelerator.is_main_process else (lambda *a, **k: None)
     global_batch = train.batch_size * accelerator.num_processes * train.gradient_accumulation
-    if accelerator.num_processes > 1:
-        say(
-            f"{accelerator.num_processes} processes ({accelerator.distributed_type.value}), "
-            f"global batch {global_batch}"
-        )
+
     tokenizer = load_tokenizer(m.source, m.trust_remote_code, m.revision)
     with accelerator.main_process_first():
         data = prepare_data(recipe.data, tokenizer, m.task, train.seed)
@@ -150,32 +147,24 @@ def setup(recipe: Recipe, resume_from: Path | None = None, console: Console | No
         f"({params['trainable_percent']:.4f}%)"
     )
     model.train()
-    optimizer = make_optimizer(model, recipe)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    objective = _objective(recipe, accelerator, model, data, speedups, say)
+    mode = distributed.resolve(recipe, accelerator, model)
+    model, optimizer = distributed.prepare(accelerator, model, mode, lambda m: make_optimizer(m, recipe))
+    set_seed(train.seed + accelerator.process_index)  # each process its own dropout masks, run to run alike
+    objective = _objective(recipe, accelerator, model, data, speedups, say, together=mode == "fsdp")
 
     steps_per_epoch = math.ceil(len(data.train) / global_batch)
     total_steps = train.max_steps or max(1, math.ceil((train.epochs or 1.0) * steps_per_epoch))
     s = Setup(
-        recipe,
-        accelerator,
-        model,
-        tokenizer,
-        optimizer,
-        data.train,
-        data.validation,
-        data.pad_id,
-        data.label_names,
-        total_steps,
-        output_dir,
-        params,
-        objective,
-        speedups=speedups,
-        precision=chosen.report(model),
-        console=console,
-    )
+        recipe, accelerator, model, tokenizer, optimizer, data.train, data.validation, data.pad_id,
+        data.label_names, total_steps, output_dir, params, objective, speedups=speedups,
+        precision=chosen.report(model), console=console, mode=mode,
+    )  # fmt: skip
+    if mode != "single":
+        say(f"{accelerator.num_processes} processes ({mode}), global batch {global_batch}")
     if resume_from is not None:
-        saved = state.load_training_state(resume_from, accelerator.unwrap_model(model), optimizer)
+        saved = state.load_training_state(
+            resume_from, accelerator, accelerator.unwrap_model(model), optimizer
+        )
         s.start_step = saved["step"]
         say(f"resuming from {resume_from} (step {s.start_step} of {total_steps})")
     return s
@@ -210,19 +199,20 @@ def check_data(recipe: Recipe, data, processes: int) -> None:
         )
 
 
-def _objective(recipe: Recipe, accelerator: Accelerator, model, data, speedups, say) -> Objective:
+def _objective(recipe: Recipe, accelerator: Accelerator, model, data, speedups, say, together) -> Objective:
     """The recipe's objective; where it needs them, the reference policy's log-probs for every row of the
     data (train/reference.py), before any update and before a resumed run loads its trained state: the main
-    process computes them, the others read its cache."""
+    process computes them, the others read its cache; `together` (a sharded model): all compute them."""
     objective = make_objective(recipe, speedups, lambda t: accelerator.reduce(t, "sum"))
     if not objective.needs_reference:
         return objective
     splits = {"train": data.train, "validation": data.validation}
     splits = {name: split for name, split in splits.items() if split is not None}
     size = 2 * (recipe.train.eval_batch_size or recipe.train.batch_size)  # rows: a pair is two
-    with accelerator.main_process_first():
+    with contextlib.nullcontext() if together else accelerator.main_process_first():
+        model = accelerator.unwrap_model(model)
         hit = reference.attach(
-            splits, accelerator.unwrap_model(model), recipe, data, objective.token_logprobs, size, accelerator
+            splits, model, recipe, data, objective.token_logprobs, size, accelerator, together
         )
     say(f"reference log-probs: {'from cache' if hit else 'computed and cached'}")
     return objective
@@ -373,11 +363,11 @@ def train_step(s: Setup, step: int) -> dict:
     step_loss = torch.zeros((), device=acc.device)
     for i, batch in enumerate(batches):
         # Only the last micro-batch syncs gradients across processes.
-        context = acc.no_sync(s.model) if i < len(batches) - 1 else contextlib.nullcontext()
+        context = distributed.no_sync(acc, s.model) if i < len(batches) - 1 else contextlib.nullcontext()
         with context, acc.autocast():
             value = s.objective.loss(s.model, batch, totals)
             step_loss += value.detach()
-            # DDP averages gradients over processes: scale so the update is the global batch's.
+            # DDP and FSDP average gradients over processes: scale so the update is the global batch's.
             acc.backward(value * acc.num_processes)
     step_loss = float(acc.reduce(step_loss, "sum"))
     if not math.isfinite(step_loss):

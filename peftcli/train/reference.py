@@ -101,13 +101,17 @@ def attach(
     token_logprobs: Callable[[nn.Module, dict[str, Tensor]], Tensor],
     batch_size: int,
     accelerator,
+    together: bool = False,
 ) -> bool:
     """Give every split its rows' reference log-probs: from the cache beside the tokenized data's file, else
     computed `batch_size` rows at a time in the reference context, in eval mode and the accelerator's
-    autocast, and saved. Returns whether they came from the cache."""
+    autocast, and saved. Returns whether they came from the cache. `together`: every process computes them
+    at once (a sharded model's forward is a collective), unless every process found the cache."""
     path = cache.reference_path(data.cache_path, model_key(recipe, accelerator.mixed_precision))
     found = cache.load_reference(path, {name: split.num_rows for name, split in splits.items()})
     hit = found is not None
+    if together:
+        hit = bool(accelerator.reduce(torch.tensor(float(hit), device=accelerator.device), "min"))
     if not hit:
         was_training = model.training
         model.eval()
@@ -127,7 +131,8 @@ def attach(
                 }
         finally:
             model.train(was_training)
-        cache.save_reference(path, found)
+        if accelerator.is_main_process or not together:
+            cache.save_reference(path, found)
     for name, split in splits.items():
         split.reference_logps = found[name]
     return hit

@@ -23,7 +23,7 @@ from peftcli.recipe.changes import resume_changes
 from peftcli.runs import adapter as adapter_files
 from peftcli.runs import lock, rundir
 from peftcli.runs.adapter import RECIPE_NAME
-from peftcli.train import state
+from peftcli.train import distributed, state
 from peftcli.train.loop import Setup, eval_line, evaluate, fit, setup
 
 log = logging.getLogger(__name__)
@@ -38,21 +38,23 @@ class TrainingStopped(UserError):
 
 
 def save_checkpoint(s: Setup, step: int) -> None:
-    """Adapter + trainable parameters + optimizer + RNG, written by the main process only."""
-    if not s.accelerator.is_main_process:
-        return
+    """Adapter + trainable parameters + optimizer + every process's RNG: gathered by all processes (a
+    collective), written by the main process only."""
     model = s.accelerator.unwrap_model(s.model)
+    with distributed.gathered(model):
+        initial_state = getattr(METHODS[s.recipe.method.name], "initial_state", None)
+        initial = initial_state(model) if initial_state else None
+        tensors = state.collect(s.accelerator, model, s.optimizer, initial)
+        if not s.accelerator.is_main_process:
+            return
 
-    initial_state = getattr(METHODS[s.recipe.method.name], "initial_state", None)
-    initial = initial_state(model) if initial_state else None
+        def write(directory: Path) -> None:
+            save_adapter_files(s, directory)
+            step_state = {"step": step, "seed": s.recipe.train.seed, "processes": s.accelerator.num_processes}
+            state.save_training_state(directory, tensors, s.optimizer, step_state)
 
-    def write(directory: Path) -> None:
-        save_adapter_files(s, directory)
-        step_state = {"step": step, "seed": s.recipe.train.seed}
-        state.save_training_state(directory, model, s.optimizer, step_state, initial)
-
-    with disk_errors(f"checkpoint step {step} in {s.output_dir / 'checkpoints'}"):
-        rundir.write_checkpoint(s.output_dir, step, s.recipe.train.keep_checkpoints, write)
+        with disk_errors(f"checkpoint step {step} in {s.output_dir / 'checkpoints'}"):
+            rundir.write_checkpoint(s.output_dir, step, s.recipe.train.keep_checkpoints, write)
     rundir.discard_set_aside(s.output_dir)  # a good state of its own: a run it replaces can go
 
 
@@ -85,8 +87,9 @@ def run(
     The output dir is checked before anything loads, locked for the run, and never left without a good
     state: see runs/rundir.py for --overwrite and resume_plan for --resume.
 
-    `on_trained(setup)`, called on the main process once training has ended normally (with the trained
-    model, speed-ups undone), returns more fields for report.json (`peft compare`'s probe answer).
+    `on_trained(setup)`, called on every process once training has ended normally (with the trained model,
+    speed-ups undone), returns more fields for report.json (`peft compare`'s probe answer): the main
+    process's are kept.
     Peak memory and wall time are this call's own, so several runs in one process each report theirs.
     """
     console = console or Console()
@@ -202,15 +205,8 @@ def _train(
         if main:
             console.print(eval_line({"step": s.total_steps, **final_eval}))
     s.accelerator.wait_for_everyone()
-    if main and not summary.get("interrupted"):
-        extra = on_trained(s) if on_trained is not None and summary["stopped"] is None else {}
-        with disk_errors(f"the adapter and report in {out}"):
-            save_adapter_files(s, out)
-            rundir.save_tokenizer(s.tokenizer, out)
-            all_metrics = metrics.read()
-            summary_fields = _report(s, summary, final_eval, all_metrics, started, recipe_path)
-            report.write_report(out, {**summary_fields, **extra}, all_metrics)
-        rundir.discard_set_aside(out)
+    if not summary.get("interrupted"):
+        _finish(s, summary, final_eval, metrics, started, recipe_path, on_trained)
     if summary.get("interrupted"):
         raise TrainingStopped(
             f"{summary['stopped']}; checkpoint saved. Continue with: peft train --resume {out}", exit_code=130
@@ -220,6 +216,24 @@ def _train(
     if main:
         console.print(f"[bold green]done:[/] adapter and report in {out}")
     return summary
+
+
+def _finish(s: Setup, summary: dict, final_eval, metrics, started: float, recipe_path, on_trained) -> None:
+    """The trained adapter (gathered by every process), the tokenizer and the report, written by the main
+    process; `on_trained` runs on every process."""
+    out = s.output_dir
+    # On every process (a sharded model's forward is a collective), before the parameters are gathered.
+    extra = on_trained(s) if on_trained is not None and summary["stopped"] is None else {}
+    with distributed.gathered(s.accelerator.unwrap_model(s.model)):
+        if not s.accelerator.is_main_process:
+            return
+        with disk_errors(f"the adapter and report in {out}"):
+            save_adapter_files(s, out)
+            rundir.save_tokenizer(s.tokenizer, out)
+            all_metrics = metrics.read()
+            summary_fields = _report(s, summary, final_eval, all_metrics, started, recipe_path)
+            report.write_report(out, {**summary_fields, **extra}, all_metrics)
+    rundir.discard_set_aside(out)
 
 
 def _report(

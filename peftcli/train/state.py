@@ -16,24 +16,18 @@ from torch import nn
 from peftcli import fileio
 from peftcli.errors import UserError
 from peftcli.runs.rundir import OPTIMIZER_NAME, STATE_NAME
+from peftcli.train import distributed
 
 INITIAL = "initial."  # key prefix of the method's initial state
 
 
-def save_training_state(
-    directory: str | Path, model: nn.Module, optimizer, state: dict, initial: dict | None = None
-) -> None:
-    """Everything --resume needs beyond the adapter files: every trainable parameter as it is (some
-    methods save a derived form in the adapter, e.g. prefix tuning's projected prefixes), the
-    optimizer's tensors, the RNG states, and `initial`: the method's initial state (its
-    ``initial_state(model)``, e.g. PiSSA's factors); `state` is JSON data (step, seed, ...)."""
-    directory = Path(directory)
-    opt = optimizer.state_dict()
-    tensors = {
-        f"state.{idx}.{name}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
-        for idx, slots in opt["state"].items()
-        for name, v in slots.items()
-    }
+def collect(accelerator, model: nn.Module, optimizer, initial: dict | None = None) -> dict[str, torch.Tensor]:
+    """Everything --resume needs beyond the adapter files, as whole tensors: every trainable parameter as it
+    is (some methods save a derived form in the adapter, e.g. prefix tuning's projected prefixes), the
+    optimizer's tensors, every process's RNG states, and `initial`: the method's initial state (its
+    ``initial_state(model)``, e.g. PiSSA's factors). A collective under several processes (sharded tensors
+    are gathered, train/distributed.py): every process calls it, within `distributed.gathered(model)`."""
+    tensors = distributed.optimizer_tensors(optimizer)
     tensors.update(
         {
             f"param.{name}": p.detach().cpu().contiguous()
@@ -42,11 +36,19 @@ def save_training_state(
         }
     )
     tensors.update({f"{INITIAL}{name}": t.detach().cpu().contiguous() for name, t in (initial or {}).items()})
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    tensors.update(distributed.rng_states(accelerator))
+    return tensors
+
+
+def save_training_state(
+    directory: str | Path, tensors: dict[str, torch.Tensor], optimizer, state: dict
+) -> None:
+    """`collect`'s tensors (safetensors) and `state`, JSON data (step, seed, processes ...), with the
+    optimizer's parameter groups."""
+    directory = Path(directory)
     fileio.atomic_write(directory / OPTIMIZER_NAME, lambda tmp: save_file(tensors, tmp))
-    fileio.write_json(directory / STATE_NAME, {**state, "param_groups": opt["param_groups"]})
+    groups = optimizer.state_dict()["param_groups"]
+    fileio.write_json(directory / STATE_NAME, {**state, "param_groups": groups})
 
 
 def load_initial_state(directory: str | Path) -> dict[str, torch.Tensor]:
@@ -61,7 +63,10 @@ def load_initial_state(directory: str | Path) -> dict[str, torch.Tensor]:
         raise UserError(f"checkpoint {directory} is incomplete or unreadable: {e}") from e
 
 
-def load_training_state(directory: str | Path, model: nn.Module, optimizer) -> dict:
+def load_training_state(directory: str | Path, accelerator, model: nn.Module, optimizer) -> dict:
+    """Put the checkpoint's trained parameters, optimizer state and this process's RNG back (split the way
+    this run shards them); returns its JSON state. Whole tensors in the file: any number of processes reads
+    it."""
     directory = Path(directory)
     try:
         state = json.loads((directory / STATE_NAME).read_text(encoding="utf-8"))
@@ -80,11 +85,11 @@ def load_training_state(directory: str | Path, model: nn.Module, optimizer) -> d
             if rest not in params or params[rest].shape != value.shape:
                 raise UserError(f"checkpoint {directory} does not fit this model: parameter {rest}")
             with torch.no_grad():
-                params[rest].copy_(value)
+                params[rest].copy_(distributed.like(value, params[rest]))
+    distributed.split_optimizer_state(optimizer, slots)
     optimizer.load_state_dict({"state": slots, "param_groups": state.pop("param_groups")})
-    torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    processes = accelerator.num_processes
+    distributed.restore_rng(tensors, accelerator.process_index, processes, state.get("processes", processes))
     return state
 
 
