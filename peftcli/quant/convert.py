@@ -90,9 +90,9 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, blocks.BlockEmbedding):
             weight = _shared(dense, module.blocks, dtype)
-            set_submodule(
-                model, name, nn.Embedding.from_pretrained(weight, freeze=True, padding_idx=module.padding_idx)
-            )
+            embedding = nn.Embedding(*weight.shape, padding_idx=module.padding_idx, device="meta")
+            embedding.weight = weight  # the very Parameter a tied head gets: still tied, as the config says
+            set_submodule(model, name, embedding)
         elif is_quantized(module):
             shared = getattr(module, "blocks", None)
             weight = _shared(dense, shared, dtype) if shared is not None else module.dequantize(dtype)
