@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from peftcli.fast import frozen_linear
 from peftcli.methods import lora
 from peftcli.methods.modules import AdaptedLayer
+from peftcli.quant.convert import is_quantized
 
 
 def forward(layer: AdaptedLayer, x: Tensor, linear: Callable = frozen_linear.linear) -> Tensor:
@@ -69,6 +70,9 @@ def _add_low_rank(layer: AdaptedLayer, x: Tensor, out: Tensor) -> Tensor:
 def _base_forward(layer: AdaptedLayer, x: Tensor, linear: Callable, bias: bool = True) -> Tensor:
     """The frozen layer on (tokens, in); `bias=False`: its product alone."""
     b = layer.base.bias if bias else None
+    if is_quantized(layer.base):  # its own product (dequantized blocks); DoRA's direction wants no bias
+        out = layer.base(x)
+        return out if bias or layer.base.bias is None else out - layer.base.bias.to(out.dtype)
     if layer.fan_in_fan_out:  # Conv1D's own forward returns a view; its math, y = b + x @ W, directly
         return torch.mm(x, layer.base.weight) if b is None else torch.addmm(b, x, layer.base.weight)
     if type(layer.base) is nn.Linear or not bias:

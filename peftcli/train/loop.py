@@ -147,6 +147,7 @@ def setup(recipe: Recipe, resume_from: Path | None = None, console: Console | No
         f"({params['trainable_percent']:.4f}%)"
     )
     model.train()
+    precision = chosen.report(model)  # before sharding: it reads every frozen tensor's storage
     mode = distributed.resolve(recipe, accelerator, model)
     model, optimizer = distributed.prepare(accelerator, model, mode, lambda m: make_optimizer(m, recipe))
     set_seed(train.seed + accelerator.process_index)  # each process its own dropout masks, run to run alike
@@ -157,7 +158,7 @@ def setup(recipe: Recipe, resume_from: Path | None = None, console: Console | No
     s = Setup(
         recipe, accelerator, model, tokenizer, optimizer, data.train, data.validation, data.pad_id,
         data.label_names, total_steps, output_dir, params, objective, speedups=speedups,
-        precision=chosen.report(model), console=console, mode=mode,
+        precision=precision, console=console, mode=mode,
     )  # fmt: skip
     if mode != "single":
         say(f"{accelerator.num_processes} processes ({mode}), global batch {global_batch}")
@@ -204,6 +205,11 @@ def _objective(recipe: Recipe, accelerator: Accelerator, model, data, speedups, 
     data (train/reference.py), before any update and before a resumed run loads its trained state: the main
     process computes them, the others read its cache; `together` (a sharded model): all compute them."""
     objective = make_objective(recipe, speedups, lambda t: accelerator.reduce(t, "sum"))
+    if recipe.train.objective.name == "kto" and accelerator.num_processes > 1:
+        log.warning(
+            "KTO's eval estimates its reference point on each process's share of the eval batch: eval "
+            "metrics differ slightly from a one-process run's (training reduces it over every process)"
+        )
     if not objective.needs_reference:
         return objective
     splits = {"train": data.train, "validation": data.validation}

@@ -87,3 +87,19 @@ def test_dora_with_dropout_in_training_takes_the_plain_forward():
     fast = layer(x)
     torch.manual_seed(0)
     torch.testing.assert_close(fast, lora.run_dora(layer, x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_dora_forward_on_a_quantized_base_equals_the_plain_form(bias):
+    # A GGUF base keeps its blocks packed by default: DoRA's direction is the quantized layer's own product
+    from peftcli.quant.convert import quantize_linear
+
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 32, bias=bias)
+    base = quantize_linear(dense.weight.detach(), dense.bias.detach() if bias else None, "int8", torch.float32)
+    layer = lora.wrap_layer(base, rank=4, alpha=8.0, use_dora=True)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(2, 3, 64)
+    expected = lora.run_dora(layer, x)
+    fast_lora.install(layer)
+    torch.testing.assert_close(layer(x), expected)

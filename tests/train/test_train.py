@@ -463,11 +463,17 @@ def test_two_processes_match_one(tmp_path, bases, fmt, objective):
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 processes" in two.stdout
 
+    # KTO's eval estimates its reference point on each process's share of the batch (said in a warning), so
+    # its evals differ slightly across process counts; its training steps reduce it over every process.
+    kinds = ("train",) if objective == "kto" else ("train", "eval")
+
     def losses(run):
         lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        return [m["loss"] for m in lines]
+        return [m["loss"] for m in lines if m["type"] in kinds]
 
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "run"), abs=1e-5)
+    if objective == "kto":
+        assert "KTO's eval" in two.stderr
 
 
 def test_gradient_checkpointing_trains_lora_and_is_refused_for_prefix_tuning(tmp_path, bases):
