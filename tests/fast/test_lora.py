@@ -96,7 +96,8 @@ def test_dora_forward_on_a_quantized_base_equals_the_plain_form(bias):
 
     torch.manual_seed(0)
     dense = nn.Linear(64, 32, bias=bias)
-    base = quantize_linear(dense.weight.detach(), dense.bias.detach() if bias else None, "int8", torch.float32)
+    weight, bias = dense.weight.detach(), dense.bias.detach() if bias else None
+    base = quantize_linear(weight, bias, "int8", torch.float32)
     layer = lora.wrap_layer(base, rank=4, alpha=8.0, use_dora=True)
     nn.init.normal_(layer.lora_B.weight)
     x = torch.randn(2, 3, 64)
