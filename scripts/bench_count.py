@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+COUNT_KEYS = ("method", "trainable", "total", "trainable_percent")
 GPT3_175B = {
     "model_type": "gpt2",
     "vocab_size": 50257,
@@ -71,10 +72,12 @@ def main() -> None:
                 seconds, rows[side] = run(command)
                 times[side].append(seconds)
                 print(f"round {i + 1}: {side:4s} {seconds:6.2f} s", flush=True)
-        if rows["cli"] != rows["meta"]:
-            sys.exit(f"counts differ: cli {rows['cli']} vs meta {rows['meta']}")
+        # the command's rows hold the memory estimate too; the parameter counts are what both sides give
+        counts = {side: [{k: row[k] for k in COUNT_KEYS} for row in rows[side]] for side in sides}
+        if counts["cli"] != counts["meta"]:
+            sys.exit(f"counts differ: cli {counts['cli']} vs meta {counts['meta']}")
         cli, meta = (statistics.median(times[s]) for s in ("cli", "meta"))
-        print(f"methods {', '.join(methods)}; counts agree: {rows['cli']}")
+        print(f"methods {', '.join(methods)}; counts agree: {counts['cli']}")
         print(f"median: cli {cli:.2f} s, meta {meta:.2f} s ({meta / cli:.1f}x)")
 
 

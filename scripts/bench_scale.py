@@ -10,9 +10,12 @@ steps (loop.train_step), and reports:
   tensor), counted from the tensors themselves;
 - RSS after setup: the process's resident memory once the model is sharded and freed heap is returned
   (malloc_trim), before training;
-- peak RSS: the process's high-water mark, loading included. Each process loads the whole base before
-  sharding it (loading only a process's shard, from a meta model, is not built yet), so the peak holds
-  one whole base per process whatever N is;
+- peak RSS: the process's high-water mark, loading included; and "peak - start", that mark less the
+  process's resident memory before setup (Python, torch and transformers imported): what loading, sharding
+  and training added. transformers maps a safetensors file whose dtype is the model's rather than reading
+  it, and fully_shard copies out each process's own dim-0 slices, so a process touches only its slices of
+  the file: the base's share of the peak falls with N. (A checkpoint cast to another dtype, or a GGUF base
+  dequantized, is materialized whole in each process before sharding.)
 - step seconds: the median of the timed steps.
 On one small CPU machine the N processes share its cores: step time says what communication costs, not
 what N machines would give.
@@ -44,10 +47,12 @@ def _status(field: str) -> int:
 
 def worker(recipe_path: str, steps: int) -> None:
     import torch
+    import transformers  # noqa: F401  (imported before the start figure, as setup would import it)
 
     from peftcli.recipe import load_recipe
     from peftcli.train import loop
 
+    start = _status("VmRSS")
     s = loop.setup(load_recipe(recipe_path))
     held = 0
     for p in s.model.parameters():
@@ -68,6 +73,7 @@ def worker(recipe_path: str, steps: int) -> None:
         "model_bytes_held": held,
         "rss_after_setup": after_setup,
         "peak_rss": _status("VmHWM"),
+        "peak_over_start": _status("VmHWM") - start,
         "step_seconds": statistics.median(seconds),
     }
     print("BENCH " + json.dumps(row), flush=True)
@@ -155,12 +161,14 @@ def main() -> None:
         ("model held MiB", 15),
         ("RSS after setup", 16),
         ("peak RSS", 9),
+        ("peak - start", 12),
     )
     print(" ".join(f"{name:>{width}}" for name, width in heads), f"{'step s':>7}")
     for r in rows:
         print(
             f"{r['processes']:>2} {r['rank']:>4} {r['mode']:>6} {r['model_bytes_held'] / mib:>15.1f} "
-            f"{r['rss_after_setup'] / mib:>16.1f} {r['peak_rss'] / mib:>9.1f} {r['step_seconds']:>7.3f}"
+            f"{r['rss_after_setup'] / mib:>16.1f} {r['peak_rss'] / mib:>9.1f} "
+            f"{r['peak_over_start'] / mib:>12.1f} {r['step_seconds']:>7.3f}"
         )
 
 

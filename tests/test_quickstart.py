@@ -53,8 +53,8 @@ def test_example_recipe_runs_shortened(tmp_path, recipe, monkeypatch):
             "8",
         )
         assert answer.returncode == 0 and answer.stdout.strip(), answer.stderr[-2000:]
-        # the shortened quickstart adapter as GGUF, checked by llama.cpp: merged at q8_0 (the packaged model
-        # is q4_1; its types are the default), and the adapter alone on the packaged file
+        # the shortened quickstart adapter as GGUF, checked by llama.cpp: merged at q8_0; merged by default
+        # (the packaged model's q4_1 kept where unchanged, the adapted tensors q8_0); the adapter alone
         for flags in (["--quant", "q8_0"], [], ["--adapter-only", "--ollama", str(tmp_path / "ollama")]):
             out = tmp_path / f"export-{len(flags)}.gguf"
             exported = peft("export", str(out.parent / "run"), "--gguf", str(out), *flags)

@@ -157,7 +157,8 @@ def _write(job: _Job, tmp: Path, temp_base: Path, adapter_only: bool, verify: bo
     else:
         model = merge_in_memory(adapter, model)
         changed = _changed(model, job) if job.base_gguf is not None and job.quant is None else set()
-        _write_merged(job, tmp, model, tokenizer, job.quant, changed)
+        tensors = _write_merged(job, tmp, model, tokenizer, job.quant, changed)
+        _say_raised(job, tensors, say)
     style = prompt_style(tokenizer, recipe.data.format if recipe else None, raw=False)
     probe_set = None
     if verify:
@@ -169,7 +170,25 @@ def _write(job: _Job, tmp: Path, temp_base: Path, adapter_only: bool, verify: bo
     return tokenizer, probe_set, style == "chat"
 
 
-def _write_merged(job: _Job, path: Path, model, tokenizer, quant_type: int | None, changed: set[str]) -> None:
+def _say_raised(job: _Job, tensors, say) -> None:
+    """Say which adapted tensors the default export wrote finer than the base has them (quant.py)."""
+    if job.base_gguf is None or job.quant is not None:
+        return
+    raised = {}
+    for t in tensors:
+        base = job.base_gguf.tensor(t.name)
+        if base is not None and base.ggml_type != t.ggml_type:
+            raised.setdefault((base.ggml_type, t.ggml_type), []).append(t.name)
+    for (was, now), names in raised.items():
+        say(
+            f"note: {len(names)} adapted tensors written {quants.type_name(now)}, not the base's "
+            f"{quants.type_name(was)}: requantized to it, the adapter's change would round away "
+            "(--quant sets one type for all)"
+        )
+
+
+def _write_merged(job: _Job, path: Path, model, tokenizer, quant_type: int | None, changed: set[str]):
+    """Write the merged `model` to `path`; returns the tensors as planned (names and types)."""
     base = job.base_gguf if quant_type is None else None
     tensors = model_tensors(model, job.arch, quant_type, base, job.base_path, changed)
     config = model.config
@@ -187,6 +206,7 @@ def _write_merged(job: _Job, path: Path, model, tokenizer, quant_type: int | Non
         model_metadata(config, job.arch, _name(job.adapter), keys, file_type, quantized),
         tensors,
     )
+    return tensors
 
 
 def _changed(model, job: _Job) -> set[str]:
@@ -227,7 +247,10 @@ def _check(
         say(f"note: llama.cpp: {warning}")
     failure = verification.failure()
     if failure:
-        raise CheckFailed(f"{failure}: nothing written")
+        hint = ""
+        if not adapter_only and job.quant in (quants.QUANTS["q4_0"], quants.QUANTS["q4_1"]):
+            hint = " (4 bits round away much of an adapter's change: try --quant q8_0, or --adapter-only)"
+        raise CheckFailed(f"{failure}: nothing written{hint}")
     return verification
 
 

@@ -205,11 +205,6 @@ def _objective(recipe: Recipe, accelerator: Accelerator, model, data, speedups, 
     data (train/reference.py), before any update and before a resumed run loads its trained state: the main
     process computes them, the others read its cache; `together` (a sharded model): all compute them."""
     objective = make_objective(recipe, speedups, lambda t: accelerator.reduce(t, "sum"))
-    if recipe.train.objective.name == "kto" and accelerator.num_processes > 1:
-        log.warning(
-            "KTO's eval estimates its reference point on each process's share of the eval batch: eval "
-            "metrics differ slightly from a one-process run's (training reduces it over every process)"
-        )
     if not objective.needs_reference:
         return objective
     splits = {"train": data.train, "validation": data.validation}
@@ -284,14 +279,24 @@ def evaluate(s: Setup) -> dict[str, float] | None:
     world, rank = s.accelerator.num_processes, s.accelerator.process_index
     shard = list(range(rank, len(s.eval_examples), world))
     size = t.eval_batch_size or t.batch_size
+    # As many rounds on every process as on the first, whose share is the longest: a sharded model's
+    # forward (and KTO's reference point) is a collective, so a process out of rows runs a stand-in that
+    # counts nowhere.
+    rounds = math.ceil(math.ceil(len(s.eval_examples) / world) / size)
     if t.max_eval_batches:
-        shard = shard[: size * t.max_eval_batches]
+        rounds = min(rounds, t.max_eval_batches)
+    collective = s.mode == "fsdp" or (world > 1 and s.objective.eval_collective)
     totals = torch.zeros(len(s.objective.EVAL_SUMS), dtype=torch.float64)
-    for start in range(0, len(shard), size):
+    for start in range(0, rounds * size, size):
         rows = [s.eval_examples[i] for i in shard[start : start + size]]
-        batch = _to(collate(rows, s.pad_id), s.accelerator.device)
+        if not rows and not collective:
+            break
+        batch = _to(collate(rows or [s.eval_examples[0]], s.pad_id), s.accelerator.device)
         with s.accelerator.autocast():
-            totals += s.objective.eval_sums(model, batch)
+            if rows:
+                totals += s.objective.eval_sums(model, batch)
+            else:
+                s.objective.eval_stand_in(model, batch)
     totals = s.accelerator.reduce(totals.to(s.accelerator.device), "sum").cpu()
     model.train(was_training)
     return s.objective.eval_metrics(totals)

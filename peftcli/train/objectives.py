@@ -36,6 +36,7 @@ class Objective:
 
     EVAL_SUMS: tuple[str, ...] = ()
     needs_reference = False  # whether batches must carry the reference policy's log-probs
+    eval_collective = False  # whether eval_sums communicates with the other processes
 
     def counts(self, batch: Batch) -> Tensor:
         raise NotImplementedError
@@ -45,6 +46,11 @@ class Objective:
 
     def eval_sums(self, model: nn.Module, batch: Batch) -> Tensor:
         raise NotImplementedError
+
+    def eval_stand_in(self, model: nn.Module, batch: Batch) -> None:
+        """An eval round in which this process has no rows left, while others have (loop.evaluate): it joins
+        the round's collectives on a stand-in `batch` whose sums count nowhere."""
+        self.eval_sums(model, batch)
 
     def eval_metrics(self, sums: Tensor) -> dict[str, float]:
         raise NotImplementedError
@@ -196,9 +202,10 @@ class Pairs(Objective):
 
 class KTO(Objective):
     """kto: each example one answer, desirable or not; the reference point is estimated per micro-batch from
-    its mismatched rows (the prompt with another example's answer), averaged over the processes in training,
-    as TRL does. chosen_logps / rejected_logps report the desirable / undesirable answers; accuracy is the
-    share of examples whose reward has the sign of its label (a zero reward counts half)."""
+    its mismatched rows (the prompt with another example's answer), averaged over the processes, as TRL does
+    in training; in eval too, so N processes at eval batch b report what one process at N x b does.
+    chosen_logps / rejected_logps report the desirable / undesirable answers; accuracy is the share of
+    examples whose reward has the sign of its label (a zero reward counts half)."""
 
     EVAL_SUMS = (
         "loss",
@@ -213,6 +220,7 @@ class KTO(Objective):
         "kl",
     )
     needs_reference = True
+    eval_collective = True  # the reference point is reduced over the processes in eval too
 
     def __init__(self, config, token_logprobs: TokenLogProbs, reduce: Reduce | None):
         self.config, self.token_logprobs, self.reduce = config, token_logprobs, reduce
@@ -220,18 +228,25 @@ class KTO(Objective):
     def counts(self, batch: Batch) -> Tensor:
         return self.sums([len(batch["desirable"])])
 
-    def _reference_point(self, model: nn.Module, batch: Batch, reduce: Reduce | None) -> Tensor:
-        """max(0, mean over the mismatched rows of log pi - log pi_ref), without gradient."""
+    def _reference_point(
+        self, model: nn.Module, batch: Batch, reduce: Reduce | None, counted: bool = True
+    ) -> Tensor:
+        """max(0, mean over the mismatched rows of log pi - log pi_ref), without gradient; `counted` False:
+        a stand-in batch, which joins the reduction with nothing."""
         with torch.no_grad():
             mismatched, _ = _answer_logps(self.token_logprobs, model, batch, prefix="kl_")
             difference = mismatched.double() - batch["kl_reference_logps"].to(mismatched.device).double()
             stats = torch.stack([difference.sum(), difference.new_tensor(float(len(difference)))])
+            if not counted:
+                stats = torch.zeros_like(stats)
             if reduce is not None:
                 stats = reduce(stats)
-        return (stats[0] / stats[1]).clamp(min=0).float()
+        return (stats[0] / stats[1].clamp(min=1)).clamp(min=0).float()
 
-    def _scores(self, model: nn.Module, batch: Batch, reduce: Reduce | None) -> dict[str, Tensor]:
-        kl = self._reference_point(model, batch, reduce)
+    def _scores(
+        self, model: nn.Module, batch: Batch, reduce: Reduce | None, counted: bool = True
+    ) -> dict[str, Tensor]:
+        kl = self._reference_point(model, batch, reduce, counted)
         logps, _ = _answer_logps(self.token_logprobs, model, batch)
         ratio = logps - batch["reference_logps"].to(logps)
         c = self.config
@@ -241,8 +256,11 @@ class KTO(Objective):
     def loss(self, model: nn.Module, batch: Batch, totals: Tensor) -> Tensor:
         return self._scores(model, batch, self.reduce)["losses"].sum() / max(float(totals[0]), 1.0)
 
+    def eval_stand_in(self, model: nn.Module, batch: Batch) -> None:
+        self._scores(model, batch, self.reduce, counted=False)
+
     def eval_sums(self, model: nn.Module, batch: Batch) -> Tensor:
-        s = self._scores(model, batch, None)  # eval batches differ in number between processes: no reduce
+        s = self._scores(model, batch, self.reduce)
         good, reward = batch["desirable"], s["reward"]
         signed = torch.where(good, reward, -reward)
         correct = (signed > 0).sum() + 0.5 * (signed == 0).sum()

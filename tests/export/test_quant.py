@@ -27,10 +27,14 @@ def test_which_tensor_gets_which_type():
     assert choose_type((64, 64), Q4_1, None, changed=False) == Q4_1
     assert choose_type((64, 48), Q8_0, None, changed=False) == F16  # rows not whole blocks of 32
     assert choose_type((64, 64), None, None, changed=True) == F16  # no GGUF base: f16
-    # a GGUF base's own types: kept; a changed k-quant tensor (no quantizer here) becomes q8_0
-    assert choose_type((64, 64), None, Q4_1, changed=True) == Q4_1
+    # a GGUF base's own types: kept where unchanged; a changed tensor of a 4-bit type becomes q8_0 (4 bits
+    # would round the adapter's change away), one of an 8-bit or float type keeps it
+    assert choose_type((64, 64), None, Q4_1, changed=False) == Q4_1
+    assert choose_type((64, 64), None, Q4_1, changed=True) == Q8_0
     assert choose_type((64, 64), None, Q4_K, changed=False) == Q4_K
     assert choose_type((64, 64), None, Q4_K, changed=True) == Q8_0
+    assert choose_type((64, 64), None, Q8_0, changed=True) == Q8_0
+    assert choose_type((64, 64), None, F16, changed=True) == F16
 
 
 @pytest.mark.parametrize("quant", ["q8_0", "q4_0", "q4_1", "bf16"])

@@ -42,13 +42,15 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PEFTCLI_CACHE", str(tmp_path / "cache"))
 
 
-def write_recipe(tmp_path: Path, base: str, method: dict | None = None, **train) -> Path:
+def write_recipe(
+    tmp_path: Path, base: str, method: dict | None = None, validation: float = 0.25, **train
+) -> Path:
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in CHAT))
     recipe = {
         "model": {"name": base},
         "method": method or {"name": "lora", "rank": 4, "target_modules": "all-linear"},
-        "data": {"train": str(data), "format": "chat", "validation": 0.25, "max_length": 64},
+        "data": {"train": str(data), "format": "chat", "validation": validation, "max_length": 64},
         "train": {
             "max_steps": 5,
             "batch_size": 4,
@@ -77,9 +79,9 @@ def cli(*args: str, processes: int = 1) -> subprocess.CompletedProcess:
     return result
 
 
-def losses(run: Path) -> dict[int, float]:
+def losses(run: Path, kind: str = "train") -> dict[int, float]:
     lines = [json.loads(line) for line in (run / rundir.METRICS_NAME).read_text().splitlines()]
-    return {m["step"]: m["loss"] for m in lines if m["type"] == "train"}
+    return {m["step"]: m["loss"] for m in lines if m["type"] == kind}
 
 
 def header(path: Path) -> bytes:
@@ -148,7 +150,7 @@ def test_rng_states_are_restored_per_process_and_not_across_a_different_count(ca
 def test_fsdp_on_two_processes_trains_and_saves_as_one_process(tmp_path, bases):
     """5 steps with gradient accumulation: 2 processes at batch 2 == 1 process at batch 4 (same global
     batch): losses to 1e-5; the adapter to 1e-6, with the same keys, dtypes, shapes, offsets and config."""
-    recipe = write_recipe(tmp_path, bases["llama"])
+    recipe = write_recipe(tmp_path, bases["llama"], eval_every=5)
     cli("train", str(recipe))
     two = tmp_path / "two"
     result = cli(
@@ -157,6 +159,8 @@ def test_fsdp_on_two_processes_trains_and_saves_as_one_process(tmp_path, bases):
     assert "2 processes" in result.stdout and "fsdp" in result.stdout
     one = tmp_path / "one"
     assert list(losses(two).values()) == pytest.approx(list(losses(one).values()), abs=1e-5)
+    assert len(losses(one, "eval")) == 2  # before the first step and after the last
+    assert list(losses(two, "eval").values()) == pytest.approx(list(losses(one, "eval").values()), abs=1e-5)
     weights = adapter_files.WEIGHTS_NAME
     assert header(two / weights) == header(one / weights)
     assert (two / adapter_files.CONFIG_NAME).read_bytes() == (one / adapter_files.CONFIG_NAME).read_bytes()
@@ -211,8 +215,18 @@ PREFERENCE = [
 @pytest.mark.slow
 def test_fsdp_computes_dpo_s_reference_on_every_process_and_recomputes_whole_layers(tmp_path, bases):
     """The reference log-probs are a sharded forward: every process computes them (none waits on the main
-    process's cache); gradient checkpointing recomputes sharded layers. Both equal one process to 1e-5."""
-    recipe = write_recipe(tmp_path, bases["llama"], objective="dpo", gradient_checkpointing=True, max_steps=3)
+    process's cache); gradient checkpointing recomputes sharded layers. Both equal one process to 1e-5.
+    5 eval pairs: the first process has 3 (two eval batches), the second 2 (one), and joins the first's
+    second sharded forward with a stand-in batch that counts nowhere, rather than leave it waiting."""
+    recipe = write_recipe(
+        tmp_path,
+        bases["llama"],
+        validation=0.2,
+        objective="dpo",
+        gradient_checkpointing=True,
+        max_steps=3,
+        eval_every=3,
+    )
     text = yaml.safe_load(recipe.read_text())
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PREFERENCE))
     text["data"].update(train=str(tmp_path / "pairs.jsonl"), format="preference")
@@ -220,7 +234,10 @@ def test_fsdp_computes_dpo_s_reference_on_every_process_and_recomputes_whole_lay
     cli("train", str(recipe))
     two = tmp_path / "two"
     cli("train", str(recipe), "--set", "train.batch_size=2", "--set", f"output_dir={two}", processes=2)
-    assert list(losses(two).values()) == pytest.approx(list(losses(tmp_path / "one").values()), abs=1e-5)
+    for kind in ("train", "eval"):
+        one = losses(tmp_path / "one", kind)
+        assert list(losses(two, kind).values()) == pytest.approx(list(one.values()), abs=1e-5)
+    assert len(one) == 2  # eval before the first step and after the last
 
 
 def test_fsdp_refuses_a_quantized_base_and_auto_falls_back_to_ddp(bases, monkeypatch):
