@@ -71,3 +71,25 @@ def test_a_gguf_base_is_read_once_without_transformers_gguf_parser(tmp_path, mon
     monkeypatch.setattr(gguf_utils, "load_gguf_checkpoint", parsed)
     with torch.no_grad():
         assert run_generate(run, "hello world", max_new_tokens=8) == expected
+
+
+def test_a_packed_gguf_base_is_decoded_dense_with_the_adapter_folded(tmp_path, monkeypatch):
+    """A packed base would dequantize every weight on every generated token: where the dense copy fits, it is
+    dequantized once and the LoRA folded in, and picks the packed model's tokens; where it would not fit,
+    the model stays packed and unfolded, with a note."""
+    from peftcli.infer import load as infer_load
+    from peftcli.quant import convert
+
+    base = save_gguf_base(tmp_path / "base.gguf", "llama", "q8_0")
+    run = save_lora_run(tmp_path / "run", base)
+    packed, tokenizer, plain = load_for_inference(run)
+    assert convert.describe(packed) and not plain.folded
+    dense, _, info = load_for_inference(run, fold=True)
+    assert info.folded and not convert.describe(dense)
+    assert not any("lora" in name for name, _ in dense.named_modules())
+    ids, _ = encode_prompt(tokenizer, "hello world", "text")
+    assert continue_ids(dense, tokenizer, ids, 8, []) == continue_ids(packed, tokenizer, ids, 8, [])
+
+    monkeypatch.setattr(infer_load, "_available_bytes", lambda: 1000)
+    kept, _, info = load_for_inference(run, fold=True)
+    assert convert.describe(kept) and not info.folded
