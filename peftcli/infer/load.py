@@ -98,7 +98,7 @@ def dense_if_room(model: nn.Module) -> nn.Module:
 
 
 def _available_bytes() -> int | None:
-    """Memory free for a dense copy: the smaller of the RAM available and, with CUDA, the GPU's free memory."""
+    """Memory free for a dense copy: the RAM available and, with CUDA, at most the GPU's free memory."""
     room = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
