@@ -9,6 +9,7 @@ attributes is read; nothing in them may touch torch at import time (no ``@torch.
 from __future__ import annotations
 
 import importlib
+import sys
 from types import ModuleType
 
 
@@ -27,6 +28,13 @@ class LazyModule:
 
     def __repr__(self) -> str:
         return f"<lazy module {self._name}{'' if self._module is None else ' (imported)'}>"
+
+
+def is_conv1d(module) -> bool:
+    """Whether `module` is GPT-2's Conv1D (transformers.pytorch_utils), without importing transformers (a
+    second): where that module was never imported, nothing can be one."""
+    utils = sys.modules.get("transformers.pytorch_utils")
+    return utils is not None and isinstance(module, utils.Conv1D)
 
 
 torch = LazyModule("torch")

@@ -13,6 +13,8 @@ NF4), so these checks are the CPU tests' oracles again, on the GPU:
 4. `peft train` on a tiny Llama with nf4 on the GPU (bf16 autocast, fp32 LoRA factors): it learns and reports
    bfloat16 / nf4; `peft generate` runs on it.
 5. The adapter loads in HF PEFT on transformers' CUDA bitsandbytes 4-bit base and gives the same logits.
+6. `peft generate`'s llama decoder (peftcli/infer/llama.py) on CUDA, in bf16 (``dtype: auto``): its logits
+   match transformers' LlamaForCausalLM on the GPU in bf16, and its fp32 greedy tokens equal transformers'.
 """
 
 from __future__ import annotations
@@ -154,6 +156,30 @@ def nf4_adapter_in_hf_peft_on_cuda_bitsandbytes():
         inputs = {k: v.cuda() for k, v in batch().items()}
         with torch.no_grad():
             close(hf(**inputs).logits, ours.cuda().eval()(**inputs).logits, 1e-4)
+
+
+@check
+def llama_decoder_on_cuda_matches_transformers():
+    from transformers import AutoModelForCausalLM
+
+    from peftcli.infer import llama
+    from peftcli.infer.generate import continue_ids
+    from peftcli.models.sources import resolve
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = save_tiny(Path(tmp) / "llama", "llama")
+        ids = batch()["input_ids"].cuda()
+        for dtype, tolerance in ((torch.bfloat16, 3e-2), (torch.float32, 1e-4)):
+            ours = llama.load(resolve(str(base)), dtype).cuda()
+            theirs = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).cuda().eval()
+            with torch.no_grad():
+                close(ours(ids), theirs(ids).logits, tolerance)
+        prompt = ids[:1, :6]
+        assert continue_ids(ours, None, prompt, 12, []) == continue_ids(theirs, _NoPad(), prompt, 12, [])
+
+
+class _NoPad:
+    pad_token_id = 0
 
 
 def main() -> int:

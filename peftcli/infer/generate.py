@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from peftcli.errors import UserError
+from peftcli.infer.llama import Decoder
 from peftcli.infer.load import InferenceInfo, load_adapter_dir, load_for_inference
 from peftcli.infer.prompt import encode_prompt, prompt_style, stop_ids
 from peftcli.runs.adapter import AdapterDir
@@ -81,20 +82,28 @@ def continue_ids(
     """The new token ids after `input_ids` (1, seq): greedy, or sampled with `sampling` (temperature, top_p,
     seed); ends at a `stop` id (not returned) or after `max_new_tokens`. Each piece of text goes to
     `on_text` as it is decoded."""
-    kwargs = {
-        "max_new_tokens": max_new_tokens,
-        "do_sample": False,
-        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop or [0])[0],
-        "eos_token_id": stop or None,
-        "attention_mask": torch.ones_like(input_ids),
-    }
+    pieces = TextPieces(tokenizer, on_text, stop) if on_text else None
     if sampling:
-        torch.manual_seed(sampling["seed"])  # generate() draws from the global generator (every device)
-        kwargs.update(do_sample=True, temperature=sampling["temperature"], top_p=sampling["top_p"])
-    if on_text:
-        kwargs["streamer"] = TextPieces(tokenizer, on_text, stop)
-    output = model.generate(input_ids=input_ids, **kwargs)
-    new_ids = output[0, input_ids.shape[1] :].tolist()
+        torch.manual_seed(sampling["seed"])  # both draw from the global generator (every device)
+    if isinstance(model, Decoder):
+        new_ids = model.continue_ids(input_ids, max_new_tokens, stop, sampling, pieces and pieces.add)
+        if pieces:
+            pieces.end()
+    else:
+        kwargs = {
+            "max_new_tokens": max_new_tokens,
+            "do_sample": False,
+            "pad_token_id": tokenizer.pad_token_id
+            if tokenizer.pad_token_id is not None
+            else (stop or [0])[0],
+            "eos_token_id": stop or None,
+            "attention_mask": torch.ones_like(input_ids),
+            "streamer": pieces,
+        }
+        if sampling:
+            kwargs.update(do_sample=True, temperature=sampling["temperature"], top_p=sampling["top_p"])
+        output = model.generate(input_ids=input_ids, **kwargs)
+        new_ids = output[0, input_ids.shape[1] :].tolist()
     while new_ids and new_ids[-1] in stop:
         new_ids.pop()
     return new_ids
@@ -115,10 +124,15 @@ class TextPieces:
         self.prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate() hands over the prompt first
+        """transformers' streamer call: the prompt first, then each new token."""
+        if not self.prompt_seen:
             self.prompt_seen = True
             return
-        self.ids.extend(i for i in value.reshape(-1).tolist() if i not in self.stop)
+        self.add(*value.reshape(-1).tolist())
+
+    def add(self, *ids: int) -> None:
+        """New token ids."""
+        self.ids.extend(i for i in ids if i not in self.stop)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
         if text.endswith("\ufffd"):
             return

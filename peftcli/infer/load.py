@@ -1,10 +1,12 @@
 """Load a run (or a bare adapter dir) for inference: the base model once, the adapter on it, eval mode.
 
 With ``fold=True`` (what generate and chat use) a method that folds into the weights (LoRA, BitFit) is
-merged in memory (the method's own ``merge``, the one `peft merge` uses), so decoding runs the plain
-transformers model at its own speed; where it cannot fold (prefix/prompt tuning, adapters, a LoRA on a
-tied weight) the model keeps the method's layers. No training-time machinery is involved: no activation
-checkpointing, no fast-path kernels, no gradients.
+merged in memory (the method's own ``merge``, the one `peft merge` uses), so decoding runs a plain model at
+its own speed; where it cannot fold (prefix/prompt tuning, adapters, a LoRA on a tied weight) the model keeps
+the method's layers. A causal LM on a llama base on disk is built as llama.py's Decoder (`plain_decoder`:
+the same math without importing transformers' modeling code, seconds sooner to the first token), anything
+else by transformers. No training-time machinery is involved: no activation checkpointing, no fast-path
+kernels, no gradients.
 
 The adapter dir is a `peft train` output dir (adapter files, tokenizer, recipe.yaml, labels.json at its
 root) or a bare adapter dir, ours or HF PEFT's (no tokenizer: the base model's is used).
@@ -13,6 +15,7 @@ root) or a bare adapter dir, ours or HF PEFT's (no tokenizer: the base model's i
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +23,7 @@ import torch
 from torch import nn
 
 from peftcli.errors import UserError
+from peftcli.models.gguf_header import GGUFError
 from peftcli.runs.adapter import AdapterDir
 
 log = logging.getLogger(__name__)
@@ -47,8 +51,16 @@ def load_for_inference(
 
 
 def load_adapter_dir(adapter: AdapterDir, fold: bool = False) -> tuple[nn.Module, object, InferenceInfo]:
-    recipe = adapter.recipe
-    model = adapter.load_model()  # the run's dtype and quantization, as trained
+    recipe, _, _ = adapter.recipe, adapter.revision, adapter.base_source  # read once, before two threads do
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # The tokenizer (and the import of transformers, a second) on a second thread while this one reads
+        # the weights into llama.py's Decoder, which needs no transformers: most of that is torch work, which
+        # lets the other thread run.
+        tokenizing = pool.submit(adapter.load_tokenizer) if fold else None
+        model = plain_decoder(adapter) if fold else None
+        tokenizer = tokenizing.result() if tokenizing else adapter.load_tokenizer()
+    if model is None:  # transformers' model, imported once the other thread has finished
+        model = adapter.load_model()  # the run's dtype and quantization, as trained
     folded = False
     if fold and getattr(adapter.module, "MERGEABLE", False):
         model = dense_if_room(model)
@@ -57,7 +69,6 @@ def load_adapter_dir(adapter: AdapterDir, fold: bool = False) -> tuple[nn.Module
             folded = True
         except UserError as e:  # e.g. a LoRA on a tied embedding: decode through the method's layers
             log.debug("not folded: %s", e)
-    tokenizer = adapter.load_tokenizer()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     info = InferenceInfo(
@@ -72,6 +83,32 @@ def load_adapter_dir(adapter: AdapterDir, fold: bool = False) -> tuple[nn.Module
         folded=folded,
     )
     return model, tokenizer, info
+
+
+def plain_decoder(adapter: AdapterDir) -> nn.Module | None:
+    """The run's causal LM as llama.py's Decoder with the adapter in it, where that applies: a llama base
+    on disk (a GGUF file or a safetensors dir) that the run held dense or as the file's own blocks (dense
+    here: the same values), a method that folds into the weights, and room for the dense weights (half the
+    memory available). Else None: transformers builds the model."""
+    from peftcli.infer import llama
+    from peftcli.models import precision
+    from peftcli.runs.adapter import apply_adapter
+
+    if adapter.task != "causal-lm" or not getattr(adapter.module, "MERGEABLE", False):
+        return None
+    source = adapter.base_source
+    chosen = precision.resolve(*adapter.precision(), gguf=bool(source.gguf_file))
+    if chosen.quantize not in ("none", "gguf"):  # int8/int4/nf4: the adapter trained on rounded weights
+        return None
+    room = _available_bytes()
+    try:
+        base = llama.load(source, getattr(torch, chosen.dtype), None if room is None else room // 2)
+    except (UserError, GGUFError, OSError) as e:  # transformers' path loads it again and says what is wrong
+        log.debug("decoding with transformers: %s", e)
+        return None
+    if base is None:
+        return None
+    return apply_adapter(base, adapter.module, adapter.method, adapter.task, adapter.state).eval()
 
 
 def dense_if_room(model: nn.Module) -> nn.Module:

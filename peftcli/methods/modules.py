@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
-from transformers.pytorch_utils import Conv1D
 
 from peftcli.errors import UserError, did_you_mean
+from peftcli.lazy import is_conv1d
 from peftcli.methods.layout import matches, outermost, select_targets
 from peftcli.quant.convert import is_quantized, quantized_numel
 
@@ -72,7 +72,7 @@ class AdaptedLayer(Switchable):
         self.base = base
         self.method, self.run, self.label, self.casts_input = method, run, label, casts_input
         self.in_features, self.out_features = layer_shape(base)
-        self.fan_in_fan_out = isinstance(base, Conv1D)  # Conv1D stores its weight transposed: (in, out)
+        self.fan_in_fan_out = is_conv1d(base)  # Conv1D stores its weight transposed: (in, out)
         for name, value in settings.items():
             setattr(self, name, value)
 
@@ -128,7 +128,7 @@ def output_head_names(model: nn.Module) -> set[str]:
 
 def is_linear(module: nn.Module) -> bool:
     """nn.Linear, GPT-2's Conv1D, or a frozen linear layer stored quantized (peftcli/quant)."""
-    return isinstance(module, (nn.Linear, Conv1D)) or is_quantized(module)
+    return isinstance(module, nn.Linear) or is_conv1d(module) or is_quantized(module)
 
 
 def match_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
@@ -146,7 +146,7 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def layer_shape(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a Linear or a Conv1D (whose weight is stored transposed)."""
-    if isinstance(module, Conv1D):
+    if is_conv1d(module):
         in_features, out_features = module.weight.shape
         return in_features, out_features
     return module.in_features, module.out_features

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from peftcli.models import shards as st
-from peftcli.models.gguf_header import GGUFError, read_gguf
+from peftcli.models.gguf_header import GGUFError, GGUFFile, read_gguf
 from peftcli.models.gguf_load import dense, read_rows, to_transformers_layout
 from peftcli.models.gguf_names import to_hf_name
 from peftcli.quant import ggml
@@ -40,9 +40,25 @@ def load_filled(model_class, config, source, dtype: torch.dtype, quantize: str, 
 
     with init_empty_weights(include_buffers=False):
         model = model_class.from_config(config)
-    filler = _Filler(model, quantize, dtype, task == "sequence-classification")
+    return fill(model, config, source, dtype, quantize, task == "sequence-classification")
+
+
+def fill(
+    model: nn.Module,
+    config,
+    source,
+    dtype: torch.dtype,
+    quantize: str = "none",
+    classifier: bool = False,
+    gguf: GGUFFile | None = None,
+) -> nn.Module:
+    """`model`, whose parameters are on the meta device (named as transformers names them), filled from
+    `source` as `load_filled` fills it; `config` its config (tie_word_embeddings, the attention heads);
+    `gguf` the GGUF file's header where the caller has read it already."""
+    filler = _Filler(model, quantize, dtype, classifier)
     if source.gguf_file:
-        _fill_from_gguf(filler, Path(source.path) / source.gguf_file, config.get_text_config(), quantize)
+        path = Path(source.path) / source.gguf_file
+        _fill_from_gguf(filler, path, config.get_text_config(), quantize, gguf)
     else:
         paths = st.safetensors_shards(source)
         if not paths:
@@ -145,11 +161,11 @@ def _fill_from_safetensors(filler: _Filler, paths: list[Path]) -> None:
                 filler.put(key, st.read_tensor(f, info))
 
 
-def _fill_from_gguf(filler: _Filler, path: Path, text_config, quantize: str) -> None:
+def _fill_from_gguf(filler: _Filler, path: Path, text_config, quantize: str, gguf: GGUFFile | None) -> None:
     """Each tensor of a llama GGUF file, in transformers' layout (gguf_load.py): packed where `quantize`
-    keeps blocks and the type packs, else dequantized."""
+    keeps blocks and the type packs, else dequantized. `gguf`: its header (None: read here)."""
     try:
-        gguf = read_gguf(str(path))
+        gguf = gguf or read_gguf(str(path))
     except GGUFError as e:
         raise CannotFill(f"{path.name}: {e}") from e
     architecture = gguf.metadata.get("general.architecture")

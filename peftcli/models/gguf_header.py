@@ -42,6 +42,11 @@ class GGUFError(ValueError):
     """Not a GGUF file this reader understands."""
 
 
+class GGUFCutShort(GGUFError):
+    """The file ends before its header or its tensor table says it does: a partial download or copy, which
+    no reader can load."""
+
+
 @dataclass(frozen=True)
 class Array:
     item_type: int
@@ -108,14 +113,14 @@ def read_gguf(path: str, arrays: bool = False) -> GGUFFile:
                 pos += 4 + 8 * ndims + 12
                 table.append((name, dims, ggml_type, offset, _tensor_bytes(name, dims, ggml_type)))
         except struct.error as e:  # ran past the end
-            raise GGUFError(f"truncated header: {e}") from e
+            raise GGUFCutShort(f"the header is cut short: the file ends at byte {len(blob)}") from e
         names = [name for name, *_ in table]
         if len(set(names)) != len(names):
             raise GGUFError("a tensor is named twice")
         data_start = -(-pos // alignment) * alignment
         data_end = max((offset + nbytes for *_, offset, nbytes in table), default=0)
         if data_start + data_end > len(blob):  # what a partial download looks like
-            raise GGUFError("the tensor data runs past the end of the file")
+            raise GGUFCutShort("the tensor data runs past the end of the file")
     tensors = [
         TensorInfo(name, tuple(reversed(dims)), ggml_type, data_start + offset, nbytes)
         for name, dims, ggml_type, offset, nbytes in table
@@ -142,8 +147,24 @@ def _string(blob, pos: int) -> tuple[str, int]:
     (length,) = struct.unpack_from("<Q", blob, pos)
     end = pos + 8 + length
     if end > len(blob):
-        raise GGUFError("a string runs past the end of the file")
+        raise GGUFCutShort("a string runs past the end of the file")
     return blob[pos + 8 : end].decode("utf-8"), end  # strict: a UnicodeDecodeError is a ValueError too
+
+
+def _skip_strings(blob, pos: int, count: int) -> int:
+    """The position after `count` strings from `pos`, each checked as `_string` checks it: within the file
+    and valid UTF-8. The items are checked in one decode, joined by a newline: a newline can neither end
+    nor continue a multi-byte character, so the joined bytes are valid exactly when every item is."""
+    pieces = []
+    for _ in range(count):
+        (length,) = struct.unpack_from("<Q", blob, pos)
+        end = pos + 8 + length
+        if end > len(blob):
+            raise GGUFCutShort("a string runs past the end of the file")
+        pieces.append(blob[pos + 8 : end])
+        pos = end
+    b"\n".join(pieces).decode("utf-8")
+    return pos
 
 
 def _value(blob, pos: int, value_type: int, arrays: bool = False) -> tuple[object, int]:
@@ -154,15 +175,17 @@ def _value(blob, pos: int, value_type: int, arrays: bool = False) -> tuple[objec
         pos += 12
         items: list = []
         if item_type == STRING_TYPE:  # each item its own length: always checked, kept with `arrays`
-            for _ in range(length):
-                item, pos = _string(blob, pos)
-                if arrays:
+            if arrays:
+                for _ in range(length):
+                    item, pos = _string(blob, pos)
                     items.append(item)
+            else:
+                pos = _skip_strings(blob, pos, length)
         elif item_type in _SCALARS:
             fmt = _SCALARS[item_type]
             size = length * struct.calcsize(fmt)
             if pos + size > len(blob):
-                raise GGUFError("an array runs past the end of the file")
+                raise GGUFCutShort("an array runs past the end of the file")
             if arrays:
                 items = list(struct.unpack_from(f"<{length}{fmt[1]}", blob, pos))
             pos += size

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from peftcli.models.gguf_header import GGUFError, GGUFFile, TensorInfo, read_gguf
+from peftcli.models.gguf_header import GGUFCutShort, GGUFError, GGUFFile, TensorInfo, read_gguf
 from peftcli.models.gguf_names import Rule, from_llamacpp_rotary, rotary_heads, to_hf_name
 
 # ggml type ids (the gguf package's GGMLQuantizationType) this module dequantizes
@@ -33,11 +33,37 @@ F32, F16, Q4_0, Q4_1, Q8_0, BF16 = 0, 1, 2, 3, 8, 30
 BLOCK = 32  # values per block of the Q4_0, Q4_1 and Q8_0 types
 
 
+# A llama file's metadata keys -> transformers' config fields: transformers' own GGUF table for the general,
+# llama and tokenizer keys (transformers.integrations.ggml.GGUF_CONFIG_MAPPING, the entries it maps to a
+# field; tests/models/test_gguf_load.py holds the two equal). Written out here so that reading a config
+# imports no transformers (a second before `peft generate`'s first token).
+CONFIG_KEYS = {
+    "general.architecture": "model_type",
+    "general.name": "_model_name_or_path",
+    "llama.context_length": "max_position_embeddings",
+    "llama.block_count": "num_hidden_layers",
+    "llama.feed_forward_length": "intermediate_size",
+    "llama.embedding_length": "hidden_size",
+    "llama.rope.dimension_count": "head_dim",
+    "llama.rope.freq_base": "rope_theta",
+    "llama.attention.head_count": "num_attention_heads",
+    "llama.attention.head_count_kv": "num_key_value_heads",
+    "llama.attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    "llama.vocab_size": "vocab_size",
+    "tokenizer.ggml.bos_token_id": "bos_token_id",
+    "tokenizer.ggml.eos_token_id": "eos_token_id",
+    "tokenizer.ggml.unknown_token_id": "unk_token_id",
+    "tokenizer.ggml.padding_token_id": "pad_token_id",
+}
+
+
 def fast_gguf(path: str) -> GGUFFile | None:
     """The file's header when transformers would read it as a Llama (so `gguf_config` makes its config and
-    filled.py its weights, as transformers would), else None."""
+    filled.py its weights, as transformers would), else None. Raises GGUFCutShort for a file cut short."""
     try:
         gguf = read_gguf(path)
+    except GGUFCutShort:
+        raise  # no reader can load it: said as it is, not as another reader's puzzled error
     except (GGUFError, OSError):
         return None
     name = gguf.metadata.get("general.name", "")
@@ -57,21 +83,24 @@ def fast_gguf(path: str) -> GGUFFile | None:
 def gguf_config(gguf: GGUFFile, path: str):
     """The LlamaConfig transformers makes of the file's metadata (its own GGUF key table)."""
     from transformers import LlamaConfig
-    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
+    return LlamaConfig.from_dict(gguf_config_fields(gguf, path))
+
+
+def gguf_config_fields(gguf: GGUFFile, path: str) -> dict:
+    """The config fields (transformers' names) a llama file's metadata maps to (CONFIG_KEYS); no model_type
+    (the caller's class says it)."""
     config: dict = {"tie_word_embeddings": gguf.tensor("output.weight") is None}
     for key, value in gguf.metadata.items():
-        prefix, _, rest = key.partition(".")
-        table = GGUF_CONFIG_MAPPING.get(prefix, {})
-        if rest in table and table[rest] not in (None, -1):
-            config[table[rest]] = value
+        if key in CONFIG_KEYS:
+            config[CONFIG_KEYS[key]] = value
     config.pop("model_type", None)
     if "vocab_size" not in config:  # transformers' fallback: the vocabulary's length
         tokens = read_gguf(path, arrays=True).metadata.get("tokenizer.ggml.tokens")
         if tokens:
             config["vocab_size"] = len(tokens)
     config["_name_or_path"] = path
-    return LlamaConfig.from_dict(config)
+    return config
 
 
 def read_rows(f, info: TensorInfo) -> Tensor:
@@ -131,21 +160,24 @@ def _scales(blocks: Tensor, start: int) -> Tensor:
 
 
 def _nibbles(packed: Tensor) -> Tensor:
-    """(n_blocks, 16) bytes -> (n_blocks, 32) values 0..15: the low nibbles are the block's first half."""
-    return torch.cat([packed & 0x0F, packed >> 4], dim=1)
+    """(n_blocks, 16) bytes -> (n_blocks, 32) float32 values 0..15: the low nibbles are the block's first
+    half. Written into one new tensor, which the callers scale in place."""
+    values = torch.empty((packed.shape[0], 32), dtype=torch.float32)
+    values[:, :16] = packed & 0x0F
+    values[:, 16:] = packed >> 4
+    return values
 
 
 def _q4_0(raw: Tensor) -> Tensor:
     """Blocks of 18 bytes: scale d (f16), 16 bytes of 4-bit q; x = d * (q - 8)."""
     blocks = raw.reshape(-1, 18)
-    q = _nibbles(blocks[:, 2:]).to(torch.int8) - 8
-    return _scales(blocks, 0) * q.float()
+    return _nibbles(blocks[:, 2:]).sub_(8).mul_(_scales(blocks, 0))
 
 
 def _q4_1(raw: Tensor) -> Tensor:
     """Blocks of 20 bytes: scale d, minimum m (f16 each), 16 bytes of 4-bit q; x = d * q + m."""
     blocks = raw.reshape(-1, 20)
-    return _scales(blocks, 0) * _nibbles(blocks[:, 4:]).float() + _scales(blocks, 2)
+    return _nibbles(blocks[:, 4:]).mul_(_scales(blocks, 0)).add_(_scales(blocks, 2))
 
 
 def _q8_0(raw: Tensor) -> Tensor:

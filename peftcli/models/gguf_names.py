@@ -16,6 +16,7 @@ the functions work on numpy arrays and torch tensors alike.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -90,6 +91,7 @@ TENSOR_RULES: dict[str, list[Rule]] = {
 LLAMACPP_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2"}
 
 
+@functools.cache
 def _compiled(arch: str, side: str) -> list[tuple[re.Pattern, Rule]]:
     out = []
     for rule in TENSOR_RULES[arch]:

@@ -62,7 +62,9 @@ def load_config(source: ModelSource, trust_remote_code: bool = False, revision: 
         from peftcli.models.gguf_load import fast_gguf, gguf_config
 
         path = f"{source.path}/{source.gguf_file}"
-        if (gguf := fast_gguf(path)) is not None:  # the header alone, not transformers' full parse
+        with reading(source, "read"):
+            gguf = fast_gguf(path)
+        if gguf is not None:  # the header alone, not transformers' full parse
             return gguf_config(gguf, path)
         kwargs["gguf_file"] = source.gguf_file
     with reading(source, "read the config of"):

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from transformers.pytorch_utils import Conv1D
 
 from peftcli.errors import UserError
+from peftcli.lazy import is_conv1d
 from peftcli.quant import blocks, nf4
 from peftcli.quant.formats import can_quantize, keeps_float
 from peftcli.quant.product import QuantLinear
@@ -60,11 +60,11 @@ def left_unquantized(model: nn.Module) -> list[str]:
 def _frozen_linears(model: nn.Module, plain_only: bool = True) -> list[tuple[str, nn.Module]]:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_name = next((n for n, m in model.named_modules() if head is not None and m is head), None)
-    kinds = (nn.Linear,) if plain_only else (nn.Linear, Conv1D)
     return [
         (name, module)
         for name, module in model.named_modules()
-        if type(module) in kinds and not keeps_float(name, head_name)
+        if (type(module) is nn.Linear or not plain_only and is_conv1d(module))
+        and not keeps_float(name, head_name)
     ]
 
 

@@ -32,6 +32,8 @@ CONFIG_NAME = ADAPTER_CONFIG
 LABELS_NAME = "labels.json"  # classification label names, in id order (ours; HF PEFT ignores it)
 RECIPE_NAME = "recipe.yaml"  # the resolved recipe of the run that wrote the adapter
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+# tokenizer_config.json's names of transformers' class for a bare tokenizer.json (one class in transformers 5)
+PLAIN_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 def save_adapter(
@@ -219,10 +221,8 @@ class AdapterDir:
         """The run's tokenizer (a `peft train` output dir saves it, chat template included), else the
         base model's."""
         if self.has_tokenizer:
-            from transformers import AutoTokenizer
-
             try:
-                tokenizer = AutoTokenizer.from_pretrained(str(self.path), trust_remote_code=False)
+                tokenizer = self._tokenizer_class().from_pretrained(str(self.path), trust_remote_code=False)
             except (OSError, ValueError) as e:
                 raise UserError(f"cannot load the tokenizer saved in {self.path}: {e}") from e
             if tokenizer.pad_token is None:
@@ -234,6 +234,21 @@ class AdapterDir:
             return load_tokenizer(self.base_source, revision=self.revision)
         except UserError as e:
             raise self.base_error(e) from e
+
+    def _tokenizer_class(self):
+        """The class AutoTokenizer would pick for the saved tokenizer: named directly where tokenizer_config
+        names transformers' plain tokenizers-backed class (AutoTokenizer's own import takes over half a
+        second), else AutoTokenizer."""
+        import transformers
+
+        try:
+            config = json.loads((self.path / TOKENIZER_FILES[0]).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            config = None
+        named = config.get("tokenizer_class") if isinstance(config, dict) else None
+        if named in PLAIN_TOKENIZERS and (self.path / TOKENIZER_FILES[1]).is_file():
+            return transformers.PreTrainedTokenizerFast
+        return transformers.AutoTokenizer
 
     # --- what a `peft train` output dir holds beside the adapter
 

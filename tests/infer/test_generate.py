@@ -93,3 +93,14 @@ def test_a_packed_gguf_base_is_decoded_dense_with_the_adapter_folded(tmp_path, m
     monkeypatch.setattr(infer_load, "_available_bytes", lambda: 1000)
     kept, _, info = load_for_inference(run, fold=True)
     assert convert.describe(kept) and not info.folded
+
+
+def test_a_gguf_base_cut_short_is_named_as_such(tmp_path):
+    """A partial copy of the base: one line saying the file ends early (not another reader's puzzled error),
+    exit 2, no traceback."""
+    base = save_gguf_base(tmp_path / "base.gguf", "llama", "q8_0")
+    run = save_lora_run(tmp_path / "run", base)
+    base.write_bytes(base.read_bytes()[:-100])
+    result = CliRunner().invoke(app, ["generate", str(run), "--prompt", "hello"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "base.gguf: the tensor data runs past the end of the file" in result.output

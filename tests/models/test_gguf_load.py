@@ -14,7 +14,7 @@ from tiny import save_gguf_base
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from peftcli.models import gguf_load
-from peftcli.models.gguf_header import TensorInfo
+from peftcli.models.gguf_header import GGUFCutShort, TensorInfo
 from peftcli.models.load import load_config, load_model
 from peftcli.models.sources import resolve
 
@@ -60,12 +60,28 @@ def test_a_llama_gguf_loads_as_transformers_loads_it(tmp_path, quant, tied):
     assert ours.generation_config.to_dict() == reference.generation_config.to_dict()
 
 
+def test_the_config_key_table_is_transformers_own():
+    """gguf_load.CONFIG_KEYS is written out (reading a config imports no transformers): it must stay the
+    general, llama and tokenizer entries of transformers' GGUF table that name a field."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    theirs = {
+        f"{prefix}.{key}": field
+        for prefix in ("general", "llama", "tokenizer")
+        for key, field in GGUF_CONFIG_MAPPING[prefix].items()
+        if field not in (None, -1)
+    }
+    assert gguf_load.CONFIG_KEYS == theirs
+
+
 def test_what_transformers_reads_otherwise_is_left_to_it(tmp_path):
-    """A GPT-2 GGUF, or a file that is not whole, goes to transformers' loader (and its errors)."""
+    """A GPT-2 GGUF goes to transformers' loader; a file cut short is said to be (no reader can load it,
+    and transformers' error would not say why)."""
     path = str(save_gguf_base(tmp_path / "gpt2.gguf", "gpt2"))
     assert gguf_load.fast_gguf(path) is None
-    (tmp_path / "not.gguf").write_bytes(b"GGUF\x03\x00")  # truncated: transformers' error, not ours
-    assert gguf_load.fast_gguf(str(tmp_path / "not.gguf")) is None
+    (tmp_path / "not.gguf").write_bytes(b"GGUF\x03\x00")
+    with pytest.raises(GGUFCutShort, match="cut short: the file ends at byte 6"):
+        gguf_load.fast_gguf(str(tmp_path / "not.gguf"))
 
 
 @pytest.mark.slow
