@@ -15,7 +15,6 @@ root) or a bare adapter dir, ours or HF PEFT's (no tokenizer: the base model's i
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,24 +50,18 @@ def load_for_inference(
 
 
 def load_adapter_dir(adapter: AdapterDir, fold: bool = False) -> tuple[nn.Module, object, InferenceInfo]:
-    recipe, _, _ = adapter.recipe, adapter.revision, adapter.base_source  # read once, before two threads do
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        # The tokenizer (and the import of transformers, a second) on a second thread while this one reads
-        # the weights into llama.py's Decoder, which needs no transformers: most of that is torch work, which
-        # lets the other thread run.
-        tokenizing = pool.submit(adapter.load_tokenizer) if fold else None
-        model = plain_decoder(adapter) if fold else None
-        tokenizer = tokenizing.result() if tokenizing else adapter.load_tokenizer()
-    if model is None:  # transformers' model, imported once the other thread has finished
+    recipe = adapter.recipe
+    model, folded = plain_decoder(adapter) if fold else (None, False)
+    if model is None:
         model = adapter.load_model()  # the run's dtype and quantization, as trained
-    folded = False
-    if fold and getattr(adapter.module, "MERGEABLE", False):
+    if fold and not folded and getattr(adapter.module, "MERGEABLE", False):
         model = dense_if_room(model)
         try:
             model = adapter.module.merge(model)  # checks everything before changing anything
             folded = True
         except UserError as e:  # e.g. a LoRA on a tied embedding: decode through the method's layers
             log.debug("not folded: %s", e)
+    tokenizer = adapter.load_tokenizer()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     info = InferenceInfo(
@@ -85,30 +78,35 @@ def load_adapter_dir(adapter: AdapterDir, fold: bool = False) -> tuple[nn.Module
     return model, tokenizer, info
 
 
-def plain_decoder(adapter: AdapterDir) -> nn.Module | None:
-    """The run's causal LM as llama.py's Decoder with the adapter in it, where that applies: a llama base
-    on disk (a GGUF file or a safetensors dir) that the run held dense or as the file's own blocks (dense
-    here: the same values), a method that folds into the weights, and room for the dense weights (half the
-    memory available). Else None: transformers builds the model."""
+def plain_decoder(adapter: AdapterDir) -> tuple[nn.Module | None, bool]:
+    """(the run's causal LM as llama.py's Decoder with the adapter in it, whether the adapter is folded in
+    already) where that applies: a llama base on disk (a GGUF file or a safetensors dir) that the run held
+    dense or as the file's own blocks (dense here: the same values), a method that folds into the weights,
+    and room for the dense weights (half the memory available). Else (None, False): transformers builds the
+    model. A plain LoRA is folded straight from its tensors (lora.fold_state: merge's arithmetic, without
+    wrapping 200 layers first); anything else is injected for the caller to merge."""
     from peftcli.infer import llama
+    from peftcli.methods import lora
     from peftcli.models import precision
     from peftcli.runs.adapter import apply_adapter
 
     if adapter.task != "causal-lm" or not getattr(adapter.module, "MERGEABLE", False):
-        return None
+        return None, False
     source = adapter.base_source
     chosen = precision.resolve(*adapter.precision(), gguf=bool(source.gguf_file))
     if chosen.quantize not in ("none", "gguf"):  # int8/int4/nf4: the adapter trained on rounded weights
-        return None
+        return None, False
     room = _available_bytes()
     try:
         base = llama.load(source, getattr(torch, chosen.dtype), None if room is None else room // 2)
     except (UserError, GGUFError, OSError) as e:  # transformers' path loads it again and says what is wrong
         log.debug("decoding with transformers: %s", e)
-        return None
+        return None, False
     if base is None:
-        return None
-    return apply_adapter(base, adapter.module, adapter.method, adapter.task, adapter.state).eval()
+        return None, False
+    if adapter.module is lora and lora.fold_state(base, adapter.method, adapter.state):
+        return base, True
+    return apply_adapter(base, adapter.module, adapter.method, adapter.task, adapter.state).eval(), False
 
 
 def dense_if_room(model: nn.Module) -> nn.Module:

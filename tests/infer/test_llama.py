@@ -47,7 +47,7 @@ def test_logits_equal_transformers(tmp_path, config):
 
 
 def _transformers_path(monkeypatch):
-    monkeypatch.setattr(infer_load, "plain_decoder", lambda adapter: None)
+    monkeypatch.setattr(infer_load, "plain_decoder", lambda adapter: (None, False))
 
 
 @pytest.mark.parametrize("kind", ["safetensors", "gguf-q8_0", "tied-head-lora"])
