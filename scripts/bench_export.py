@@ -3,6 +3,7 @@ style of its answers, export time and peak memory, and generation latency and de
 
     peft train configs/quickstart.yaml --set output_dir=/tmp/qs      # once (~4-5 min)
     python scripts/bench_export.py /tmp/qs [--work DIR] [--rounds 3] [--baseline-tree /path/to/main]
+    python scripts/bench_export.py /tmp/qs --generate-only --baseline-tree /path/to/main   # timings alone
 
 What it measures (the issue's targets):
 
@@ -42,8 +43,10 @@ PROMPT = "Which currency should I bring to Velmora?"
 
 
 def peft_command(tree: Path, *args: str) -> tuple[list[str], dict]:
+    """The command running `tree`'s peftcli. -P: `python -m` would otherwise put the working directory
+    first on the path, and a checkout there would shadow `tree`."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    return [sys.executable, "-m", "peftcli.cli", *args], env
+    return [sys.executable, "-P", "-m", "peftcli.cli", *args], env
 
 
 def timed_export(run: Path, out: Path, *flags: str) -> dict:
@@ -204,6 +207,9 @@ def main() -> None:
         "--baseline-tree", type=Path, default=None, help="another checkout to time generate from"
     )
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--generate-only", action="store_true", help="time generate only (no exports, no llama.cpp)"
+    )
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from peftcli.models.sources import resolve
@@ -212,7 +218,7 @@ def main() -> None:
     base_gguf = Path(source.path) / source.gguf_file
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-export-"))
     work.mkdir(parents=True, exist_ok=True)
-    report = {"agreement": agreement(args.run, work, base_gguf)}
+    report = {} if args.generate_only else {"agreement": agreement(args.run, work, base_gguf)}
     trees = [("this tree", ROOT)] + ([("baseline", args.baseline_tree)] if args.baseline_tree else [])
     latency = {name: [] for name, _ in trees}
     first_token_seconds(ROOT, args.run)  # warm the disk cache

@@ -166,11 +166,11 @@ class Attention(nn.Module):
         keys[:, :, start : start + t] = rotate(k, cos, sin)
         values[:, :, start : start + t] = v
         k, v = keys[:, :, : start + t], values[:, :, : start + t]
-        if self.kv_heads != self.heads:  # each key/value head serves heads / kv_heads query heads
-            k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
-            v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
-        # the first step sees its own earlier positions only; a later one-token step sees every cached one
-        out = F.scaled_dot_product_attention(rotate(q, cos, sin), k, v, is_causal=start == 0 and t > 1)
+        # each key/value head serves heads / kv_heads query heads (enable_gqa: without copying them); the
+        # first step sees its own earlier positions only, a later one-token step every cached one
+        out = F.scaled_dot_product_attention(
+            rotate(q, cos, sin), k, v, is_causal=start == 0 and t > 1, enable_gqa=self.kv_heads != self.heads
+        )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -234,29 +234,33 @@ class Decoder(nn.Module):
             for _ in range(spec.num_hidden_layers)
         ]
 
-    def hidden(self, ids: Tensor, caches: list[tuple[Tensor, Tensor]], start: int) -> Tensor:
-        """The final normalized hidden states of `ids` (batch, seq) at positions start.. (their keys and
-        values go into `caches`)."""
-        x = self.model.embed_tokens(ids)
-        spec = self.config
-        # angle of position p, pair i: p / theta^(2i / head_dim), in float32 as transformers computes it
-        exponents = torch.arange(0, spec.head_dim, 2, dtype=torch.int64, device=ids.device).float()
+    def rotary(self, positions: int) -> tuple[Tensor, Tensor]:
+        """(cos, sin) of the rotary angles of positions 0..positions-1, (positions, head_dim) each: position
+        p, pair i turns by p / theta^(2i / head_dim), computed in float32 as transformers computes it."""
+        spec, weight = self.config, self.model.norm.weight
+        exponents = torch.arange(0, spec.head_dim, 2, dtype=torch.int64, device=weight.device).float()
         inverse = 1.0 / spec.rope_theta ** (exponents / spec.head_dim)
-        positions = torch.arange(start, start + ids.shape[1], device=ids.device).float()
-        angles = torch.outer(positions, inverse)
+        angles = torch.outer(torch.arange(positions, device=weight.device).float(), inverse)
         angles = torch.cat((angles, angles), dim=-1)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        return angles.cos().to(weight.dtype), angles.sin().to(weight.dtype)
+
+    def hidden(self, ids: Tensor, caches: list[tuple[Tensor, Tensor]], start: int, rotary) -> Tensor:
+        """The final normalized hidden states of `ids` (batch, seq) at positions start.. (their keys and
+        values go into `caches`); `rotary`: `rotary(n)` for n past the last of them."""
+        x = self.model.embed_tokens(ids)
+        cos, sin = (table[start : start + ids.shape[1]] for table in rotary)
         for layer, cache in zip(self.model.layers, caches, strict=True):
             x = layer(x, cos, sin, cache, start)
         return self.model.norm(x)
 
-    def logits(self, ids: Tensor, caches: list[tuple[Tensor, Tensor]], start: int) -> Tensor:
+    def logits(self, ids: Tensor, caches: list[tuple[Tensor, Tensor]], start: int, rotary) -> Tensor:
         """The next-token logits after the last of `ids` (batch, seq): (batch, vocab) in float32."""
-        return self.lm_head(self.hidden(ids, caches, start)[:, -1]).float()
+        return self.lm_head(self.hidden(ids, caches, start, rotary)[:, -1]).float()
 
     def forward(self, input_ids: Tensor) -> Tensor:
         """Logits of every position (batch, seq, vocab), nothing cached beyond the call."""
-        return self.lm_head(self.hidden(input_ids, self.new_caches(*input_ids.shape), 0))
+        n = input_ids.shape[1]
+        return self.lm_head(self.hidden(input_ids, self.new_caches(*input_ids.shape), 0, self.rotary(n)))
 
     @torch.no_grad()
     def continue_ids(
@@ -269,10 +273,11 @@ class Decoder(nn.Module):
     ) -> list[int]:
         """The new token ids after `input_ids` (1, seq), up to and including a `stop` id, at most
         `max_new_tokens`: greedy, or sampled as transformers' generate samples (see `pick`)."""
-        caches = self.new_caches(1, input_ids.shape[1] + max_new_tokens)
+        positions = input_ids.shape[1] + max_new_tokens
+        caches, rotary = self.new_caches(1, positions), self.rotary(positions)
         ids, start, new = input_ids, 0, []
         while len(new) < max_new_tokens:
-            token = pick(self.logits(ids, caches, start), sampling)
+            token = pick(self.logits(ids, caches, start, rotary), sampling)
             new.append(token)
             if on_token:
                 on_token(token)

@@ -40,9 +40,9 @@ def test_logits_equal_transformers(tmp_path, config):
         assert torch.allclose(decoder(ids), expected, atol=1e-5, rtol=0)
         # one position at a time through the cache: each step's logits are the full pass's at that position
         # (to float32 rounding: logits of size ~5 from products of other shapes)
-        caches = decoder.new_caches(2, 11)
-        steps = [decoder.logits(ids[:, :4], caches, 0)]
-        steps += [decoder.logits(ids[:, i : i + 1], caches, i) for i in range(4, 11)]
+        caches, rotary = decoder.new_caches(2, 11), decoder.rotary(11)
+        steps = [decoder.logits(ids[:, :4], caches, 0, rotary)]
+        steps += [decoder.logits(ids[:, i : i + 1], caches, i, rotary) for i in range(4, 11)]
     assert torch.allclose(torch.stack(steps, 1), expected[:, 3:], atol=1e-4, rtol=0)
 
 
