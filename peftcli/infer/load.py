@@ -104,9 +104,45 @@ def plain_decoder(adapter: AdapterDir) -> tuple[nn.Module | None, bool]:
         return None, False
     if base is None:
         return None, False
-    if adapter.module is lora and lora.fold_state(base, adapter.method, adapter.state):
+    if adapter.module is lora and fold_lora(base, adapter.method, adapter.state):
         return base, True
     return apply_adapter(base, adapter.module, adapter.method, adapter.task, adapter.state).eval(), False
+
+
+def fold_lora(model: nn.Module, config, state: dict[str, torch.Tensor]) -> bool:
+    """Fold a saved LoRA (`config`: its lora.Config; `state`: the adapter file's tensors) into `model`'s
+    linear layers in place, without wrapping them first: `lora.fold_weight` on each, the arithmetic of
+    LoRA's merge, so the weights come out as inject, load and merge leave them, in a third of the time.
+
+    False, having changed nothing, where this shortcut does not apply: PiSSA/OLoRA factors, modules trained
+    in full, a target that is not a plain nn.Linear or whose weight is tied, keys or shapes other than the
+    config's. The caller then takes the long way, which also says what is wrong."""
+    from peftcli.methods import lora, lora_init
+    from peftcli.methods.modules import KEY_PREFIX, tied_parameters
+
+    if lora_init.from_base(config.init):
+        return False
+    leaves = ("lora_A.weight", "lora_B.weight") + (("lora_magnitude_vector",) if config.use_dora else ())
+    names = {key.removeprefix(KEY_PREFIX).rsplit(".lora_", 1)[0] for key in state}
+    if set(state) != {f"{KEY_PREFIX}{name}.{leaf}" for name in names for leaf in leaves}:
+        return False
+    tied, folds = tied_parameters(model), []
+    for name in sorted(names):
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            return False
+        A, B, *magnitude = (state[f"{KEY_PREFIX}{name}.{leaf}"] for leaf in leaves)
+        if not isinstance(layer, nn.Linear) or id(layer.weight) in tied:
+            return False
+        if A.shape != (config.rank, layer.in_features) or B.shape != (layer.out_features, config.rank):
+            return False
+        folds.append((layer.weight, A, B, magnitude[0] if magnitude else None))
+    scale = lora.scaling(config.rank, config.alpha, config.use_rslora)
+    with torch.no_grad():
+        for weight, A, B, magnitude in folds:
+            weight.copy_(lora.fold_weight(weight, A, B, scale, False, magnitude))
+    return True
 
 
 def dense_if_room(model: nn.Module) -> nn.Module:

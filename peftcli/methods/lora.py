@@ -186,7 +186,7 @@ def wrap_layer(
     merge and DoRA's norm need to know (``fan_in_fan_out``). `initial`: PiSSA/OLoRA's (A0, B0) to start from
     instead of decomposing the weight (a resumed run's, see ``initial_state``).
     """
-    scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+    scale = scaling(rank, alpha, use_rslora)
     layer = modules.AdaptedLayer(
         base,
         NAME,
@@ -218,6 +218,11 @@ def wrap_layer(
             magnitude = weight_norm(layer).to(magnitude.dtype)
         layer.lora_magnitude_vector = nn.Parameter(magnitude)
     return layer
+
+
+def scaling(rank: int, alpha: float, use_rslora: bool) -> float:
+    """alpha / r, or rsLoRA's alpha / sqrt(r)."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
 def reset_parameters(layer: AdaptedLayer, init: str) -> None:
@@ -266,39 +271,6 @@ def fold_weight(
         factor = magnitude.to(delta.dtype) / row_norms(merged, fan_in_fan_out)
         merged = merged * factor.unsqueeze(0 if fan_in_fan_out else 1)
     return merged.to(weight.dtype)
-
-
-def fold_state(model, config: Config, state: dict[str, Tensor]) -> bool:
-    """Fold a saved LoRA (`state`: the adapter file's tensors) into `model`'s linear layers in place, without
-    wrapping them first: `fold_weight` on each, the arithmetic `merge` does, so the weights come out as
-    inject, load and merge leave them, in less time (what `peft generate` does before its first token).
-
-    Returns False, having changed nothing, where this shortcut does not apply: PiSSA/OLoRA factors, modules
-    trained in full, a target that is not a plain nn.Linear or whose weight is tied, keys or shapes other
-    than the config's. The caller then takes the long way, which also says what is wrong."""
-    if lora_init.from_base(config.init):
-        return False
-    scale = config.alpha / math.sqrt(config.rank) if config.use_rslora else config.alpha / config.rank
-    leaves = ("lora_A.weight", "lora_B.weight") + (("lora_magnitude_vector",) if config.use_dora else ())
-    names = {key.removeprefix(modules.KEY_PREFIX).rsplit(".lora_", 1)[0] for key in state}
-    if set(state) != {f"{modules.KEY_PREFIX}{name}.{leaf}" for name in names for leaf in leaves}:
-        return False
-    tied, folds = modules.tied_parameters(model), []
-    for name in sorted(names):
-        try:
-            layer = model.get_submodule(name)
-        except AttributeError:
-            return False
-        A, B, *magnitude = (state[f"{modules.KEY_PREFIX}{name}.{leaf}"] for leaf in leaves)
-        if not isinstance(layer, nn.Linear) or id(layer.weight) in tied:
-            return False
-        if A.shape != (config.rank, layer.in_features) or B.shape != (layer.out_features, config.rank):
-            return False
-        folds.append((layer.weight, A, B, magnitude[0] if magnitude else None))
-    with torch.no_grad():
-        for weight, A, B, magnitude in folds:
-            weight.copy_(fold_weight(weight, A, B, scale, False, magnitude))
-    return True
 
 
 def lora_layers(model) -> list[tuple[str, AdaptedLayer]]:
