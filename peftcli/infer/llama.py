@@ -92,7 +92,8 @@ def _not_covered(config: dict) -> str | None:
     if missing:
         return f"the config has no {', '.join(missing)}"
     for key in ("rope_scaling", "rope_parameters"):
-        kind = (config.get(key) or {}).get("rope_type", (config.get(key) or {}).get("type", "default"))
+        rope = config.get(key) or {}
+        kind = rope.get("rope_type", rope.get("type", "default"))
         if kind != "default":
             return f"rope type {kind!r}"
     if config.get("hidden_act", "silu") != "silu":
