@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from peftcli.errors import UserError
+from peftcli.infer.llama import Decoder
+from peftcli.infer.tokenizer import load_saved
 from peftcli.models.gguf_header import GGUFError
 from peftcli.runs.adapter import AdapterDir
 
@@ -61,7 +63,8 @@ def load_adapter_dir(adapter: AdapterDir, fold: bool = False) -> tuple[nn.Module
             folded = True
         except UserError as e:  # e.g. a LoRA on a tied embedding: decode through the method's layers
             log.debug("not folded: %s", e)
-    tokenizer = adapter.load_tokenizer()
+    tokenizer = _plain_tokenizer(adapter) if isinstance(model, Decoder) else None
+    tokenizer = tokenizer or adapter.load_tokenizer()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     info = InferenceInfo(
@@ -143,6 +146,11 @@ def fold_lora(model: nn.Module, config, state: dict[str, torch.Tensor]) -> bool:
         for weight, A, B, magnitude in folds:
             weight.copy_(lora.fold_weight(weight, A, B, scale, False, magnitude))
     return True
+
+
+def _plain_tokenizer(adapter: AdapterDir):
+    """The run's saved tokenizer read without transformers (tokenizer.py), where it applies; else None."""
+    return load_saved(adapter.path) if adapter.has_tokenizer else None
 
 
 def dense_if_room(model: nn.Module) -> nn.Module:

@@ -73,6 +73,34 @@ def adapter_bytes(directory: str | Path) -> int:
     return sum(path.stat().st_size for path in paths if path.is_file())
 
 
+def load_saved_tokenizer(directory: Path):
+    """transformers' tokenizer of the files a `peft train` output dir saves (chat template included), with
+    a pad token (the EOS where it has none)."""
+    try:
+        tokenizer = _tokenizer_class(directory).from_pretrained(str(directory), trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the tokenizer saved in {directory}: {e}") from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _tokenizer_class(directory: Path):
+    """The class AutoTokenizer would pick for the saved tokenizer: named directly where tokenizer_config
+    names transformers' plain tokenizers-backed class (AutoTokenizer's own import takes over half a
+    second), else AutoTokenizer."""
+    import transformers
+
+    try:
+        config = json.loads((directory / TOKENIZER_FILES[0]).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = None
+    named = config.get("tokenizer_class") if isinstance(config, dict) else None
+    if named in PLAIN_TOKENIZERS and (directory / TOKENIZER_FILES[1]).is_file():
+        return transformers.PreTrainedTokenizerFast
+    return transformers.AutoTokenizer
+
+
 class AdapterDir:
     """An adapter dir, ours or HF PEFT's, read once: each fact on first use, each fault a UserError.
 
@@ -221,34 +249,13 @@ class AdapterDir:
         """The run's tokenizer (a `peft train` output dir saves it, chat template included), else the
         base model's."""
         if self.has_tokenizer:
-            try:
-                tokenizer = self._tokenizer_class().from_pretrained(str(self.path), trust_remote_code=False)
-            except (OSError, ValueError) as e:
-                raise UserError(f"cannot load the tokenizer saved in {self.path}: {e}") from e
-            if tokenizer.pad_token is None:
-                tokenizer.pad_token = tokenizer.eos_token
-            return tokenizer
+            return load_saved_tokenizer(self.path)
         from peftcli.models.load import load_tokenizer
 
         try:
             return load_tokenizer(self.base_source, revision=self.revision)
         except UserError as e:
             raise self.base_error(e) from e
-
-    def _tokenizer_class(self):
-        """The class AutoTokenizer would pick for the saved tokenizer: named directly where tokenizer_config
-        names transformers' plain tokenizers-backed class (AutoTokenizer's own import takes over half a
-        second), else AutoTokenizer."""
-        import transformers
-
-        try:
-            config = json.loads((self.path / TOKENIZER_FILES[0]).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            config = None
-        named = config.get("tokenizer_class") if isinstance(config, dict) else None
-        if named in PLAIN_TOKENIZERS and (self.path / TOKENIZER_FILES[1]).is_file():
-            return transformers.PreTrainedTokenizerFast
-        return transformers.AutoTokenizer
 
     # --- what a `peft train` output dir holds beside the adapter
 
