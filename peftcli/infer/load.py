@@ -5,8 +5,9 @@ merged in memory (the method's own ``merge``, the one `peft merge` uses), so dec
 its own speed; where it cannot fold (prefix/prompt tuning, adapters, a LoRA on a tied weight) the model keeps
 the method's layers. A causal LM on a llama base on disk is built as llama.py's Decoder (`plain_decoder`:
 the same math without importing transformers' modeling code, seconds sooner to the first token), anything
-else by transformers. No training-time machinery is involved: no activation checkpointing, no fast-path
-kernels, no gradients.
+else by transformers; with the Decoder, the run's saved tokenizer is read by tokenizer.py (transformers'
+own tokenizer where that does not apply), so nothing imports transformers at all. No training-time
+machinery is involved: no activation checkpointing, no fast-path kernels, no gradients.
 
 The adapter dir is a `peft train` output dir (adapter files, tokenizer, recipe.yaml, labels.json at its
 root) or a bare adapter dir, ours or HF PEFT's (no tokenizer: the base model's is used).
@@ -99,9 +100,8 @@ def plain_decoder(adapter: AdapterDir) -> tuple[nn.Module | None, bool]:
     chosen = precision.resolve(*adapter.precision(), gguf=bool(source.gguf_file))
     if chosen.quantize not in ("none", "gguf"):  # int8/int4/nf4: the adapter trained on rounded weights
         return None, False
-    room = _available_bytes()
     try:
-        base = llama.load(source, getattr(torch, chosen.dtype), None if room is None else room // 2)
+        base = llama.load(source, getattr(torch, chosen.dtype), _dense_budget())
     except (UserError, GGUFError, OSError) as e:  # transformers' path loads it again and says what is wrong
         log.debug("decoding with transformers: %s", e)
         return None, False
@@ -164,16 +164,22 @@ def dense_if_room(model: nn.Module) -> nn.Module:
     if not numel:
         return model
     dtype = next(m.compute_dtype for m in model.modules() if hasattr(m, "compute_dtype"))
-    need, room = numel * dtype.itemsize, _available_bytes()
-    if room is not None and need > room // 2:
+    need, budget = numel * dtype.itemsize, _dense_budget()
+    if budget is not None and need > budget:
         log.warning(
             "decoding on the quantized weights, which is slower: their dense copy (%.1f GiB) would take "
             "more than half the memory available (%.1f GiB)",
             need / 2**30,
-            room / 2**30,
+            2 * budget / 2**30,
         )
         return model
     return convert.dequantize_model(model, dtype)
+
+
+def _dense_budget() -> int | None:
+    """Bytes that dense weights for decoding may take: half the memory available (None: not known)."""
+    room = _available_bytes()
+    return None if room is None else room // 2
 
 
 def _available_bytes() -> int | None:

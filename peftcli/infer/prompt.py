@@ -28,8 +28,14 @@ def prompt_style(tokenizer, data_format: str | None, raw: bool) -> str:
 
 
 def render_chat(tokenizer, messages: list[dict]) -> str:
-    """The conversation through the chat template, the assistant's turn opened."""
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    """The conversation through the chat template, the assistant's turn opened; UserError where the
+    template refuses it (its raise_exception(), or an error inside it)."""
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # jinja2's errors, and whatever a template's own calls raise
+        raise UserError(
+            f"the run's chat template refused the prompt: {e} (`peft generate --raw` puts it as it is)"
+        ) from e
 
 
 def encode_prompt(tokenizer, prompt: str, style: str) -> tuple[torch.Tensor, torch.Tensor]:

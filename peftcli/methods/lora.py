@@ -234,17 +234,6 @@ def reset_parameters(layer: AdaptedLayer, init: str) -> None:
     nn.init.zeros_(layer.lora_B.weight)
 
 
-def delta_weight(lora_A: Tensor, lora_B: Tensor, scale: float, fan_in_fan_out: bool) -> Tensor:
-    """scale * B @ A, laid out like the base weight: (out, in), or (in, out) for a Conv1D.
-
-    lora_A: (r, in), lora_B: (out, r). Computed and returned in at least float32, so a caller adds it
-    to the weight in float32 and rounds once: ``(W.float() + delta).to(W.dtype)``.
-    """
-    dtype = torch.promote_types(lora_A.dtype, torch.float32)
-    delta = (lora_B.to(dtype) @ lora_A.to(dtype)) * scale
-    return delta.T if fan_in_fan_out else delta
-
-
 def fold(layer: AdaptedLayer, weight: Tensor) -> Tensor:
     """The base weight with the update folded in, in float32, rounded once: W + scale * B A for LoRA,
     m / ||W + scale * B A||_row * (W + scale * B A) for DoRA (HF PEFT's merge_and_unload).
@@ -263,12 +252,15 @@ def fold(layer: AdaptedLayer, weight: Tensor) -> Tensor:
 def fold_weight(
     weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, fan_in_fan_out: bool, magnitude=None
 ) -> Tensor:
-    """W + scale * B A, or with DoRA's `magnitude` m / ||W + scale * B A||_row * (W + scale * B A): computed
-    in float32, rounded once to W's dtype."""
-    delta = delta_weight(lora_A, lora_B, scale, fan_in_fan_out)
-    merged = weight.to(delta.dtype) + delta
+    """W + scale * B A (lora_A: (r, in), lora_B: (out, r); W: (out, in), or (in, out) for a Conv1D), or with
+    DoRA's `magnitude` m / ||W + scale * B A||_row * (W + scale * B A): computed in float32 (the product
+    added in one pass, `addmm`), rounded once to W's dtype."""
+    dtype = torch.promote_types(lora_A.dtype, torch.float32)
+    A, B = lora_A.to(dtype), lora_B.to(dtype)
+    left, right = (A.T, B.T) if fan_in_fan_out else (B, A)
+    merged = torch.addmm(weight.to(dtype), left, right, alpha=scale)
     if magnitude is not None:
-        factor = magnitude.to(delta.dtype) / row_norms(merged, fan_in_fan_out)
+        factor = magnitude.to(dtype) / row_norms(merged, fan_in_fan_out)
         merged = merged * factor.unsqueeze(0 if fan_in_fan_out else 1)
     return merged.to(weight.dtype)
 

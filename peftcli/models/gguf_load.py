@@ -27,6 +27,7 @@ from torch import Tensor
 
 from peftcli.models.gguf_header import GGUFCutShort, GGUFError, GGUFFile, TensorInfo, read_gguf
 from peftcli.models.gguf_names import Rule, from_llamacpp_rotary, rotary_heads, to_hf_name
+from peftcli.quant.blocks import unpack_nibbles
 
 # ggml type ids (the gguf package's GGMLQuantizationType) this module dequantizes
 F32, F16, Q4_0, Q4_1, Q8_0, BF16 = 0, 1, 2, 3, 8, 30
@@ -159,25 +160,16 @@ def _scales(blocks: Tensor, start: int) -> Tensor:
     return blocks[:, start : start + 2].contiguous().view(torch.float16).float()
 
 
-def _nibbles(packed: Tensor) -> Tensor:
-    """(n_blocks, 16) bytes -> (n_blocks, 32) float32 values 0..15: the low nibbles are the block's first
-    half. Written into one new tensor, which the callers scale in place."""
-    values = torch.empty((packed.shape[0], 32), dtype=torch.float32)
-    values[:, :16] = packed & 0x0F
-    values[:, 16:] = packed >> 4
-    return values
-
-
 def _q4_0(raw: Tensor) -> Tensor:
     """Blocks of 18 bytes: scale d (f16), 16 bytes of 4-bit q; x = d * (q - 8)."""
     blocks = raw.reshape(-1, 18)
-    return _nibbles(blocks[:, 2:]).sub_(8).mul_(_scales(blocks, 0))
+    return unpack_nibbles(blocks[:, 2:]).sub_(8).mul_(_scales(blocks, 0))
 
 
 def _q4_1(raw: Tensor) -> Tensor:
     """Blocks of 20 bytes: scale d, minimum m (f16 each), 16 bytes of 4-bit q; x = d * q + m."""
     blocks = raw.reshape(-1, 20)
-    return _nibbles(blocks[:, 4:]).mul_(_scales(blocks, 0)).add_(_scales(blocks, 2))
+    return unpack_nibbles(blocks[:, 4:]).mul_(_scales(blocks, 0)).add_(_scales(blocks, 2))
 
 
 def _q8_0(raw: Tensor) -> Tensor:

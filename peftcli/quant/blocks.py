@@ -62,10 +62,7 @@ class Blocks(nn.Module):
             codes, scale = codes[index], scale[index]
             minimum = None if minimum is None else minimum[index]
         if self.bits == 4:
-            half = self.block // 2
-            weight = torch.empty((*codes.shape[:-1], self.block), dtype=torch.float32, device=codes.device)
-            weight[..., :half] = codes & 15
-            weight[..., half:] = codes >> 4
+            weight = unpack_nibbles(codes)
         else:
             weight = codes.to(torch.float32)
         if self.offset:
@@ -77,6 +74,16 @@ class Blocks(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rows={self.rows}, columns={self.columns}, bits={self.bits}, block={self.block}"
+
+
+def unpack_nibbles(codes: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(..., n) bytes -> (..., 2n) values 0..15 as `dtype`: the low nibbles first, then the high ones (this
+    module's int4 layout and ggml's 4-bit blocks), written into one new tensor."""
+    n = codes.shape[-1]
+    values = torch.empty((*codes.shape[:-1], 2 * n), dtype=dtype, device=codes.device)
+    values[..., :n] = codes & 15
+    values[..., n:] = codes >> 4
+    return values
 
 
 def as_bits(values: Tensor) -> Tensor:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from peftcli.quant.blocks import Blocks
+from peftcli.quant.blocks import Blocks, unpack_nibbles
 from peftcli.quant.formats import PACKED_GGML
 
 
@@ -60,11 +60,6 @@ def _half(field: Tensor) -> Tensor:
     return field.view(torch.float16).squeeze(-1)
 
 
-def _nibbles(qs: Tensor) -> Tensor:
-    """(..., n) bytes -> (..., 2n) values: the low nibbles first, then the high ones (ggml's order)."""
-    return torch.cat([qs & 15, qs >> 4], dim=-1)
-
-
 def _pack_nibbles(values: Tensor) -> Tensor:
     """(..., 32) values 0..15 -> (..., 16) bytes in blocks.py's int4 layout (low: j, high: j + 16)."""
     return values[..., :16] | (values[..., 16:] << 4)
@@ -89,7 +84,7 @@ def _q5_0(raw: Tensor) -> Blocks:
     d, qh, qs = _split(raw, 22, 2, 4)
     high = qh.view(torch.int32)  # (rows, blocks, 1): bit i is weight i's fifth bit
     bits = (high >> torch.arange(32, dtype=torch.int32)) & 1
-    q = _nibbles(qs) | (bits.to(torch.uint8) << 4)
+    q = unpack_nibbles(qs, torch.uint8) | (bits.to(torch.uint8) << 4)
     return Blocks((q.to(torch.int16) - 16).to(torch.int8), _half(d))
 
 
@@ -103,14 +98,14 @@ def _q4_k(raw: Tensor) -> Blocks:
     scale = _half(d).float()[..., None] * sc.float()  # (rows, supers, 8): exact in fp32
     minimum = -(_half(dmin).float()[..., None] * m.float())
     # 128 bytes = 4 chunks of 32: chunk i's low nibbles are sub-block 2i, its high nibbles sub-block 2i + 1
-    values = _nibbles(qs.reshape(rows, supers, 4, 32)).reshape(rows, supers * 8, 32)
+    values = unpack_nibbles(qs.reshape(rows, supers, 4, 32), torch.uint8).reshape(rows, supers * 8, 32)
     return Blocks(_pack_nibbles(values), scale.reshape(rows, -1), minimum.reshape(rows, -1))
 
 
 def _q6_k(raw: Tensor) -> Blocks:
     ql, qh, scales, d = _split(raw, 210, 128, 64, 16)
     rows, supers = d.shape[:2]
-    low = _nibbles(ql.reshape(rows, supers, 2, 64)).reshape(rows, supers, 8, 32)
+    low = unpack_nibbles(ql.reshape(rows, supers, 2, 64), torch.uint8).reshape(rows, supers, 8, 32)
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 1, 4, 1)
     high = ((qh.reshape(rows, supers, 2, 1, 32) >> shifts) & 3).reshape(rows, supers, 8, 32)
     q = ((low | (high << 4)).to(torch.int16) - 32).to(torch.int8)

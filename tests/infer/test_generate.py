@@ -4,6 +4,8 @@ base is read once, without transformers' GGUF parser."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from tiny import save_bpe_base, save_gguf_base, save_lora_run
@@ -104,3 +106,18 @@ def test_a_gguf_base_cut_short_is_named_as_such(tmp_path):
     result = CliRunner().invoke(app, ["generate", str(run), "--prompt", "hello"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "base.gguf: the tensor data runs past the end of the file" in result.output
+
+
+@pytest.mark.parametrize("reader", ["tokenizer.py", "transformers"])
+def test_a_chat_template_that_refuses_the_prompt_is_one_line(run, tmp_path, monkeypatch, reader):
+    """raise_exception() in the run's template (one that wants a system turn, say): its message, exit 2, no
+    traceback; the same through transformers' tokenizer."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "chat_template.jinja").write_text("{{ raise_exception('this template wants a system turn') }}")
+    if reader == "transformers":
+        monkeypatch.setattr("peftcli.infer.load.load_saved", lambda directory: None)
+    result = CliRunner().invoke(app, ["generate", str(copy), "--prompt", "hello"])
+    assert result.exit_code == 2, result.output
+    assert "the run's chat template refused the prompt: this template wants a system turn" in result.output
+    assert "--raw" in result.output

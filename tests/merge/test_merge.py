@@ -438,8 +438,10 @@ def test_unknown_dtype_and_missing_base(tmp_path, bases):
 
 def test_a_failed_check_exits_1_and_writes_nothing(tmp_path, bases, monkeypatch):
     make_adapter(tmp_path / "adapter", bases["llama"], "causal-lm", LORA_DEFAULT)
-    real = lora.delta_weight
-    monkeypatch.setattr(lora, "delta_weight", lambda *args: 2 * real(*args))  # a merge bug: double scale
+    real = lora.fold_weight
+    monkeypatch.setattr(
+        lora, "fold_weight", lambda w, a, b, scale, *rest: real(w, a, b, 2 * scale, *rest)
+    )  # a bug
     result = cli_merge(tmp_path / "adapter", "--output", tmp_path / "out")
     assert result.exit_code == 1 and "differ from base + adapter" in result.stderr
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)

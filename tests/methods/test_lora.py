@@ -198,13 +198,17 @@ def test_merge_equals_unmerged_and_hf_merge(arch, tmp_path):
         assert torch.max(torch.abs(ours[key] - theirs[key])) <= 1e-6, key
 
 
-def test_delta_weight_is_the_low_rank_product():
-    lora_a, lora_b = torch.randn(3, 7), torch.randn(5, 3)
-    delta = lora.delta_weight(lora_a, lora_b, 0.5, fan_in_fan_out=False)
-    torch.testing.assert_close(delta, 0.5 * lora_b @ lora_a)
-    torch.testing.assert_close(lora.delta_weight(lora_a, lora_b, 0.5, fan_in_fan_out=True), delta.T)
-    half = lora.delta_weight(lora_a.bfloat16(), lora_b.bfloat16(), 0.5, fan_in_fan_out=False)
-    assert half.dtype == torch.float32
+def test_fold_weight_adds_the_scaled_low_rank_product_rounding_once():
+    lora_a, lora_b, weight = torch.randn(3, 7), torch.randn(5, 3), torch.randn(5, 7)
+    folded = lora.fold_weight(weight, lora_a, lora_b, 0.3, fan_in_fan_out=False)
+    torch.testing.assert_close(folded, weight + 0.3 * lora_b @ lora_a)
+    torch.testing.assert_close(lora.fold_weight(weight.T, lora_a, lora_b, 0.3, fan_in_fan_out=True), folded.T)
+    half = lora.fold_weight(
+        weight.bfloat16(), lora_a.bfloat16(), lora_b.bfloat16(), 0.3, fan_in_fan_out=False
+    )
+    exact = weight.bfloat16().float() + 0.3 * lora_b.bfloat16().float() @ lora_a.bfloat16().float()
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half, exact.bfloat16())
 
 
 def test_merge_refuses_a_tied_weight():
