@@ -7,8 +7,9 @@ trim_blocks and lstrip_blocks, loop controls, and the helpers chat templates cal
 strftime_now, a JSON `tojson`, `dict`, a `namespace` that takes no underscore names).
 
 `load_saved` applies only where transformers would use the files as they are: the plain tokenizers-backed
-class, a config with only the keys below, every named special token already a special added token, a
-post-processor present, and a template this environment compiles. Anything else (a Llama-class tokenizer
+class; a config with only the keys and values below; every named special token already a special added
+token; a post-processor and no padding section in tokenizer.json; no older files beside (a
+special_tokens_map.json, say); a template this environment compiles. Anything else (a Llama-class tokenizer
 that rebuilds its post-processor, `add_bos_token`, `{% generation %}` blocks, ...) returns None and the
 caller loads transformers' tokenizer. tests/infer/test_tokenizer.py holds the two equal.
 """
@@ -27,21 +28,26 @@ from peftcli.runs.adapter import PLAIN_TOKENIZERS, TOKENIZER_FILES
 # transformers' named special tokens, in its order (all_special_ids lists them so)
 NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 EXTRA_TOKENS = ("extra_special_tokens", "additional_special_tokens")
-# tokenizer_config.json keys that change nothing the plain class does with tokenizer.json at inference
+# tokenizer_config.json keys that change nothing the plain class does with tokenizer.json at inference, and
+# the values each may take here (None: any)
 INERT_KEYS = {
-    "backend",
-    "tokenizer_class",
-    "is_local",
-    "local_files_only",
-    "model_max_length",
-    "model_input_names",
-    "padding_side",
-    "truncation_side",
-    "chat_template",
-    "name_or_path",
+    "backend": ("tokenizers",),
+    "tokenizer_class": PLAIN_TOKENIZERS,
+    "is_local": None,
+    "local_files_only": None,
+    "model_max_length": None,
+    "name_or_path": None,
+    "padding_side": ("left", "right"),
+    "truncation_side": ("left", "right"),
+    "model_input_names": (["input_ids", "attention_mask"],),
+    "clean_up_tokenization_spaces": (False,),
+    "split_special_tokens": (False,),
+    "chat_template": None,  # checked in load_saved
 }
-FALSE_KEYS = ("clean_up_tokenization_spaces", "split_special_tokens")  # allowed where false
+NO_LIMIT = int(1e30)  # transformers' model_max_length where the config sets none
 TEMPLATE_FILE = "chat_template.jinja"
+# files transformers reads beside the two (older saves, or several templates): their runs load its tokenizer
+OTHER_FILES = ("special_tokens_map.json", "added_tokens.json", "additional_chat_templates")
 
 
 class SavedTokenizer:
@@ -50,7 +56,7 @@ class SavedTokenizer:
     def __init__(self, backend, config: dict, chat_template: str | None):
         self.backend = backend
         self.chat_template = chat_template
-        self.model_max_length = config.get("model_max_length")
+        self.model_max_length = config.get("model_max_length") or NO_LIMIT
         self.special = {name: config[name] for name in NAMED_TOKENS if config.get(name) is not None}
         self.special.setdefault("pad_token", self.special.get("eos_token"))  # as AdapterDir.load_tokenizer
         self.special = {name: token for name, token in self.special.items() if token is not None}
@@ -112,18 +118,19 @@ def load_saved(directory: str | Path) -> SavedTokenizer | None:
     """The tokenizer saved in `directory` (a `peft train` output dir), where transformers would load it
     unchanged; else None (see the module docstring)."""
     directory = Path(directory)
+    template_path = directory / TEMPLATE_FILE
     try:
         config = json.loads((directory / TOKENIZER_FILES[0]).read_text(encoding="utf-8"))
-        template_path = directory / TEMPLATE_FILE
-        template = template_path.read_text(encoding="utf-8") if template_path.is_file() else None
+        file_template = template_path.read_text(encoding="utf-8") if template_path.is_file() else None
     except (OSError, ValueError):
         return None
     if not isinstance(config, dict) or not _plain_config(config):
         return None
-    template = template if template is not None else config.get("chat_template")
-    if template is not None and (
-        not isinstance(template, str) or (directory / "additional_chat_templates").exists()
-    ):
+    template = config.get("chat_template")
+    if template is not None and (file_template is not None or not isinstance(template, str)):
+        return None  # two templates, or named ones: transformers picks
+    template = file_template if file_template is not None else template
+    if any((directory / name).exists() for name in OTHER_FILES):
         return None
     from tokenizers import Tokenizer
 
@@ -131,33 +138,35 @@ def load_saved(directory: str | Path) -> SavedTokenizer | None:
         backend = Tokenizer.from_file(str(directory / TOKENIZER_FILES[1]))
     except Exception:  # tokenizers raises its own Exception for a bad file: transformers' load reports it
         return None
-    if backend.post_processor is None or not _specials_in_place(backend, config):
+    # without a post-processor transformers writes one; from a padding section it takes a pad token
+    if backend.post_processor is None or backend.padding is not None:
+        return None
+    if not _specials_in_place(backend, config):
         return None
     if template is not None:
         try:
             _compile(template)
         except Exception:  # a tag or syntax this environment lacks: transformers renders it
             return None
-    backend.no_truncation()  # transformers turns both off for a call without truncation or padding
-    backend.no_padding()
+    backend.no_truncation()  # transformers turns it off for a call without truncation
     return SavedTokenizer(backend, config, template)
 
 
 def _plain_config(config: dict) -> bool:
-    if (
-        config.get("tokenizer_class") not in PLAIN_TOKENIZERS
-        or config.get("backend", "tokenizers") != "tokenizers"
-    ):
+    if config.get("tokenizer_class") not in PLAIN_TOKENIZERS:
+        return False
+    if all(config.get(key) for key in EXTRA_TOKENS):  # transformers reads one list then, not both
         return False
     for key, value in config.items():
         if key in NAMED_TOKENS:
             ok = value is None or isinstance(value, str)
         elif key in EXTRA_TOKENS:
             ok = isinstance(value, list) and all(isinstance(token, str) for token in value)
-        elif key in FALSE_KEYS:
-            ok = not value
         else:
-            ok = key in INERT_KEYS
+            allowed = INERT_KEYS.get(key, ())
+            ok = key in INERT_KEYS and (
+                allowed is None or any(value == a and type(value) is type(a) for a in allowed)
+            )
         if not ok:
             return False
     return True
@@ -179,10 +188,16 @@ def _compile(template: str):
 
 @cache
 def _environment():
+    import jinja2
     from jinja2 import TemplateError
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
     from jinja2.utils import Namespace
+
+    if tuple(int(part) for part in jinja2.__version__.split(".")[:3] if part.isdigit()) < (3, 1, 6):
+        raise ImportError(
+            "jinja2 before 3.1.6 has sandbox escapes: transformers refuses it, so this does too"
+        )
 
     def raise_exception(message):
         raise TemplateError(message)

@@ -48,6 +48,16 @@ FEATURES_TEMPLATE = (
 )
 
 
+PADDING = {
+    "strategy": "BatchLongest",
+    "direction": "Right",
+    "pad_to_multiple_of": None,
+    "pad_id": 0,
+    "pad_type_id": 0,
+    "pad_token": "H",
+}
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> dict:
     """name -> a dir holding the tokenizer as `peft train` saves it."""
@@ -158,6 +168,15 @@ def _edit_json(directory, edit):
         lambda d: (d / "chat_template.jinja").write_text("{% generation %}{{ messages }}{% endgeneration %}"),
         lambda d: (d / "tokenizer.json").write_text("{not json"),
         lambda d: (d / "tokenizer_config.json").unlink(),
+        lambda d: (d / "special_tokens_map.json").write_text('{"eos_token": "<s>"}'),  # an older save
+        lambda d: _edit_config(d, chat_template="{{ messages }}"),  # beside chat_template.jinja
+        lambda d: _edit_json(d, lambda j: j.update(padding=PADDING)),  # transformers pads with its token
+        lambda d: _edit_config(
+            d, extra_special_tokens=["<|im_start|>"], additional_special_tokens=["<|im_end|>"]
+        ),
+        lambda d: _edit_config(d, split_special_tokens=None),  # transformers refuses it
+        lambda d: _edit_config(d, padding_side="middle"),  # transformers refuses it
+        lambda d: _edit_config(d, model_input_names=["input_ids", "token_type_ids"]),
     ],
     ids=[
         "add_bos_token",
@@ -171,6 +190,13 @@ def _edit_json(directory, edit):
         "generation-tag",
         "bad-tokenizer-json",
         "no-config",
+        "special-tokens-map",
+        "two-templates",
+        "json-padding",
+        "extra-and-additional",
+        "split-null",
+        "padding-side",
+        "input-names",
     ],
 )
 def test_what_it_does_not_cover_goes_to_transformers(tmp_path, change):
@@ -213,3 +239,35 @@ def test_a_truncation_saved_in_tokenizer_json_cuts_nothing_as_in_transformers(tm
     _edit_json(tmp_path, lambda j: j.update(truncation=truncation))
     ours, theirs = both(tmp_path)
     assert len(ours(TEXTS[0])["input_ids"]) == len(theirs(TEXTS[0])["input_ids"]) == len(TEXTS[0].encode())
+
+
+def test_a_template_kept_in_tokenizer_config_renders_as_in_transformers(tmp_path):
+    tiny_tokenizer().save_pretrained(tmp_path)
+    template = (tmp_path / "chat_template.jinja").read_text()
+    (tmp_path / "chat_template.jinja").unlink()
+    _edit_config(tmp_path, chat_template=template)  # where transformers 4 saved it
+    ours, theirs = both(tmp_path)
+    assert ours.chat_template == theirs.chat_template == template
+    assert ours.apply_chat_template(CONVERSATIONS[1]) == theirs.apply_chat_template(
+        CONVERSATIONS[1], tokenize=False
+    )
+
+
+def test_without_a_length_limit_saved_the_limit_is_transformers_default(tmp_path):
+    tiny_tokenizer().save_pretrained(tmp_path)
+    _edit_config(tmp_path, model_max_length=None)
+    ours, theirs = both(tmp_path)
+    assert ours.model_max_length == theirs.model_max_length
+
+
+def test_an_old_jinja2_goes_to_transformers(tmp_path, monkeypatch):
+    """transformers refuses jinja2 before 3.1.6 (sandbox escapes): so does this module."""
+    tiny_tokenizer().save_pretrained(tmp_path)
+    monkeypatch.setattr("jinja2.__version__", "3.1.5")
+    light._environment.cache_clear()
+    light._compile.cache_clear()
+    try:
+        assert light.load_saved(tmp_path) is None
+    finally:
+        light._environment.cache_clear()
+        light._compile.cache_clear()
