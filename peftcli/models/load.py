@@ -217,16 +217,42 @@ def drop_quantization_flags(model: nn.Module) -> None:
 
 
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False, revision: str | None = None):
-    from transformers import AutoTokenizer
-
     kwargs = {"trust_remote_code": trust_remote_code, "revision": revision}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     with reading(source, "load the tokenizer of"):
-        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+        tokenizer = _tokenizer_class(source).from_pretrained(source.path, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _tokenizer_class(source: ModelSource):
+    """AutoTokenizer, or for a local llama GGUF file the class AutoTokenizer picks for it. To pick,
+    AutoTokenizer builds the file's config with transformers' full GGUF parser (about 10 s for the packaged SmolLM2, on
+    every run), and then, with no tokenizer_config.json beside the file, takes the class registered for
+    LlamaConfig. The same choice is made here from the registry, the file's header read as for the model."""
+    from transformers import AutoTokenizer
+
+    if not (source.gguf_file and source.is_local) or (Path(source.path) / "tokenizer_config.json").exists():
+        return AutoTokenizer
+    from peftcli.models.gguf_header import GGUFError
+    from peftcli.models.gguf_load import fast_gguf
+
+    try:
+        if (
+            fast_gguf(str(Path(source.path) / source.gguf_file)) is None
+        ):  # not what transformers reads as llama
+            return AutoTokenizer
+    except GGUFError:  # AutoTokenizer says what is wrong
+        return AutoTokenizer
+    from transformers import LlamaConfig, TokenizersBackend
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING
+
+    registered = TOKENIZER_MAPPING.get(LlamaConfig, TokenizersBackend)
+    if registered is None or registered.__name__ == "MistralCommonBackend":  # AutoTokenizer looks further
+        return AutoTokenizer
+    return registered
 
 
 def meta_model(source: ModelSource, task: str | None = None, trust_remote_code: bool = False) -> nn.Module:
