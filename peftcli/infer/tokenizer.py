@@ -58,8 +58,8 @@ class SavedTokenizer:
         self.chat_template = chat_template
         self.model_max_length = config.get("model_max_length") or NO_LIMIT
         self.special = {name: config[name] for name in NAMED_TOKENS if config.get(name) is not None}
-        self.special.setdefault("pad_token", self.special.get("eos_token"))  # as AdapterDir.load_tokenizer
-        self.special = {name: token for name, token in self.special.items() if token is not None}
+        if "pad_token" not in self.special and "eos_token" in self.special:  # as load_saved_tokenizer pads
+            self.special["pad_token"] = self.special["eos_token"]
         self.extra = [token for key in EXTRA_TOKENS for token in config.get(key) or ()]
 
     def token_id(self, name: str) -> int | None:
@@ -141,7 +141,8 @@ def load_saved(directory: str | Path) -> SavedTokenizer | None:
     # without a post-processor transformers writes one; from a padding section it takes a pad token
     if backend.post_processor is None or backend.padding is not None:
         return None
-    if not _specials_in_place(backend, config):
+    tokenizer = SavedTokenizer(backend, config, template)
+    if not _specials_in_place(backend, [*tokenizer.special.values(), *tokenizer.extra]):
         return None
     if template is not None:
         try:
@@ -149,7 +150,7 @@ def load_saved(directory: str | Path) -> SavedTokenizer | None:
         except Exception:  # a tag or syntax this environment lacks: transformers renders it
             return None
     backend.no_truncation()  # transformers turns it off for a call without truncation
-    return SavedTokenizer(backend, config, template)
+    return tokenizer
 
 
 def _plain_config(config: dict) -> bool:
@@ -172,13 +173,11 @@ def _plain_config(config: dict) -> bool:
     return True
 
 
-def _specials_in_place(backend, config: dict) -> bool:
-    """Every special token the config names is an added token marked special and not normalized: the state
-    transformers' load would put it in (it adds any that is not)."""
+def _specials_in_place(backend, tokens: list[str]) -> bool:
+    """Each of `tokens` (the special tokens the config names) is an added token marked special and not
+    normalized: the state transformers' load would put it in (it adds any that is not)."""
     added = {token.content: token for token in backend.get_added_tokens_decoder().values()}
-    named = [config[name] for name in NAMED_TOKENS if config.get(name) is not None]
-    extra = [token for key in EXTRA_TOKENS for token in config.get(key) or ()]
-    return all(t in added and added[t].special and not added[t].normalized for t in named + extra)
+    return all(t in added and added[t].special and not added[t].normalized for t in tokens)
 
 
 @cache

@@ -229,9 +229,10 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False, revisio
 
 def _tokenizer_class(source: ModelSource):
     """AutoTokenizer, or for a local llama GGUF file the class AutoTokenizer picks for it. To pick,
-    AutoTokenizer builds the file's config with transformers' full GGUF parser (about 10 s for the packaged SmolLM2, on
-    every run), and then, with no tokenizer_config.json beside the file, takes the class registered for
-    LlamaConfig. The same choice is made here from the registry, the file's header read as for the model."""
+    AutoTokenizer builds the file's config with transformers' full GGUF parser (about 10 s for the packaged
+    SmolLM2, on every run), and then, with no tokenizer_config.json beside the file, takes the class
+    registered for LlamaConfig. The same choice is made here from the registry, the file's header read as
+    for the model."""
     from transformers import AutoTokenizer
 
     if not (source.gguf_file and source.is_local) or (Path(source.path) / "tokenizer_config.json").exists():
@@ -240,11 +241,10 @@ def _tokenizer_class(source: ModelSource):
     from peftcli.models.gguf_load import fast_gguf
 
     try:
-        if (
-            fast_gguf(str(Path(source.path) / source.gguf_file)) is None
-        ):  # not what transformers reads as llama
-            return AutoTokenizer
+        header = fast_gguf(str(Path(source.path) / source.gguf_file))
     except GGUFError:  # AutoTokenizer says what is wrong
+        return AutoTokenizer
+    if header is None:  # not what transformers reads as llama
         return AutoTokenizer
     from transformers import LlamaConfig, TokenizersBackend
     from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING
