@@ -78,7 +78,7 @@ def load_saved_tokenizer(directory: Path):
     a pad token (the EOS where it has none)."""
     try:
         tokenizer = _tokenizer_class(directory).from_pretrained(str(directory), trust_remote_code=False)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # a damaged file fails in many ways (KeyError for a tokenizer.json of `{}`)
         raise UserError(f"cannot load the tokenizer saved in {directory}: {e}") from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -121,3 +121,14 @@ def test_a_chat_template_that_refuses_the_prompt_is_one_line(run, tmp_path, monk
     assert result.exit_code == 2, result.output
     assert "the run's chat template refused the prompt: this template wants a system turn" in result.output
     assert "--raw" in result.output
+
+
+@pytest.mark.parametrize("damage", ["{}", '{"version": "1.0", "model": {', ""])
+def test_a_damaged_saved_tokenizer_is_one_line(run, tmp_path, damage):
+    """tokenizer.json that is no tokenizer (valid JSON or not): which file, exit 2, no traceback."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "tokenizer.json").write_text(damage)
+    result = CliRunner().invoke(app, ["generate", str(copy), "--prompt", "hello"])
+    assert result.exit_code == 2, result.output
+    assert f"cannot load the tokenizer saved in {copy}" in result.output
